@@ -1,0 +1,41 @@
+"""hf_fastinfer: fused kernels, tensor parallelism and MoQ weight quantization for transformers' own
+``from_pretrained()`` / ``generate()``.
+
+Importing the package registers it with transformers (idempotently; :func:`disable` undoes it)::
+
+    import torch, hf_fastinfer
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="fastinfer")
+    out = model.generate(**inputs, max_new_tokens=128, cache_implementation="fastinfer")
+"""
+
+from __future__ import annotations
+
+from . import _registry
+
+# Fails here, with the supported range and the fix, before anything else touches transformers internals.
+_registry.check_transformers_version()
+
+from . import models  # noqa: E402  (lightweight: loads nothing until called)
+from ._registry import SUPPORTED_TRANSFORMERS, UnsupportedTransformersVersion, disable, is_enabled  # noqa: E402
+from ._registry import register as enable  # noqa: E402
+from .cache import CACHE_IMPLEMENTATIONS, build_cache  # noqa: E402
+from .config import FastInferConfig  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FastInferConfig",
+    "CACHE_IMPLEMENTATIONS",
+    "build_cache",
+    "enable",
+    "disable",
+    "is_enabled",
+    "models",
+    "SUPPORTED_TRANSFORMERS",
+    "UnsupportedTransformersVersion",
+    "__version__",
+]
+
+enable()

@@ -1,0 +1,130 @@
+"""FastInferConfig: the ``quantization_config=`` that turns hf_fastinfer on at load time.
+
+It is a transformers ``QuantizationConfigMixin`` registered under the method name ``"fastinfer"``, so it
+round-trips through ``config.json`` and ``from_pretrained`` finds its quantizer by that name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+__all__ = ["FastInferConfig", "CONFIG_VERSION"]
+
+#: bumped whenever the saved format changes; a checkpoint saved by a newer version is refused with a clear error
+CONFIG_VERSION = 1
+
+_VALID_BITS = (8, 4, "auto", None)
+#: group size used when none is given, per bits: int4 needs small groups to keep its error low
+DEFAULT_GROUP_SIZE = {8: 128, 4: 32, "auto": 32, None: None}
+
+
+class FastInferConfig(QuantizationConfigMixin):
+    """hf_fastinfer's load-time configuration.
+
+    Args:
+        bits: weight bits for ``nn.Linear`` layers: 8, 4, ``"auto"`` (mixed int8/int4 under ``target_bits``),
+            or None (no weight quantization).
+        group_size: input features per quantization group (default: 128 for int8, 32 for int4). Layers whose
+            in_features it does not divide are handled, not refused.
+        symmetric: symmetric (scale only) or asymmetric (scale and zero point) quantization.
+        modules_to_not_convert: module names (or name suffixes) left in floating point.
+        quantize_lm_head: also quantize the output projection (tied to the embedding in many small models).
+        target_bits: average weight bits for ``bits="auto"``.
+        layer_bits: the per-layer bits chosen for ``bits="auto"``; written at quantization time, reapplied on reload.
+        tp_size: tensor-parallel degree (1: no tensor parallelism).
+        kernel_injection: replace norms, rotary and gated MLPs with hf_fastinfer's fused modules.
+        version: format version of a saved checkpoint (set automatically).
+    """
+
+    def __init__(
+        self,
+        bits: int | str | None = 8,
+        group_size: int | None = None,
+        symmetric: bool = True,
+        modules_to_not_convert: list[str] | None = None,
+        quantize_lm_head: bool = True,
+        target_bits: float | None = None,
+        layer_bits: dict[str, int] | None = None,
+        tp_size: int = 1,
+        kernel_injection: bool = True,
+        version: int = CONFIG_VERSION,
+        **kwargs: Any,
+    ):
+        self.quant_method = "fastinfer"
+        self.bits = bits
+        self.group_size = DEFAULT_GROUP_SIZE.get(bits) if group_size is None and bits in DEFAULT_GROUP_SIZE else group_size
+        self.symmetric = symmetric
+        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
+        self.quantize_lm_head = quantize_lm_head
+        self.target_bits = target_bits
+        self.layer_bits = dict(layer_bits) if layer_bits else None
+        self.tp_size = tp_size
+        self.kernel_injection = kernel_injection
+        self.version = version
+        # transformers passes quant_method back in from config.json; anything else unknown is an error
+        kwargs.pop("quant_method", None)
+        if kwargs:
+            raise TypeError(f"FastInferConfig got unknown arguments: {sorted(kwargs)}")
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Validate every field; called on construction and when loaded from config.json."""
+        if self.bits not in _VALID_BITS:
+            raise ValueError(f"FastInferConfig: bits must be one of 8, 4, 'auto' or None, got {self.bits!r}")
+        if self.bits is not None:
+            if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size <= 0:
+                raise ValueError(
+                    f"FastInferConfig: group_size must be a positive integer, got {self.group_size!r} "
+                    "(e.g. 128 for int8, 32 for int4)"
+                )
+        if self.bits == "auto":
+            if self.target_bits is None:
+                raise ValueError("FastInferConfig: bits='auto' needs target_bits (average bits, between 4 and 8)")
+            if not 4.0 <= float(self.target_bits) <= 8.0:
+                raise ValueError(
+                    f"FastInferConfig: target_bits={self.target_bits} is outside the achievable range [4, 8] "
+                    "for a mix of int4 and int8 layers"
+                )
+        elif self.target_bits is not None:
+            raise ValueError("FastInferConfig: target_bits is only used with bits='auto'")
+        if not isinstance(self.tp_size, int) or self.tp_size < 1:
+            raise ValueError(f"FastInferConfig: tp_size must be an integer >= 1, got {self.tp_size!r}")
+        if not isinstance(self.version, int) or self.version < 1:
+            raise ValueError(f"FastInferConfig: version must be a positive integer, got {self.version!r}")
+        if self.version > CONFIG_VERSION:
+            raise ValueError(
+                f"This checkpoint was saved by a newer hf_fastinfer (format version {self.version}; this one "
+                f"reads up to {CONFIG_VERSION}). Fix: pip install --upgrade hf-fastinfer"
+            )
+        if self.layer_bits is not None:
+            bad = {k: v for k, v in self.layer_bits.items() if v not in (4, 8)}
+            if bad:
+                raise ValueError(f"FastInferConfig: layer_bits values must be 4 or 8, got {bad}")
+
+    @property
+    def quantizes_weights(self) -> bool:
+        return self.bits is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": self.quant_method,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "modules_to_not_convert": self.modules_to_not_convert,
+            "quantize_lm_head": self.quantize_lm_head,
+            "target_bits": self.target_bits,
+            "layer_bits": self.layer_bits,
+            "tp_size": self.tp_size,
+            "kernel_injection": self.kernel_injection,
+            "version": self.version,
+        }
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items() if k != "quant_method")
+        return f"FastInferConfig({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FastInferConfig) and self.to_dict() == other.to_dict()
