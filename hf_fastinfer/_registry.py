@@ -36,7 +36,7 @@ _MAX_TRANSFORMERS_EXCLUSIVE = Version("6")
 #: the key under which attention, mask and quantization method are registered
 METHOD = "fastinfer"
 
-_MISSING = object()
+_MISSING = globals().get("_MISSING") or object()  # kept across reload: saved state refers to it
 
 # Survives ``importlib.reload`` of this module (reload re-executes the code in the same namespace), so the
 # objects transformers had before the first registration are never forgotten.

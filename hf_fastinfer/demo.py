@@ -54,6 +54,11 @@ class PathTiming:
     def summary(self) -> tuple[float, float]:
         return statistics.median(self.prefill_tps), statistics.median(self.decode_tps)
 
+    def spread(self) -> str:
+        if len(self.decode_tps) < 2:
+            return ""
+        return f"{min(self.decode_tps):.1f}-{max(self.decode_tps):.1f}"
+
 
 def _generate_timed(model, inputs, gen_kwargs, streamer: BaseStreamer | None = None):
     timer = _TimingStreamer(forward=streamer)
@@ -116,14 +121,14 @@ def run(args) -> int:
     print()
     print(f"prompt: {prompt_len} tokens; generated: {len(fast.tokens)} tokens; device: {device}; "
           f"dtype: {args.dtype}; threads: {torch.get_num_threads()}; repeats: {args.repeats} (medians)")
-    header = f"{'path':<50} {'prefill tok/s':>14} {'decode tok/s':>13}"
+    header = f"{'path':<50} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode range':>13}"
     print(header)
     print("-" * len(header))
     fp, fd = fast.summary()
     if baseline_model is not None:
         bp, bd = base.summary()
-        print(f"{base.label:<50} {bp:>14.1f} {bd:>13.1f}")
-    print(f"{fast.label:<50} {fp:>14.1f} {fd:>13.1f}")
+        print(f"{base.label:<50} {bp:>14.1f} {bd:>13.1f} {base.spread():>13}")
+    print(f"{fast.label:<50} {fp:>14.1f} {fd:>13.1f} {fast.spread():>13}")
     if baseline_model is not None:
         print(f"{'ratio (hf_fastinfer / transformers)':<50} {fp / bp:>13.2f}x {fd / bd:>12.2f}x")
         same = fast.tokens.shape == base.tokens.shape and bool(torch.equal(fast.tokens.cpu(), base.tokens.cpu()))
