@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 
-from .cache import CACHE_IMPLEMENTATIONS, build_cache
+from .cache import CACHE_IMPLEMENTATIONS, FastInferCache, build_cache
 
 __all__ = ["enable", "disable", "is_enabled"]
 
@@ -27,7 +27,12 @@ def _prepare_cache_for_generation(original, self, generation_config, model_kwarg
     if name not in CACHE_IMPLEMENTATIONS:
         return original(self, generation_config, model_kwargs, *args, **kwargs)
     args_by_name = dict(zip(("generation_mode", "batch_size", "max_cache_length"), args), **kwargs)
-    if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+    existing = model_kwargs.get("past_key_values")
+    if generation_config.is_assistant and isinstance(existing, FastInferCache):
+        # An assistant model whose generation_config names our cache gets its own cache handed back by the
+        # candidate generator on every call after the first: keep using it.
+        return
+    if existing is not None or generation_config.use_cache is False:
         # transformers' own checks (cache passed together with cache_implementation; use_cache=False)
         return original(self, generation_config, model_kwargs, *args, **kwargs)
     if self.config.is_encoder_decoder:
@@ -44,6 +49,8 @@ def _prepare_cache_for_generation(original, self, generation_config, model_kwarg
         max_cache_len=args_by_name["max_cache_length"],
     )
     model_kwargs["past_key_values"] = cache
+    # When transformers will compile the decode step (GPU, compileable cache), keep shapes fixed between steps.
+    cache.static_shapes = bool(self._valid_auto_compile_criteria(model_kwargs, generation_config))
     if generation_config.is_assistant:
         # assisted decoding rolls the assistant's cache back: sliding layers must keep their past
         cache.activate_past_recording()

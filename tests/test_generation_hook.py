@@ -53,13 +53,6 @@ def test_unknown_cache_name_gets_transformers_error_listing_ours():
         model.generate(ids, attention_mask=mask, max_new_tokens=2, cache_implementation="fastinfr")
 
 
-def test_int8_cache_is_refused_clearly_not_silently_replaced():
-    model = models.tiny("llama")
-    ids, mask = _prompts(batch=1)
-    with pytest.raises(NotImplementedError, match="cache_implementation='fastinfer'"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=2, cache_implementation="fastinfer_int8")
-
-
 def test_unknown_attention_name_gets_transformers_error():
     with pytest.raises(ValueError, match='attn_implementation="fastinfr"'):
         models.tiny("llama", attn_implementation="fastinfr")
