@@ -5,13 +5,15 @@ Registered under the same key in transformers' ``AttentionInterface`` and ``Atte
 
 Dispatch, fastest correct path first:
 
-* plain causal / padded / sliding-window attention: ``torch.nn.functional.scaled_dot_product_attention``
-  through transformers' own SDPA integration (grouped KV heads are not expanded where SDPA can avoid it);
-* logit softcapping (Gemma 2) and attention sinks (gpt-oss), which SDPA cannot express: an exact
-  reference path below, in the query's dtype with an fp32 softmax.
+* decode (up to :data:`DECODE_MAX_QUERY` query tokens): the decode-attention kernel
+  (:mod:`hf_fastinfer.kernels.decode_attention`; flash-decoding in Triton on GPU, fused torch code on CPU),
+  reading the KV cache as stored (int8 included) without expanding grouped KV heads; causal, padding and
+  sliding windows come in through the boolean mask, logit softcapping is applied in the kernel;
+* prefill: ``torch.nn.functional.scaled_dot_product_attention`` through transformers' own SDPA integration;
+* logit softcapping (Gemma 2) and attention sinks (gpt-oss) at prefill, which SDPA cannot express: an exact
+  reference path below, with an fp32 softmax.
 
-The decode-attention kernel (flash-decoding straight on hf_fastinfer's KV cache) plugs in here once the
-kernel library provides it; until then every call takes one of the two paths above, which are exact.
+An additive float mask (not produced by the "fastinfer" mask function) falls back to SDPA with one warning.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
+from transformers.utils import logging
+
+from .kernels.decode_attention import decode_attention
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["fastinfer_attention_forward", "fastinfer_mask", "attention_ref"]
 
@@ -71,6 +78,27 @@ def attention_ref(
     return out.transpose(1, 2).contiguous()
 
 
+#: Query lengths up to this take the decode-attention kernel (plain decoding, speculative verification);
+#: longer ones (prefill) take SDPA.
+DECODE_MAX_QUERY = 16
+
+_warned: set[str] = set()
+
+
+def _warn_once(feature: str) -> None:
+    if feature not in _warned:
+        _warned.add(feature)
+        logger.warning(
+            "hf_fastinfer attention: %s is not supported by the fastinfer kernels; falling back to transformers' "
+            "SDPA for these calls.", feature,
+        )
+
+
+def _dequantize(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    scale = tensor._hf_fastinfer_scale  # [B, Hkv, S] float16, attached by the int8 cache
+    return (tensor.float() * scale.float().unsqueeze(-1)).to(dtype)
+
+
 def fastinfer_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -81,20 +109,39 @@ def fastinfer_attention_forward(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention signature. query: [B, Hq, Lq, D]; key/value: [B, Hkv, Lk, D] (cache included).
+    """transformers attention signature. query: [B, Hq, Lq, D]; key/value: [B, Hkv, Lk, D] (cache included;
+    int8 with attached scales when they come straight from the ``fastinfer_int8`` cache).
 
     Returns (attn_output [B, Lq, Hq, D], None).
     """
+    if dropout and module.training:
+        raise NotImplementedError("hf_fastinfer attention is for inference: dropout in training mode is not supported")
     softcap = kwargs.get("softcap")
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))
-    if softcap is None and sinks is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if dropout and module.training:
-        raise NotImplementedError("hf_fastinfer attention is for inference: dropout is not supported in training mode")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     q_len, kv_len = query.shape[2], key.shape[2]
     is_causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    quantized = key.dtype == torch.int8
+    mask_ok = attention_mask is None or attention_mask.dtype == torch.bool
+    if not mask_ok:
+        _warn_once("a floating-point (additive) attention mask")
+
+    # Without a mask the kernel would take the queries to be the last q_len keys; that holds for one query
+    # token (it sees everything) but not for a short prefill into a static-shape buffer, so those go to SDPA.
+    if q_len <= DECODE_MAX_QUERY and sinks is None and mask_ok and (attention_mask is not None or q_len == 1):
+        # Decode: the kernel reads the cache as stored (int8 included), grouped KV heads unexpanded.
+        k_scale = key._hf_fastinfer_scale if quantized else None
+        v_scale = value._hf_fastinfer_scale if quantized else None
+        out = decode_attention(query, key, value, k_scale, v_scale, attention_mask, scaling, softcap)
+        return out, None
+
+    if quantized:
+        key, value = _dequantize(key, query.dtype), _dequantize(value, query.dtype)
+    if softcap is None and sinks is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if not mask_ok:
+        raise NotImplementedError("logit softcapping or attention sinks together with an additive float mask")
     if attention_mask is None and q_len > 1 and is_causal:
         # The mask function skips the mask when causal SDPA would need none; this path must apply it itself.
         # Queries are the last q_len positions of the kv_len keys.

@@ -98,6 +98,7 @@ class FastInferLayer(CacheLayerMixin):
         quantized: bool = False,
         growth: bool = True,
         static_shapes: bool = False,
+        raw_int8_reads: bool = False,
         **kwargs,
     ):
         super().__init__()
@@ -110,6 +111,8 @@ class FastInferLayer(CacheLayerMixin):
         self.growth = growth
         self.static_shapes = static_shapes
         self.record_past = False
+        # Set when the model's attention is hf_fastinfer's: int8 K/V are handed over undequantized.
+        self.raw_int8_reads = raw_int8_reads
         self.capacity = 0
         self.length = 0  # positions stored in the buffers
         self.cumulative_length = 0  # absolute position of the next token (= dropped + length)
@@ -206,6 +209,11 @@ class FastInferLayer(CacheLayerMixin):
 
     def _read(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.keys[:, :, :end], self.values[:, :, :end]
+        if self.quantized and self.raw_int8_reads and not self.static_shapes:
+            # hf_fastinfer's attention reads int8 directly; the scales travel with the views.
+            keys._hf_fastinfer_scale = self.key_scales[:, :, :end]
+            values._hf_fastinfer_scale = self.value_scales[:, :, :end]
+            return keys, values
         if self.quantized:
             keys = dequantize_kv_ref(keys, self.key_scales[:, :, :end], self.dtype)
             values = dequantize_kv_ref(values, self.value_scales[:, :, :end], self.dtype)
@@ -338,6 +346,7 @@ class FastInferCache(Cache):
                 quantized=self.quantized,
                 growth=growth,
                 static_shapes=static_shapes,
+                raw_int8_reads=getattr(text_config, "_attn_implementation", None) == "fastinfer",
             )
             for layer_type, kwargs in zip(layer_types, per_layer_kwargs)
         ]
