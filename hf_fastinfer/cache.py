@@ -50,8 +50,9 @@ _CAPACITY_QUANTUM = 64
 # Sliding-window layers keep this many positions beyond the window so that assisted / prompt-lookup
 # decoding can roll back rejected candidate tokens after the window has filled.
 SLIDING_ROLLBACK_MARGIN = 128
-# Smallest stored scale: an all-zero K/V row would otherwise give scale 0 and 0/0 on quantization.
-_MIN_SCALE = 1e-8
+# Smallest stored scale (fp16's smallest subnormal): an all-zero K/V row would otherwise give scale 0 and
+# 0/0 on quantization.
+_MIN_SCALE = 2.0 ** -24
 
 
 def quantize_kv_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +62,7 @@ def quantize_kv_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     before quantizing, so that dequantization with the stored scale is exactly what was quantized against.
     """
     absmax = x.abs().amax(dim=-1).float()  # [B, H, L]
-    scale = (absmax / 127.0).clamp_min(_MIN_SCALE).to(torch.float16)
+    scale = (absmax / 127.0).to(torch.float16).clamp_min(_MIN_SCALE)
     q = torch.round(x.float() / scale.float().unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
     return q, scale
 

@@ -10,8 +10,9 @@ Returns [B, Lq, Hq, D] in q's dtype (transformers' attention-output layout).
 
 On GPU the Triton kernels run: each program takes one (sequence, KV head, KV split) and all the query rows
 of that KV head's group at once (a [G*Lq, D] x [D, BLOCK_N] tile), keeping a running max and sum in fp32
-(online softmax); a second kernel merges the splits by their log-sum-exp. On CPU the reference below is the
-implementation: the whole problem is a few small matmuls, where torch's kernels are as fast as anything.
+(online softmax); a second kernel merges the splits by their log-sum-exp. On CPU the
+path is one fused SDPA call with the group's query heads packed as rows (no K/V expansion); the
+pure-PyTorch reference ``decode_attention_ref`` is the definition the others are tested against.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ try:  # Triton is optional: without it (or without a GPU) the reference runs.
 except ImportError:  # pragma: no cover - exercised only where triton is not installed
     triton = None
 
-__all__ = ["decode_attention", "decode_attention_ref", "decode_attention_triton"]
+__all__ = ["decode_attention", "decode_attention_cpu", "decode_attention_ref", "decode_attention_triton"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -250,7 +251,7 @@ def _decode_attention_op(
 ) -> torch.Tensor:
     if _backend.use_triton(q):
         return decode_attention_triton(q, k, v, k_scale, v_scale, mask, scale, softcap)
-    return decode_attention_ref(q, k, v, k_scale, v_scale, mask, scale, softcap)
+    return decode_attention_cpu(q, k, v, k_scale, v_scale, mask, scale, softcap)
 
 
 @_decode_attention_op.register_fake
@@ -263,7 +264,36 @@ def decode_attention(q, k, v, k_scale=None, v_scale=None, mask=None, scale=None,
     """Attention of a few query tokens against a KV cache. See the module docstring for shapes."""
     _check_inputs(q, k, v, k_scale, v_scale, mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _decode_attention_op(q, k, v, k_scale, v_scale, mask, scale, None if softcap is None else float(softcap))
+    softcap = None if softcap is None else float(softcap)
+    if not _backend.use_triton(q) and not torch.compiler.is_compiling():
+        # Eager CPU: call the implementation directly; the custom-op dispatch costs more than the op itself.
+        return decode_attention_cpu(q, k, v, k_scale, v_scale, mask, scale, softcap)
+    return _decode_attention_op(q, k, v, k_scale, v_scale, mask, scale, softcap)
+
+
+def decode_attention_cpu(q, k, v, k_scale=None, v_scale=None, mask=None, scale=None, softcap=None) -> torch.Tensor:
+    """CPU path: one fused SDPA call per layer with the query heads of each KV group packed as rows
+    ([B, Hkv, G*Lq, D] against [B, Hkv, S, D]: K/V are never expanded). int8 K/V are dequantized first;
+    softcap, which SDPA cannot express, takes the reference."""
+    if softcap is not None:
+        return decode_attention_ref(q, k, v, k_scale, v_scale, mask, scale, softcap)
+    batch, num_q_heads, q_len, head_dim = q.shape
+    num_kv_heads, kv_len = k.shape[1], k.shape[2]
+    groups = num_q_heads // num_kv_heads
+    if k.dtype == torch.int8:
+        k = (k.float() * k_scale.float().unsqueeze(-1)).to(q.dtype)
+        v = (v.float() * v_scale.float().unsqueeze(-1)).to(q.dtype)
+    qg = q.reshape(batch, num_kv_heads, groups * q_len, head_dim)
+    if mask is None:
+        if q_len > 1:
+            return decode_attention_ref(q, k, v, None, None, None, scale, None)
+        attn_mask = None
+    else:
+        # [B|1, 1, Lq, S] -> [B|1, 1, G*Lq, S], matching the packed rows
+        m = mask[:, :, :, :kv_len]
+        attn_mask = m.unsqueeze(2).expand(m.shape[0], 1, groups, q_len, kv_len).reshape(m.shape[0], 1, groups * q_len, kv_len)
+    out = torch.nn.functional.scaled_dot_product_attention(qg, k, v, attn_mask=attn_mask, scale=scale)
+    return out.view(batch, num_q_heads, q_len, head_dim).transpose(1, 2).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------
