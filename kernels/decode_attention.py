@@ -90,7 +90,8 @@ if triton is not None:
                 k = k * k_s.to(tl.float32)[:, None]
                 v = v * v_s.to(tl.float32)[:, None]
 
-            s = tl.dot(q, tl.trans(k)) * sm_scale  # [BLOCK_R, BLOCK_N]
+            # ieee: fp32 tl.dot would otherwise round its inputs to tf32 on GPUs
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale  # [BLOCK_R, BLOCK_N]
             if HAS_SOFTCAP:
                 # softcap * tanh(s / softcap), with tanh(x) = 2 * sigmoid(2x) - 1
                 s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
@@ -109,7 +110,7 @@ if triton is not None:
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p, v)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
             m_i = m_new
 
         has_mass = l_i > 0

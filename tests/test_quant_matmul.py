@@ -1,0 +1,223 @@
+"""Group-wise weight quantization formats and the W8A16 / W4A16 matmul: reference against float64, Triton
+kernel (interpreter here) and CPU path against the reference, property tests, compile, input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_fastinfer.kernels import _backend
+from hf_fastinfer.kernels.quant_format import (
+    dequantize_weight,
+    num_groups,
+    pack_int4,
+    quantize_weight,
+    unpack_int4,
+)
+from hf_fastinfer.kernels.quant_matmul import quant_matmul, quant_matmul_cpu, quant_matmul_ref, quant_matmul_triton
+
+needs_triton = pytest.mark.skipif(
+    not _backend.triton_available() or not (torch.cuda.is_available() or _backend.interpreter_enabled()),
+    reason="needs Triton, on a GPU or under TRITON_INTERPRET=1",
+)
+
+# Output tolerances per activation dtype, relative to the output's magnitude: fp32 sums of K <= 1536 products
+# stay within ~1e-5 relative; bf16 / fp16 outputs are rounded to 8 / 11 mantissa bits (plus, on the
+# dequantize-then-matmul paths, the weight itself rounded to that dtype).
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _close(got, expected, dtype):
+    scale = expected.double().abs().max().clamp_min(1.0)
+    err = (got.double() - expected.double()).abs().max()
+    assert err <= TOL[dtype] * scale, (err.item(), scale.item())
+
+
+def _qweight(n, k, bits, group_size, symmetric, seed=0):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    return w, quantize_weight(w, bits, group_size, symmetric)
+
+
+# -- formats ---------------------------------------------------------------------------------------------
+
+@given(st.integers(1, 9), st.integers(1, 41), st.integers(0, 2 ** 16))
+@settings(max_examples=60, deadline=None)
+def test_int4_pack_unpack_round_trip_is_exact(n, k, seed):
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (n, -(-k // 2))
+    assert torch.equal(unpack_int4(packed, k), q)
+
+
+def test_pack_layout_low_nibble_first():
+    q = torch.tensor([[-8, 7, 0]], dtype=torch.int8)
+    assert pack_int4(q).tolist() == [[0 | (15 << 4), 8 | (8 << 4)]]  # odd K padded with q = 0
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("k, group_size", [(576, 128), (1536, 128), (100, 32), (57, 16), (40, 64)])
+def test_quantization_error_is_within_half_a_step(bits, symmetric, k, group_size):
+    w, qw = _qweight(24, k, bits, group_size, symmetric)
+    assert qw.scales.shape == (24, num_groups(k, group_size))
+    assert (qw.zeros is None) == symmetric
+    q = qw.int_values()
+    assert q.shape == (24, k) and q.dtype == torch.int8
+    lo = (-127 if bits == 8 else -7) if symmetric else (-128 if bits == 8 else -8)
+    assert q.min() >= lo and q.max() <= (127 if bits == 8 else 7)
+    step = qw.scales.repeat_interleave(group_size, dim=1)[:, :k]
+    error = (dequantize_weight(qw) - w).abs()
+    assert (error <= step * 0.5 * (1 + 1e-5) + 1e-7).all()
+
+
+def test_dequantize_against_float64_formula():
+    w, qw = _qweight(5, 37, 4, 8, symmetric=False)
+    q = unpack_int4(qw.qweight, 37).double()
+    g = torch.arange(37) // 8
+    expected = (q - qw.zeros.double()[:, g]) * qw.scales.double()[:, g]
+    torch.testing.assert_close(dequantize_weight(qw, torch.float64), expected, rtol=1e-7, atol=1e-7)
+
+
+def test_weight_bytes():
+    _, q8 = _qweight(64, 576, 8, 128, True)
+    _, q4 = _qweight(64, 576, 4, 32, True)
+    fp32 = 64 * 576 * 4
+    assert q8.nbytes() / fp32 <= 0.27 and q4.nbytes() / fp32 <= 0.16
+
+
+# -- matmul ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_reference_against_float64(bits, symmetric):
+    _, qw = _qweight(33, 100, bits, 32, symmetric)
+    x = torch.randn(3, 100, dtype=torch.float64).float()
+    bias = torch.randn(33)
+    got = quant_matmul_ref(x, qw.qweight, qw.scales, qw.zeros, bias, bits, 32, 100)
+    expected = x.double() @ dequantize_weight(qw, torch.float64).T + bias.double()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cpu_path_matches_reference(dtype, bits):
+    _, qw = _qweight(70, 130, bits, 48, symmetric=False)
+    x = torch.randn(2, 5, 130).to(dtype)
+    bias = torch.randn(70)
+    got = quant_matmul_cpu(x, qw.qweight, qw.scales, qw.zeros, bias, bits, 48, 130)
+    assert got.shape == (2, 5, 70) and got.dtype == dtype
+    _close(got, quant_matmul_ref(x, qw.qweight, qw.scales, qw.zeros, bias, bits, 48, 130), dtype)
+
+
+@pytest.mark.interpreter
+@needs_triton
+@pytest.mark.parametrize(
+    "m, n, k, group_size, bits, symmetric, dtype, with_bias",
+    [
+        (1, 40, 57, 16, 8, True, torch.float32, True),      # decode, K not a multiple of anything
+        (3, 33, 100, 32, 4, True, torch.bfloat16, False),   # odd N, odd packed K
+        (20, 70, 130, 48, 4, False, torch.float16, True),   # asymmetric int4, G does not divide K
+        (17, 64, 96, 128, 8, False, torch.float32, False),  # group larger than K
+        (2, 24, 576, 128, 8, True, torch.bfloat16, True),   # the default model's in_features
+    ],
+)
+def test_triton_kernel_matches_reference(m, n, k, group_size, bits, symmetric, dtype, with_bias):
+    _, qw = _qweight(n, k, bits, group_size, symmetric)
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(n) if with_bias else None
+    got = quant_matmul_triton(x, qw.qweight, qw.scales, qw.zeros, bias, bits, group_size, k)
+    _close(got, quant_matmul_ref(x, qw.qweight, qw.scales, qw.zeros, bias, bits, group_size, k), dtype)
+
+
+problems = st.tuples(
+    st.integers(1, 20),                    # rows of x
+    st.integers(1, 80),                    # out features
+    st.integers(1, 200),                   # in features
+    st.integers(1, 160),                   # group size (any value, dividing K or not)
+    st.sampled_from([8, 4]),
+    st.booleans(),                         # symmetric
+    st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    st.booleans(),                         # bias
+    st.integers(0, 2 ** 16),
+)
+
+
+def _problem(params):
+    m, n, k, group_size, bits, symmetric, dtype, with_bias, seed = params
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    qw = quantize_weight(w, bits, group_size, symmetric)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g) if with_bias else None
+    return x, qw, bias, dtype
+
+
+@settings(max_examples=100, deadline=None)
+@given(problems)
+def test_property_cpu_path(params):
+    x, qw, bias, dtype = _problem(params)
+    args = (qw.qweight, qw.scales, qw.zeros, bias, qw.bits, qw.group_size, qw.in_features)
+    got = quant_matmul(x, *args[:4], bits=qw.bits, group_size=qw.group_size, in_features=qw.in_features)
+    assert not got.isnan().any()
+    _close(got, quant_matmul_ref(x, *args), dtype)
+
+
+@pytest.mark.interpreter
+@needs_triton
+@settings(max_examples=100, deadline=None)
+@given(problems)
+def test_property_triton(params):
+    x, qw, bias, dtype = _problem(params)
+    args = (qw.qweight, qw.scales, qw.zeros, bias, qw.bits, qw.group_size, qw.in_features)
+    got = quant_matmul_triton(x, *args)  # written into torch.empty: unwritten elements would show as garbage
+    assert not got.isnan().any()
+    _close(got, quant_matmul_ref(x, *args), dtype)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_compiles_fullgraph_on_cpu(bits):
+    _, qw = _qweight(48, 96, bits, 32, symmetric=False)
+    x = torch.randn(3, 96)
+
+    def layer(x):
+        return torch.relu(quant_matmul(x, qw.qweight, qw.scales, qw.zeros, None, bits=bits, group_size=32, in_features=96))
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def _good():
+    _, qw = _qweight(16, 40, 4, 16, symmetric=False)
+    return dict(x=torch.randn(2, 40), qweight=qw.qweight, scales=qw.scales, zeros=qw.zeros, bias=None,
+                bits=4, group_size=16, in_features=40)
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (dict(group_size=0), ValueError, "group_size must be a positive integer"),
+        (dict(bits=3), ValueError, "bits must be 8 or 4"),
+        (dict(x=torch.randn(2, 40).to(torch.int32)), TypeError, "x must be float32"),
+        (dict(x=torch.randn(2, 41)), ValueError, "x has 41 features"),
+        (dict(qweight=torch.zeros(16, 40, dtype=torch.int8)), ValueError, "qweight for bits=4 must be torch.uint8"),
+        (dict(scales=torch.ones(16, 2)), ValueError, "scales must be float \\[N=16, groups=3\\]"),
+        (dict(zeros=torch.ones(16, 3, dtype=torch.int32)), ValueError, "zeros must be float"),
+        (dict(bias=torch.ones(15)), ValueError, "bias must be \\[N=16\\]"),
+    ],
+)
+def test_bad_input_is_refused_before_any_kernel(change, error, message):
+    args = {**_good(), **change}
+    x = args.pop("x")
+    with pytest.raises(error, match=message):
+        quant_matmul(x, args.pop("qweight"), args.pop("scales"), args.pop("zeros"), args.pop("bias"), **args)
+
+
+def test_quantize_weight_bad_input():
+    with pytest.raises(ValueError, match="group_size must be a positive integer"):
+        quantize_weight(torch.randn(4, 8), 8, 0)
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        quantize_weight(torch.randn(4, 8), 3, 8)
+    with pytest.raises(TypeError, match="2-D float tensor"):
+        quantize_weight(torch.randn(4, 8, 2), 8, 8)
