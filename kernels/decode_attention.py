@@ -206,7 +206,8 @@ def decode_attention_triton(q, k, v, k_scale=None, v_scale=None, mask=None, scal
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
     groups = num_q_heads // num_kv_heads
     scale = head_dim ** -0.5 if scale is None else float(scale)
-    block_n = 64
+    # 64-position K/V tiles spill registers at head_dim 128 (see benchmarks/aot_report.py); 32 do not.
+    block_n = 64 if head_dim <= 64 else 32
     block_r = max(16, triton.next_power_of_2(groups * q_len))  # tl.dot needs >= 16 rows
     block_d = max(16, triton.next_power_of_2(head_dim))
     num_splits, split_size = _split_plan(batch, num_kv_heads, kv_len, block_n)

@@ -111,12 +111,17 @@ def _check_inputs(x, qweight, scales, zeros, bias, bits, group_size, in_features
 
 
 def _block_sizes(m: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): small-M tiles for decode, square tiles for prefill."""
-    if m <= 16:
-        return 16, 64, 128, 4
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) by the number of activation rows.
+
+    Chosen from ahead-of-time compiles (benchmarks/aot_report.py) as the largest tiles that compile with no
+    register spills on sm_80 and sm_90 for both int8 and int4; from 16 rows on, BLOCK_M = 64 lets sm_90 use
+    warpgroup MMA (wgmma), which needs 64-row tiles.
+    """
+    if m < 16:
+        return 16, 64, 32, 4
     if m <= 64:
-        return 64, 64, 64, 4
-    return 128, 128, 64, 8
+        return 64, 64, 32, 8
+    return 128, 64, 32, 8
 
 
 def quant_matmul_triton(x, qweight, scales, zeros, bias, bits, group_size, in_features):

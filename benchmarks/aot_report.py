@@ -1,0 +1,148 @@
+"""Compile every Triton kernel ahead of time for NVIDIA GPUs (no GPU needed) and report what ptxas made of it.
+
+For each kernel variant (default model's shapes and a 7B model's, decode and batched), ``triton.compile``
+targets sm_80 (A100) and sm_90 (H100); Triton's bundled ``cuobjdump --dump-resource-usage`` then reports
+registers per thread, stack and local memory (spills) and shared memory, and the PTX is searched for
+tensor-core instructions (``mma.sync`` on sm_80, ``wgmma`` on sm_90). A kernel that only runs under the
+interpreter fails here: compiling is the proof that it is a real GPU kernel.
+
+    python benchmarks/aot_report.py            # print the table
+    python benchmarks/aot_report.py --write    # and write it into BENCHMARKS.md
+    python benchmarks/aot_report.py --json     # machine-readable (used by the tests)
+
+Must run without TRITON_INTERPRET=1 (the kernels must be real JIT functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("aot_report.py compiles real GPU kernels: run it without TRITON_INTERPRET=1")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_section  # noqa: E402
+
+from hf_fastinfer.kernels import decode_attention as _da  # noqa: E402
+from hf_fastinfer.kernels import quant_matmul as _qm  # noqa: E402
+
+TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}
+_FLOAT_ARGS = {"sm_scale", "softcap"}
+
+
+def _signature(fn, pointer_types: dict[str, str], constexprs: dict) -> tuple[dict, dict]:
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointer_types[name]
+        elif name in _FLOAT_ARGS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature, {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+
+
+def variants():
+    """(kernel, case, fn, pointer types, constexprs, num_warps, expects tensor cores)."""
+    out = []
+    # decode attention: SmolLM2-135M (9 q / 3 kv heads, D 64), Mistral-7B (32 / 8, D 128), Llama-2-7B (32 / 32)
+    for model, groups, head_dim in (("SmolLM2-135M", 3, 64), ("Mistral-7B", 4, 128), ("Llama-2-7B", 1, 128)):
+        for kv in ("bf16", "int8"):
+            ptrs = {"q_ptr": "*bf16", "k_ptr": f"*{'i8' if kv == 'int8' else 'bf16'}",
+                    "v_ptr": f"*{'i8' if kv == 'int8' else 'bf16'}", "k_scale_ptr": "*fp16", "v_scale_ptr": "*fp16",
+                    "mask_ptr": "*i8", "o_ptr": "*fp32", "lse_ptr": "*fp32"}
+            const = dict(HEAD_DIM=head_dim, BLOCK_R=max(16, triton.next_power_of_2(groups)),
+                         BLOCK_N=64 if head_dim <= 64 else 32,  # as the launcher picks
+                         BLOCK_D=head_dim, HAS_MASK=True, QUANTIZED=kv == "int8", HAS_SOFTCAP=False)
+            out.append(("decode_attention_split", f"{model}, {kv} KV, 1 query", _da._decode_attention_split_kernel,
+                        ptrs, const, 4, False))
+        out.append(("decode_attention_merge", f"{model}", _da._decode_attention_merge_kernel,
+                    {"o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"},
+                    dict(HEAD_DIM=head_dim, BLOCK_S=16, BLOCK_D=head_dim), 4, False))
+    # quantized matmul: (M rows of activations) at the default model's and 7B in/out features; the block
+    # sizes come from the launcher's own heuristic, so these are the kernels that run.
+    for bits in (8, 4):
+        for m, note in ((1, "decode, batch 1"), (16, "batch 16"), (256, "prefill 256 tokens")):
+            block_m, block_n, block_k, warps = _qm._block_sizes(m)
+            ptrs = {"x_ptr": "*bf16", "w_ptr": "*i8" if bits == 8 else "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16",
+                    "b_ptr": "*bf16", "y_ptr": "*bf16"}
+            const = dict(BITS=bits, HAS_ZEROS=bits == 4, HAS_BIAS=False, IEEE_FP32=False,
+                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+            out.append(("quant_matmul", f"W{bits}A16 bf16, M={m} ({note}); any K, N", _qm._quant_matmul_kernel,
+                        ptrs, const, warps, m >= 16))
+    return out
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    return {k.lower(): int(v) for k, v in fields.items()}
+
+
+def compile_all() -> list[dict]:
+    rows = []
+    for kernel, case, fn, ptrs, const, warps, wants_tc in variants():
+        signature, constexprs = _signature(fn, ptrs, const)
+        for target_name, target in TARGETS.items():
+            compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=target,
+                                      options={"num_warps": warps})
+            ptx = compiled.asm["ptx"]
+            usage = _resource_usage(compiled.asm["cubin"])
+            rows.append({
+                "kernel": kernel, "case": case, "target": target_name, "num_warps": warps,
+                "registers": usage.get("reg"), "stack": usage.get("stack"), "local": usage.get("local"),
+                "shared_static": usage.get("shared"), "shared_total": compiled.metadata.shared,
+                "mma": bool(re.search(r"\bmma\.sync", ptx)), "wgmma": "wgmma" in ptx,
+                "expects_tensor_cores": wants_tc,
+            })
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| kernel | case | target | warps | registers | stack / local bytes (spills) | shared bytes | tensor-core PTX |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        tc = ", ".join(name for name in ("mma", "wgmma") if r[name]) or "none"
+        lines.append(f"| {r['kernel']} | {r['case']} | {r['target']} | {r['num_warps']} | {r['registers']} | "
+                     f"{r['stack']} / {r['local']} | {r['shared_total']} | {tc} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    parser.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
+    args = parser.parse_args()
+    rows = compile_all()
+    if args.json:
+        print(json.dumps(rows))
+        return
+    text = table(rows)
+    print(text)
+    if args.write:
+        write_section("aot_report", "## Triton kernels compiled ahead of time (no GPU needed)\n\n"
+                      f"Command: `python benchmarks/aot_report.py --write` (Triton {triton.__version__}).\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
