@@ -193,7 +193,38 @@ def quant_matmul_ref(x, qweight, scales, zeros=None, bias=None, bits=8, group_si
     return y.to(x.dtype)
 
 
+def _dequantize_fast(qweight, scales, zeros, bits, group_size, in_features, dtype) -> torch.Tensor:
+    """Dequantize into a fresh [N, K] tensor of ``dtype`` with in-place group-broadcast ops (no expanded
+    scale tensor): the full groups as an [N, groups, G] view, the shorter last group separately."""
+    q = qweight if bits == 8 else _unpack_int4_fast(qweight, in_features)
+    n, k = q.shape
+    w = q.to(torch.float32)
+    full = k // group_size
+    main = w[:, : full * group_size].view(n, full, group_size)
+    if zeros is not None:
+        main.sub_(zeros[:, :full, None].float())
+    main.mul_(scales[:, :full, None].float())
+    if full * group_size < k:
+        tail = w[:, full * group_size :]
+        if zeros is not None:
+            tail.sub_(zeros[:, full : full + 1].float())
+        tail.mul_(scales[:, full : full + 1].float())
+    return w.to(dtype)
+
+
+def _unpack_int4_fast(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    n = packed.shape[0]
+    out = torch.empty(n, packed.shape[1], 2, dtype=torch.int8, device=packed.device)
+    torch.bitwise_and(packed, 0x0F, out=out[:, :, 0].view(torch.uint8))
+    torch.bitwise_right_shift(packed, 4, out=out[:, :, 1].view(torch.uint8))
+    return out.view(n, -1)[:, :in_features].sub_(8)
+
+
 def quant_matmul_cpu(x, qweight, scales, zeros, bias, bits, group_size, in_features):
-    """CPU path: dequantize the weight to x's dtype and run one BLAS matmul."""
-    w = dequantize_weight(_as_quantized(qweight, scales, zeros, bits, group_size, in_features), x.dtype)
+    """CPU path: dequantize the weight (vectorised in-place group ops) and run one BLAS matmul.
+
+    This moves only a few GB/s at batch 1 (see BENCHMARKS.md): the weight is expanded to float before the
+    matmul reads it. A hand-written vectorised dequantize-and-reduce kernel is the planned replacement.
+    """
+    w = _dequantize_fast(qweight, scales, zeros, bits, group_size, in_features, x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))

@@ -1,0 +1,152 @@
+"""Per-op CPU timings of the kernel library against the unfused transformers / PyTorch equivalent, at the
+default model's shapes (SmolLM2-135M: hidden 576, intermediate 1536, 9 query / 3 KV heads of 64, vocab
+49152), batch 1, in one run: median of repeats, with the machine's read bandwidth measured in the same run.
+
+    python benchmarks/bench_ops.py --write
+
+GPU mode (``--gpu``, when a CUDA device is present): the Triton kernels timed with
+``triton.testing.do_bench``, achieved bandwidth against a measured device-to-device copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, read_bandwidth_gbs, write_section  # noqa: E402
+
+from hf_fastinfer.kernels.decode_attention import decode_attention  # noqa: E402
+from hf_fastinfer.kernels.quant_format import dequantize_weight, quantize_weight  # noqa: E402
+from hf_fastinfer.kernels.quant_matmul import quant_matmul  # noqa: E402
+
+LINEAR_SHAPES = [("q_proj / o_proj", 576, 576), ("k_proj / v_proj", 192, 576), ("gate / up", 1536, 576),
+                 ("down_proj", 576, 1536), ("lm_head", 49152, 576)]
+
+
+def _time(fn, repeats: int, inner: int = 1) -> tuple[float, float, float]:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - start) / inner)
+    return statistics.median(samples), min(samples), max(samples)
+
+
+def cpu_rows(repeats: int, dtype: torch.dtype, bandwidth: float) -> list[str]:
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for name, n, k in LINEAR_SHAPES:
+        w = torch.randn(n, k, generator=g) * 0.05
+        x = torch.randn(1, k, generator=g).to(dtype)
+        inner = 20 if n * k < 5_000_000 else 3
+        dense = w.to(dtype)
+        t_dense = _time(lambda: torch.nn.functional.linear(x, dense), repeats, inner)
+        dense_bytes = dense.numel() * dense.element_size()
+        rows.append(f"| linear {dtype_name(dtype)} (transformers' nn.Linear) | {name} {n}x{k} | "
+                    f"{t_dense[0] * 1e6:.0f} ({t_dense[1] * 1e6:.0f}-{t_dense[2] * 1e6:.0f}) | "
+                    f"{dense_bytes / t_dense[0] / 1e9:.1f} | {dense_bytes / t_dense[0] / 1e9 / bandwidth:.0%} | 1.00x |")
+        for bits, group in ((8, 128), (4, 32)):
+            qw = quantize_weight(w, bits, group, symmetric=bits == 8)
+            t_fast = _time(lambda: quant_matmul(x, qw.qweight, qw.scales, qw.zeros, bits=bits, group_size=group,
+                                                in_features=k), repeats, inner)
+            # the unfused equivalent: dequantize the weight, then nn.Linear
+            t_unfused = _time(lambda: torch.nn.functional.linear(x, dequantize_weight(qw, dtype)), repeats, inner)
+            gbs = qw.nbytes() / t_fast[0] / 1e9
+            rows.append(f"| W{bits}A16 g{group} CPU path | {name} {n}x{k} | {t_fast[0] * 1e6:.0f} "
+                        f"({t_fast[1] * 1e6:.0f}-{t_fast[2] * 1e6:.0f}) | {gbs:.1f} | {gbs / bandwidth:.0%} | "
+                        f"{t_unfused[0] / t_fast[0]:.2f}x vs dequantize + nn.Linear; {t_dense[0] / t_fast[0]:.2f}x vs dense |")
+    # decode attention: 1 query, 9/3 heads of 64, against transformers' SDPA integration on the same cache
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 3, True, False
+    for length in (256, 2048):
+        q = torch.randn(1, 9, 1, 64, generator=g).to(dtype)
+        kc = torch.randn(1, 3, length, 64, generator=g).to(dtype)
+        vc = torch.randn(1, 3, length, 64, generator=g).to(dtype)
+        t_fast = _time(lambda: decode_attention(q, kc, vc), repeats, 50)
+        t_sdpa = _time(lambda: sdpa_attention_forward(module, q, kc, vc, None), repeats, 50)
+        kv_bytes = 2 * kc.numel() * kc.element_size()
+        gbs = kv_bytes / t_fast[0] / 1e9
+        rows.append(f"| decode attention CPU path | 1 query, KV {length} | {t_fast[0] * 1e6:.0f} "
+                    f"({t_fast[1] * 1e6:.0f}-{t_fast[2] * 1e6:.0f}) | {gbs:.1f} | {gbs / bandwidth:.0%} | "
+                    f"{t_sdpa[0] / t_fast[0]:.2f}x vs transformers' SDPA |")
+    return rows
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def gpu_report(repeats: int) -> str:  # pragma: no cover - needs a GPU
+    import triton.testing
+
+    n_bytes = 1 << 30
+    src = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src))
+    copy_gbs = 2 * n_bytes / copy_ms / 1e6
+    lines = [f"Device: {machine()}. Device-to-device copy: {copy_gbs:.0f} GB/s (read + write).", "",
+             "| op | shape | time (us) | GB/s | of copy bandwidth |", "| --- | --- | ---: | ---: | ---: |"]
+    for name, n, k in LINEAR_SHAPES + [("7B gate/up", 11008, 4096), ("7B down", 4096, 11008)]:
+        w = torch.randn(n, k, device="cuda") * 0.05
+        for bits, group in ((8, 128), (4, 32)):
+            qw = quantize_weight(w, bits, group, symmetric=bits == 8)
+            for m in (1, 16):
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                ms = triton.testing.do_bench(lambda: quant_matmul(x, qw.qweight, qw.scales, qw.zeros, bits=bits,
+                                                                  group_size=group, in_features=k))
+                gbs = qw.nbytes() / ms / 1e6
+                lines.append(f"| W{bits}A16 M={m} | {name} {n}x{k} | {ms * 1e3:.1f} | {gbs:.0f} | {gbs / copy_gbs * 2:.0%} |")
+    for heads, kv_heads, length in ((9, 3, 4096), (32, 8, 8192)):
+        q = torch.randn(1, heads, 1, 128 if heads == 32 else 64, device="cuda", dtype=torch.bfloat16)
+        kc = torch.randn(1, kv_heads, length, q.shape[-1], device="cuda", dtype=torch.bfloat16)
+        ms = triton.testing.do_bench(lambda: decode_attention(q, kc, kc))
+        gbs = 2 * kc.numel() * 2 / ms / 1e6
+        lines.append(f"| decode attention | {heads}/{kv_heads} heads, KV {length} | {ms * 1e3:.1f} | {gbs:.0f} | "
+                     f"{gbs / copy_gbs * 2:.0%} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--write", action="store_true", help="write the table(s) into BENCHMARKS.md")
+    parser.add_argument("--gpu", action="store_true", help="time the Triton kernels on the GPU")
+    args = parser.parse_args()
+    if args.gpu:
+        if not torch.cuda.is_available():
+            sys.exit("--gpu needs a CUDA device")
+        text = gpu_report(args.repeats)
+        print(text)
+        if args.write:
+            write_section("bench_ops_gpu", "## Kernel library on GPU\n\nCommand: `python benchmarks/bench_ops.py --gpu --write`\n\n" + text)
+        return
+    bandwidth = statistics.median(read_bandwidth_gbs()[0] for _ in range(3))
+    lines = [
+        f"Command: `python benchmarks/bench_ops.py --repeats {args.repeats} --write`",
+        "",
+        f"Machine: {machine()}. Read bandwidth (fp32 sum of 1 GiB): {bandwidth:.1f} GB/s. Batch 1; "
+        "time in microseconds as median (min-max); GB/s = bytes of weights (or K/V) read / time.",
+        "",
+        "| op | shape | time (us) | GB/s | of read bandwidth | speed-up |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for dtype in (torch.float32, torch.bfloat16):
+        lines += cpu_rows(args.repeats, dtype, bandwidth)
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        write_section("bench_ops", "## Kernel library, CPU paths\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
