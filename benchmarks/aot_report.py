@@ -36,9 +36,10 @@ from _common import write_section  # noqa: E402
 
 from hf_fastinfer.kernels import decode_attention as _da  # noqa: E402
 from hf_fastinfer.kernels import quant_matmul as _qm  # noqa: E402
+from hf_fastinfer.kernels import rms_norm as _rn  # noqa: E402
 
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}
-_FLOAT_ARGS = {"sm_scale", "softcap"}
+_FLOAT_ARGS = {"sm_scale", "softcap", "eps"}
 
 
 def _signature(fn, pointer_types: dict[str, str], constexprs: dict) -> tuple[dict, dict]:
@@ -83,6 +84,12 @@ def variants():
                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
             out.append(("quant_matmul", f"W{bits}A16 bf16, M={m} ({note}); any K, N", _qm._quant_matmul_kernel,
                         ptrs, const, warps, m >= 16))
+    # RMSNorm with the fused residual add: hidden 576 (SmolLM2), 4096 (7B), 14336 (a wide MLP row)
+    for hidden in (576, 4096, 14336):
+        block = triton.next_power_of_2(hidden)
+        ptrs = {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16"}
+        out.append(("rms_norm", f"hidden {hidden}, bf16, + residual", _rn._rms_norm_kernel, ptrs,
+                    dict(HAS_RESIDUAL=True, GEMMA=False, BLOCK_N=block), 4 if block <= 2048 else 8, False))
     return out
 
 

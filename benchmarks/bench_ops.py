@@ -24,6 +24,7 @@ from _common import machine, read_bandwidth_gbs, write_section  # noqa: E402
 from hf_fastinfer.kernels.decode_attention import decode_attention  # noqa: E402
 from hf_fastinfer.kernels.quant_format import dequantize_weight, quantize_weight  # noqa: E402
 from hf_fastinfer.kernels.quant_matmul import quant_matmul  # noqa: E402
+from hf_fastinfer.kernels.rms_norm import rms_norm  # noqa: E402
 
 LINEAR_SHAPES = [("q_proj / o_proj", 576, 576), ("k_proj / v_proj", 192, 576), ("gate / up", 1536, 576),
                  ("down_proj", 576, 1536), ("lm_head", 49152, 576)]
@@ -63,6 +64,18 @@ def cpu_rows(repeats: int, dtype: torch.dtype, bandwidth: float) -> list[str]:
             rows.append(f"| W{bits}A16 g{group} CPU path | {name} {n}x{k} | {t_fast[0] * 1e6:.0f} "
                         f"({t_fast[1] * 1e6:.0f}-{t_fast[2] * 1e6:.0f}) | {gbs:.1f} | {gbs / bandwidth:.0%} | "
                         f"{t_unfused[0] / t_fast[0]:.2f}x vs dequantize + nn.Linear; {t_dense[0] / t_fast[0]:.2f}x vs dense |")
+    # RMSNorm + residual add, one token: against transformers' LlamaRMSNorm after the model's own add
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(576, eps=1e-5).to(dtype)
+    x = torch.randn(1, 1, 576, generator=g).to(dtype)
+    r = torch.randn(1, 1, 576, generator=g).to(dtype)
+    with torch.no_grad():
+        t_unfused = _time(lambda: norm(x + r), repeats, 200)
+        t_fast = _time(lambda: rms_norm(x, norm.weight, r, 1e-5), repeats, 200)
+    rows.append(f"| RMSNorm + residual CPU path | 1 token x 576 | {t_fast[0] * 1e6:.1f} "
+                f"({t_fast[1] * 1e6:.1f}-{t_fast[2] * 1e6:.1f}) | - | - | "
+                f"{t_unfused[0] / t_fast[0]:.2f}x vs add + transformers' LlamaRMSNorm |")
     # decode attention: 1 query, 9/3 heads of 64, against transformers' SDPA integration on the same cache
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
