@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
+from ._cpu_ext import gemv_extension
 from .quant_format import QuantizedWeight, dequantize_weight, num_groups
 
 try:
@@ -220,11 +221,27 @@ def _unpack_int4_fast(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return out.view(n, -1)[:, :in_features].sub_(8)
 
 
-def quant_matmul_cpu(x, qweight, scales, zeros, bias, bits, group_size, in_features):
-    """CPU path: dequantize the weight (vectorised in-place group ops) and run one BLAS matmul.
+#: Up to this many activation rows the compiled GEMV kernel runs; above it, dequantize + BLAS (compute-bound).
+CPU_GEMV_MAX_ROWS = 8
 
-    This moves only a few GB/s at batch 1 (see BENCHMARKS.md): the weight is expanded to float before the
-    matmul reads it. A hand-written vectorised dequantize-and-reduce kernel is the planned replacement.
+
+def quant_matmul_cpu(x, qweight, scales, zeros, bias, bits, group_size, in_features):
+    """CPU path.
+
+    A few rows (decode): the compiled kernel in ``_cpu_gemv.cpp`` reads each weight row once as integers and
+    folds dequantization into the dot product (AVX-512 where the CPU has it). More rows (prefill): dequantize
+    with in-place group ops and run one BLAS matmul, where the arithmetic dominates. Without a compiler the
+    dequantize path serves every size.
     """
+    rows = x.numel() // in_features if in_features else 0
+    if 0 < rows <= CPU_GEMV_MAX_ROWS and (bits == 8 or group_size % 2 == 0):
+        ext = gemv_extension()
+        if ext is not None:
+            y = ext.quant_gemv(
+                x.reshape(rows, in_features).float().contiguous(), qweight, scales.float().contiguous(),
+                None if zeros is None else zeros.float().contiguous(),
+                None if bias is None else bias.float().contiguous(), bits, group_size, in_features,
+            )
+            return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
     w = _dequantize_fast(qweight, scales, zeros, bits, group_size, in_features, x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))

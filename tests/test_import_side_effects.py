@@ -77,6 +77,7 @@ def test_wheel_contents(tmp_path):
     (wheel,) = tmp_path.glob("hf_fastinfer-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "hf_fastinfer/kernels/__init__.py" in names
+    assert "hf_fastinfer/kernels/_cpu_gemv.cpp" in names  # the compiled CPU kernel's source ships
     assert "hf_fastinfer/__init__.py" in names
     top_levels = {name.split("/")[0] for name in names}
     assert all(t == "hf_fastinfer" or t.endswith(".dist-info") for t in top_levels), top_levels

@@ -3,6 +3,10 @@ kernel (interpreter here) and CPU path against the reference, property tests, co
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -221,3 +225,35 @@ def test_quantize_weight_bad_input():
         quantize_weight(torch.randn(4, 8), 3, 8)
     with pytest.raises(TypeError, match="2-D float tensor"):
         quantize_weight(torch.randn(4, 8, 2), 8, 8)
+
+
+def test_portable_path_without_the_compiled_kernel():
+    # HF_FASTINFER_NO_CPU_EXT=1 stands for a machine without a compiler: same results, from the fallback.
+    code = (
+        "import torch\n"
+        "from hf_fastinfer.kernels.quant_format import quantize_weight\n"
+        "from hf_fastinfer.kernels.quant_matmul import quant_matmul, quant_matmul_ref\n"
+        "from hf_fastinfer.kernels._cpu_ext import gemv_extension\n"
+        "assert gemv_extension() is None\n"
+        "qw = quantize_weight(torch.randn(40, 70), 4, 16, False)\n"
+        "x = torch.randn(1, 70)\n"
+        "y = quant_matmul(x, qw.qweight, qw.scales, qw.zeros, bits=4, group_size=16, in_features=70)\n"
+        "r = quant_matmul_ref(x, qw.qweight, qw.scales, qw.zeros, None, 4, 16, 70)\n"
+        "torch.testing.assert_close(y, r, rtol=1e-5, atol=1e-5)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "HF_FASTINFER_NO_CPU_EXT": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_compiled_kernel_is_used_for_decode_rows():
+    from hf_fastinfer.kernels._cpu_ext import gemv_extension
+
+    if gemv_extension() is None:
+        pytest.skip("reason: no C++ toolchain here, so the compiled CPU kernel cannot be built")
+    _, qw = _qweight(64, 576, 8, 128, symmetric=True)
+    x = torch.randn(1, 576)
+    direct = gemv_extension().quant_gemv(x, qw.qweight, qw.scales, None, None, 8, 128, 576)
+    torch.testing.assert_close(quant_matmul(x, qw.qweight, qw.scales, bits=8, group_size=128, in_features=576),
+                               direct, rtol=0, atol=0)

@@ -1,0 +1,53 @@
+"""hf_fastinfer's compiled CPU kernels (``_cpu_gemv.cpp``), built on first use for this machine.
+
+``torch.utils.cpp_extension.load`` compiles the source once (about a minute) with ``-O3 -march=native`` into
+torch's extension cache and loads it from there afterwards. Without a C++ compiler or ninja the ops fall
+back to their portable PyTorch paths, with one warning. ``HF_FASTINFER_NO_CPU_EXT=1`` skips the build.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+_SOURCE = Path(__file__).with_name("_cpu_gemv.cpp")
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def gemv_extension():
+    """The loaded extension module, or None when it cannot be built here."""
+    if "module" in _state:
+        return _state["module"]
+    with _lock:
+        if "module" in _state:
+            return _state["module"]
+        module = None
+        if os.environ.get("HF_FASTINFER_NO_CPU_EXT") != "1":
+            try:
+                from torch.utils.cpp_extension import _get_build_directory, load
+
+                built = Path(_get_build_directory("hf_fastinfer_cpu_gemv", False)) / "hf_fastinfer_cpu_gemv.so"
+                if not built.exists():
+                    print("hf_fastinfer: compiling the CPU quantized-matmul kernel for this machine (once, about "
+                          "a minute)...", file=sys.stderr, flush=True)
+
+                module = load(
+                    name="hf_fastinfer_cpu_gemv",
+                    sources=[str(_SOURCE)],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+                    verbose=False,
+                )
+            except Exception as exc:  # no compiler, no ninja, unsupported flags ...
+                warnings.warn(
+                    f"hf_fastinfer: could not build the CPU quantized-matmul kernel ({type(exc).__name__}: "
+                    f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}); using the slower "
+                    "portable path. Install a C++ compiler and `pip install ninja` to enable it.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        _state["module"] = module
+        return module

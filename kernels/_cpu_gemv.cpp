@@ -1,0 +1,162 @@
+// Weight-only quantized matrix-vector products for the CPU, for a few activation rows (decode).
+//
+// y[m, n] = sum_g s[n, g] * (sum_{k in g} x[m, k] * q[n, k] - z[n, g] * sum_{k in g} x[m, k]) + bias[n]
+//
+// Each weight row is read once, as integers, and reused for every activation row while it sits in L1;
+// the inner loops are plain C++ that the compiler vectorises (-O3 -march=native, with reassociation allowed
+// for the float sums). Rows of the weight are split across torch's intra-op threads (at::parallel_for).
+// Formats: hf_fastinfer.kernels.quant_format (int8 [N, K]; int4 nibbles q + 8, low nibble = even column).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cstdint>
+#include <algorithm>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// acc += x[k] * (q[k] * s) over one group of int8 weights, 16 lanes at a time (masked tail): the scale
+// is folded into the converted weights, so no horizontal sum is needed until the end of the row.
+inline __m512 group_i8(__m512 acc, const float* __restrict x, const int8_t* __restrict q, int64_t n, float s) {
+  const __m512 vs = _mm512_set1_ps(s);
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k))));
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_mul_ps(w, vs), acc);
+  }
+  if (k < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - k)) - 1u);
+    __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q + k)));
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + k), _mm512_mul_ps(w, vs), acc);
+  }
+  return acc;
+}
+
+// Same for packed int4 over n bytes (2n columns): even columns against xe, odd ones against xo.
+inline __m512 group_i4(__m512 acc, const float* __restrict xe, const float* __restrict xo,
+                       const uint8_t* __restrict p, int64_t n, float s) {
+  const __m512 vs = _mm512_set1_ps(s);
+  const __m512i low = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
+  int64_t j = 0;
+  for (; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p + j));
+    __m512 we = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, low), eight));
+    __m512 wo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), eight));
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xe + j), _mm512_mul_ps(we, vs), acc);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xo + j), _mm512_mul_ps(wo, vs), acc);
+  }
+  return acc;
+}
+#define HF_FASTINFER_AVX512 1
+#endif
+
+// Portable fallbacks (the compiler vectorises what it can).
+inline float dot_i8(const float* __restrict a, const int8_t* __restrict b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < n; ++k) acc += a[k] * static_cast<float>(b[k]);
+  return acc;
+}
+
+inline float dot_i4(const float* __restrict even, const float* __restrict odd, const uint8_t* __restrict p, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) {
+    acc += even[j] * static_cast<float>(static_cast<int>(p[j] & 15) - 8) +
+           odd[j] * static_cast<float>(static_cast<int>(p[j] >> 4) - 8);
+  }
+  return acc;
+}
+
+}  // namespace
+
+// x: [M, K] float32 (callers convert bf16/fp16 first: K values, negligible next to the weight)
+// qweight: int8 [N, K] (bits 8) or uint8 [N, ceil(K/2)] (bits 4); scales, zeros: float32 [N, G_count]
+torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
+                         c10::optional<torch::Tensor> bias, int64_t bits, int64_t group_size, int64_t in_features) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 [M, K]");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous(), "scales must be contiguous float32");
+  const int64_t M = x.size(0), K = in_features, N = qweight.size(0);
+  const int64_t groups = (K + group_size - 1) / group_size;
+  TORCH_CHECK(x.size(1) == K && scales.size(0) == N && scales.size(1) == groups, "shape mismatch");
+  TORCH_CHECK(bits == 8 || (bits == 4 && group_size % 2 == 0), "bits 8, or bits 4 with an even group size");
+  const bool has_zeros = zeros.has_value();
+  const float* zp = nullptr;
+  if (has_zeros) {
+    TORCH_CHECK(zeros->scalar_type() == torch::kFloat32 && zeros->is_contiguous(), "zeros must be contiguous float32");
+    zp = zeros->data_ptr<float>();
+  }
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous(), "bias must be contiguous float32");
+    bp = bias->data_ptr<float>();
+  }
+  const float* xp = x.data_ptr<float>();
+  const float* sp = scales.data_ptr<float>();
+  auto y = torch::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+
+  // Per-group sums of x (for zero points) and, for int4, x split into even / odd columns.
+  std::vector<float> xsum(M * groups, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xsum[m * groups + k / group_size] += xp[m * K + k];
+  const int64_t half = (K + 1) / 2;
+  std::vector<float> xe, xo;
+  if (bits == 4) {
+    xe.assign(M * half, 0.f);
+    xo.assign(M * half, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) (k % 2 ? xo : xe)[m * half + k / 2] = xp[m * K + k];
+  }
+
+  const int64_t row_bytes = bits == 8 ? K : half;
+  const uint8_t* wp = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* row = wp + n * row_bytes;
+      for (int64_t m = 0; m < M; ++m) {
+        float acc = 0.f;
+#ifdef HF_FASTINFER_AVX512
+        __m512 vacc = _mm512_setzero_ps();
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t k0 = g * group_size;
+          const int64_t len = std::min(group_size, K - k0);
+          const float s = sp[n * groups + g];
+          if (bits == 8) {
+            vacc = group_i8(vacc, xp + m * K + k0, reinterpret_cast<const int8_t*>(row) + k0, len, s);
+          } else {
+            vacc = group_i4(vacc, xe.data() + m * half + k0 / 2, xo.data() + m * half + k0 / 2, row + k0 / 2,
+                            (len + 1) / 2, s);
+          }
+          if (has_zeros) acc -= zp[n * groups + g] * xsum[m * groups + g] * s;
+        }
+        acc += _mm512_reduce_add_ps(vacc);
+#else
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t k0 = g * group_size;
+          const int64_t len = std::min(group_size, K - k0);
+          float part;
+          if (bits == 8) {
+            part = dot_i8(xp + m * K + k0, reinterpret_cast<const int8_t*>(row) + k0, len);
+          } else {
+            // k0 is even (even group size); a short odd last group reads the padding nibble against x = 0
+            part = dot_i4(xe.data() + m * half + k0 / 2, xo.data() + m * half + k0 / 2, row + k0 / 2, (len + 1) / 2);
+          }
+          if (has_zeros) part -= zp[n * groups + g] * xsum[m * groups + g];
+          acc += part * sp[n * groups + g];
+        }
+#endif
+        yp[m * N + n] = acc + (bp ? bp[n] : 0.f);
+      }
+    }
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quant_gemv", &quant_gemv, "weight-only quantized GEMV for a few activation rows");
+}
