@@ -38,7 +38,10 @@ def gemv_extension():
                 module = load(
                     name="hf_fastinfer_cpu_gemv",
                     sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+                    # -fopenmp: at::parallel_for is an OpenMP loop inlined from ATen's headers; without the
+                    # flag it silently runs on one thread.
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
                     verbose=False,
                 )
             except Exception as exc:  # no compiler, no ninja, unsupported flags ...
