@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_section  # noqa: E402
 
 from hf_fastinfer.kernels import decode_attention as _da  # noqa: E402
+from hf_fastinfer.kernels import gated_act as _ga  # noqa: E402
 from hf_fastinfer.kernels import quant_matmul as _qm  # noqa: E402
 from hf_fastinfer.kernels import rms_norm as _rn  # noqa: E402
 
@@ -90,6 +91,10 @@ def variants():
         ptrs = {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16"}
         out.append(("rms_norm", f"hidden {hidden}, bf16, + residual", _rn._rms_norm_kernel, ptrs,
                     dict(HAS_RESIDUAL=True, GEMMA=False, BLOCK_N=block), 4 if block <= 2048 else 8, False))
+    # gated activation on a fused gate/up row: SmolLM2 (I = 1536) and 7B (I = 11008)
+    for inner, act in ((1536, "silu"), (11008, "silu"), (11008, "gelu_tanh")):
+        out.append(("gated_act", f"I = {inner}, bf16, {act}", _ga._gated_act_kernel, {"x_ptr": "*bf16", "out_ptr": "*bf16"},
+                    dict(ACT=_ga.ACTIVATIONS.index(act), BLOCK=min(1024, triton.next_power_of_2(inner))), 4, False))
     return out
 
 

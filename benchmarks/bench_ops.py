@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, read_bandwidth_gbs, write_section  # noqa: E402
 
 from hf_fastinfer.kernels.decode_attention import decode_attention  # noqa: E402
+from hf_fastinfer.kernels.gated_act import gated_act  # noqa: E402
 from hf_fastinfer.kernels.quant_format import dequantize_weight, quantize_weight  # noqa: E402
 from hf_fastinfer.kernels.quant_matmul import quant_matmul  # noqa: E402
 from hf_fastinfer.kernels.rms_norm import rms_norm  # noqa: E402
@@ -76,6 +77,14 @@ def cpu_rows(repeats: int, dtype: torch.dtype, bandwidth: float) -> list[str]:
     rows.append(f"| RMSNorm + residual CPU path | 1 token x 576 | {t_fast[0] * 1e6:.1f} "
                 f"({t_fast[1] * 1e6:.1f}-{t_fast[2] * 1e6:.1f}) | - | - | "
                 f"{t_unfused[0] / t_fast[0]:.2f}x vs add + transformers' LlamaRMSNorm |")
+    # gated activation, one token: against transformers' act_fn(gate) * up on separate projections' outputs
+    gate_up = torch.randn(1, 1, 2 * 1536, generator=g).to(dtype)
+    gate, up = gate_up[..., :1536].contiguous(), gate_up[..., 1536:].contiguous()
+    act = torch.nn.functional.silu
+    t_unfused = _time(lambda: act(gate) * up, repeats, 200)
+    t_fast = _time(lambda: gated_act(gate_up, "silu"), repeats, 200)
+    rows.append(f"| SiLU(gate) * up CPU path | 1 token x 1536 | {t_fast[0] * 1e6:.1f} "
+                f"({t_fast[1] * 1e6:.1f}-{t_fast[2] * 1e6:.1f}) | - | - | {t_unfused[0] / t_fast[0]:.2f}x vs act(gate) * up |")
     # decode attention: 1 query, 9/3 heads of 64, against transformers' SDPA integration on the same cache
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

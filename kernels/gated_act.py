@@ -1,0 +1,112 @@
+"""Gated activation of a fused gate/up projection: ``act(gate) * up``.
+
+gate_up: [..., 2 * I] float32 / bfloat16 / float16 with ``gate = gate_up[..., :I]`` and
+``up = gate_up[..., I:]`` (the layout of Phi-3's ``gate_up_proj`` and of a fused Llama MLP projection);
+activation "silu" or "gelu_tanh" (``gelu_pytorch_tanh``, Gemma). Returns [..., I] in the input dtype.
+
+Numerics follow transformers' MLPs: the activation is computed in fp32 and rounded to the dtype, then
+multiplied by ``up`` and rounded again (``act_fn(gate) * up`` in the model dtype).
+
+GPU: one Triton program per (row, block of I) reads both halves once and writes the product. CPU: the two
+ATen ops on views of the halves (no copies).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _backend
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+__all__ = ["ACTIVATIONS", "gated_act", "gated_act_cpu", "gated_act_ref", "gated_act_triton"]
+
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+if triton is not None:
+
+    @triton.jit
+    def _gated_act_kernel(x_ptr, out_ptr, inner, stride_x, stride_out, ACT: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < inner
+        gate = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
+        up = tl.load(x_ptr + row * stride_x + inner + cols, mask=ok, other=0.0)
+        g = gate.to(tl.float32)
+        if ACT == 0:  # silu
+            a = g * tl.sigmoid(g)
+        else:  # gelu, tanh approximation; tanh(z) = 2 * sigmoid(2z) - 1
+            z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            a = 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0))
+        a = a.to(gate.dtype).to(tl.float32)  # the model rounds the activation to its dtype first
+        tl.store(out_ptr + row * stride_out + cols, (a * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_inputs(gate_up, activation) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if gate_up.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"gate_up must be float32, float16 or bfloat16, got {gate_up.dtype}")
+    if gate_up.dim() < 1 or gate_up.shape[-1] == 0 or gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up's last dimension must be 2 * I > 0, got {tuple(gate_up.shape)}")
+    if gate_up.stride(-1) != 1:
+        raise ValueError("gate_up must be contiguous along its last dimension")
+
+
+def gated_act_triton(gate_up, activation="silu"):
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    _check_inputs(gate_up, activation)
+    inner = gate_up.shape[-1] // 2
+    x2 = gate_up.reshape(-1, 2 * inner)
+    out = torch.empty(x2.shape[0], inner, device=gate_up.device, dtype=gate_up.dtype)
+    block = min(1024, triton.next_power_of_2(inner))
+    _gated_act_kernel[(x2.shape[0], triton.cdiv(inner, block))](
+        x2, out, inner, x2.stride(0), out.stride(0), ACT=ACTIVATIONS.index(activation), BLOCK=block,
+    )
+    return out.view(*gate_up.shape[:-1], inner)
+
+
+@torch.library.custom_op("hf_fastinfer::gated_act", mutates_args=())
+def _gated_act_op(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    if _backend.use_triton(gate_up):
+        return gated_act_triton(gate_up, activation)
+    return gated_act_cpu(gate_up, activation)
+
+
+@_gated_act_op.register_fake
+def _(gate_up, activation):
+    return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+
+
+def gated_act(gate_up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """``act(gate) * up`` for a fused [..., 2 * I] gate/up tensor. See the module docstring."""
+    _check_inputs(gate_up, activation)
+    if not _backend.use_triton(gate_up) and not torch.compiler.is_compiling():
+        return gated_act_cpu(gate_up, activation)
+    return _gated_act_op(gate_up, activation)
+
+
+def gated_act_ref(gate_up, activation="silu"):
+    """Pure PyTorch, as transformers' MLPs compute it."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    if activation == "silu":
+        a = torch.nn.functional.silu(gate)
+    else:
+        a = torch.nn.functional.gelu(gate, approximate="tanh")
+    return a * up
+
+
+def gated_act_cpu(gate_up, activation="silu"):
+    """CPU path: the activation on the gate half and the product, on views (no copies of the halves)."""
+    inner = gate_up.shape[-1] // 2
+    gate, up = gate_up[..., :inner], gate_up[..., inner:]
+    a = torch.nn.functional.silu(gate) if activation == "silu" else torch.nn.functional.gelu(gate, approximate="tanh")
+    return a.mul_(up)
