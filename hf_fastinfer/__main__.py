@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="weights and activations dtype (default: %(default)s)")
     demo.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if available, else cpu)")
     demo.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
-    demo.add_argument("--repeats", type=int, default=1,
+    demo.add_argument("--repeats", type=int, default=3,
                       help="timed runs per path; the table shows medians (default: %(default)s)")
     demo.add_argument("--no-baseline", action="store_true",
                       help="skip transformers' own path (no comparison, faster start)")
