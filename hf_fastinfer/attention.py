@@ -23,6 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 from transformers.utils import logging
 
+from .cache import dequantize_kv_ref
 from .kernels.decode_attention import decode_attention
 
 logger = logging.get_logger(__name__)
@@ -94,11 +95,6 @@ def _warn_once(feature: str) -> None:
         )
 
 
-def _dequantize(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    scale = tensor._hf_fastinfer_scale  # [B, Hkv, S] float16, attached by the int8 cache
-    return (tensor.float() * scale.float().unsqueeze(-1)).to(dtype)
-
-
 def fastinfer_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -137,7 +133,9 @@ def fastinfer_attention_forward(
         return out, None
 
     if quantized:
-        key, value = _dequantize(key, query.dtype), _dequantize(value, query.dtype)
+        # the int8 cache attaches the scales [B, Hkv, S] to the views it hands over
+        key = dequantize_kv_ref(key, key._hf_fastinfer_scale, query.dtype)
+        value = dequantize_kv_ref(value, value._hf_fastinfer_scale, query.dtype)
     if softcap is None and sinks is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if not mask_ok:

@@ -24,6 +24,22 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+#: activation dtypes every kernel-library op accepts
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_float(name: str, tensor: torch.Tensor) -> None:
+    """Raise TypeError unless ``tensor`` is float32, float16 or bfloat16."""
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {tensor.dtype}")
+
+
+def eager_cpu(tensor: torch.Tensor) -> bool:
+    """Whether an op should call its CPU path directly: eager mode, not headed for Triton (the custom-op
+    dispatch costs more than a decode-sized op; under torch.compile the op must be traced instead)."""
+    return not use_triton(tensor) and not torch.compiler.is_compiling()
+
+
 def use_triton(tensor: torch.Tensor) -> bool:
     """Whether an op called on ``tensor`` should launch its Triton kernel."""
     if not _TRITON_INSTALLED:

@@ -153,14 +153,10 @@ if triton is not None:
 # 2. Launcher
 # ---------------------------------------------------------------------------------------------------------
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _check_inputs(q, k, v, k_scale, v_scale, mask) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D [B, H, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+    _backend.check_float("q", q)
     batch, num_q_heads, q_len, head_dim = q.shape
     if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [B={batch}, Hkv, S, D={head_dim}]")
@@ -176,7 +172,7 @@ def _check_inputs(q, k, v, k_scale, v_scale, mask) -> None:
             if s.shape != k.shape[:3]:
                 raise ValueError(f"{name} must be [B, Hkv, S] = {tuple(k.shape[:3])}, got {tuple(s.shape)}")
     else:
-        if k.dtype not in _FLOAT_DTYPES or v.dtype != k.dtype:
+        if k.dtype not in _backend.FLOAT_DTYPES or v.dtype != k.dtype:
             raise TypeError(f"k and v must share a float dtype or both be int8; got {k.dtype} and {v.dtype}")
         if k_scale is not None or v_scale is not None:
             raise ValueError("k_scale / v_scale are only for int8 k / v")
@@ -267,7 +263,7 @@ def decode_attention(q, k, v, k_scale=None, v_scale=None, mask=None, scale=None,
     _check_inputs(q, k, v, k_scale, v_scale, mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     softcap = None if softcap is None else float(softcap)
-    if not _backend.use_triton(q) and not torch.compiler.is_compiling():
+    if _backend.eager_cpu(q):
         # Eager CPU: call the implementation directly; the custom-op dispatch costs more than the op itself.
         return decode_attention_cpu(q, k, v, k_scale, v_scale, mask, scale, softcap)
     return _decode_attention_op(q, k, v, k_scale, v_scale, mask, scale, softcap)

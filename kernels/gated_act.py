@@ -46,14 +46,10 @@ if triton is not None:
         tl.store(out_ptr + row * stride_out + cols, (a * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=ok)
 
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _check_inputs(gate_up, activation) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if gate_up.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"gate_up must be float32, float16 or bfloat16, got {gate_up.dtype}")
+    _backend.check_float("gate_up", gate_up)
     if gate_up.dim() < 1 or gate_up.shape[-1] == 0 or gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up's last dimension must be 2 * I > 0, got {tuple(gate_up.shape)}")
     if gate_up.stride(-1) != 1:
@@ -89,7 +85,7 @@ def _(gate_up, activation):
 def gated_act(gate_up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     """``act(gate) * up`` for a fused [..., 2 * I] gate/up tensor. See the module docstring."""
     _check_inputs(gate_up, activation)
-    if not _backend.use_triton(gate_up) and not torch.compiler.is_compiling():
+    if _backend.eager_cpu(gate_up):
         return gated_act_cpu(gate_up, activation)
     return _gated_act_op(gate_up, activation)
 

@@ -82,16 +82,12 @@ if triton is not None:
 # 2. Launcher
 # ---------------------------------------------------------------------------------------------------------
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _check_inputs(x, qweight, scales, zeros, bias, bits, group_size, in_features) -> None:
     if bits not in (8, 4):
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
         raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    _backend.check_float("x", x)
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects in_features={in_features}")
     expected_dtype = torch.int8 if bits == 8 else torch.uint8
@@ -141,7 +137,8 @@ def quant_matmul_triton(x, qweight, scales, zeros, bias, bits, group_size, in_fe
         x2, qweight, scales, z, b, y, m, n, in_features, group_size,
         x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
         z.stride(0), z.stride(1), y.stride(0), y.stride(1),
-        BITS=bits, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, # fp32 input: exact IEEE products (tf32 would drop mantissa bits). CPU tensors run under Triton's
+        BITS=bits, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
+        # fp32 input: exact IEEE products (tf32 would drop mantissa bits). CPU tensors run under Triton's
         # interpreter, whose bf16 tl.dot is wrong (Triton 3.9): upcast there; GPUs take the tensor-core path.
         IEEE_FP32=x.dtype == torch.float32 or not x.is_cuda,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
@@ -171,7 +168,7 @@ def _(x, qweight, scales, zeros, bias, bits, group_size, in_features):
 def quant_matmul(x, qweight, scales, zeros=None, bias=None, *, bits: int, group_size: int, in_features: int):
     """y = x @ dequant(W).T + bias. See the module docstring for shapes and formats."""
     _check_inputs(x, qweight, scales, zeros, bias, bits, group_size, in_features)
-    if not _backend.use_triton(x) and not torch.compiler.is_compiling():
+    if _backend.eager_cpu(x):
         return quant_matmul_cpu(x, qweight, scales, zeros, bias, bits, group_size, in_features)
     return _quant_matmul_op(x, qweight, scales, zeros, bias, bits, group_size, in_features)
 

@@ -66,12 +66,8 @@ if triton is not None:
 # 2. Launcher
 # ---------------------------------------------------------------------------------------------------------
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _check_inputs(x, weight, residual, eps) -> None:
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    _backend.check_float("x", x)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dimension, got {tuple(x.shape)}")
     if x.stride(-1) != 1:
@@ -129,7 +125,7 @@ def _(x, weight, residual, eps, gemma):
 def rms_norm(x, weight, residual=None, eps: float = 1e-6, gemma: bool = False):
     """RMSNorm with optional fused residual add; returns ``(out, new_residual or None)``. See module docstring."""
     _check_inputs(x, weight, residual, eps)
-    if not _backend.use_triton(x) and not torch.compiler.is_compiling():
+    if _backend.eager_cpu(x):
         return rms_norm_cpu(x, weight, residual, eps, gemma)
     out, res = _rms_norm_op(x, weight, residual, float(eps), bool(gemma))
     return out, (res if residual is not None else None)
