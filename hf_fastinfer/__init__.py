@@ -22,11 +22,14 @@ from ._registry import SUPPORTED_TRANSFORMERS, UnsupportedTransformersVersion, d
 from ._registry import register as enable  # noqa: E402
 from .cache import CACHE_IMPLEMENTATIONS, build_cache  # noqa: E402
 from .config import FastInferConfig  # noqa: E402
+from .quant import MoQLinear, report  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FastInferConfig",
+    "MoQLinear",
+    "report",
     "CACHE_IMPLEMENTATIONS",
     "build_cache",
     "enable",

@@ -1,45 +1,240 @@
 """The transformers quantizer for ``quantization_config=FastInferConfig(...)``: lifecycle only.
 
-transformers calls it while ``from_pretrained`` builds and loads a model. The work itself lives elsewhere
-(weight quantization in ``quant/``, kernel injection in ``inject.py``, tensor parallelism in ``parallel.py``).
+transformers calls it while ``from_pretrained`` builds and loads a model; the work lives in ``quant/``.
 
-What this release does:
-
-* ``bits=None``: the model loads unchanged in floating point and records the config; saving and reloading
-  keep it. Nothing is replaced, so the output is transformers' own.
-* ``bits`` of 8, 4 or ``"auto"`` and ``tp_size > 1``: not available in this release; asking for them raises
-  :class:`NotImplementedError` before any weight is read, rather than loading an unquantized model silently.
+* ``bits=None``: nothing is converted; the config is recorded (and saved) so the model reloads the same way.
+* ``bits`` 8 / 4: before loading, every ``nn.Linear`` to convert becomes an empty :class:`MoQLinear` on
+  the meta device; each float weight is quantized by :class:`MoQQuantize` as it streams in. A checkpoint
+  saved from such a model already holds the quantized tensors and loads them as they are.
+* ``bits="auto"``: weights stream in as int8 with their int4 version kept beside them; after loading, the
+  sensitivity pass (``quant/sensitivity.py``) picks each layer's bits under ``target_bits`` and the choice is
+  written to ``config.layer_bits``, which a reload applies directly.
+* A tied output projection (``lm_head`` sharing the input embedding): the checkpoint has no separate weight
+  for it, so it is quantized from the embedding after loading and untied (the embedding stays in float);
+  the saved config says ``tie_word_embeddings=False`` and the quantized ``lm_head`` is saved with the rest.
+* ``tp_size > 1`` is not available in this release and is refused before any weight is read.
 """
 
 from __future__ import annotations
 
+import logging
+
+import torch
 from transformers.quantizers.base import HfQuantizer
+from tqdm.auto import tqdm
 
 from .config import FastInferConfig
 
 __all__ = ["FastInferQuantizer"]
 
+logger = logging.getLogger("hf_fastinfer")
+
 
 class FastInferQuantizer(HfQuantizer):
     requires_calibration = False
+    #: a Linear's weight becomes these tensors; transformers uses it to extend tensor-parallel plans
+    serialized_names = {"weight": ["weight", "weight_scale", "weight_zero"]}
 
     def __init__(self, quantization_config: FastInferConfig, **kwargs):
         if not isinstance(quantization_config, FastInferConfig):
             raise TypeError(f"FastInferQuantizer needs a FastInferConfig, got {type(quantization_config).__name__}")
         super().__init__(quantization_config, **kwargs)
+        self.collect_alternatives = False
+        self._progress = None
+        self._checkpoint_files: list[str] = []
+
+    # -- checks ---------------------------------------------------------------------------------------------
 
     def validate_environment(self, *args, **kwargs) -> None:
         config = self.quantization_config
-        if config.quantizes_weights:
-            raise NotImplementedError(
-                f"FastInferConfig(bits={config.bits!r}): weight quantization is not available in this release of "
-                "hf_fastinfer. Load with FastInferConfig(bits=None), or without quantization_config."
-            )
+        config.post_init()  # a config edited after construction is checked again before any weight is read
         if config.tp_size > 1:
             raise NotImplementedError(
                 f"FastInferConfig(tp_size={config.tp_size}): tensor parallelism is not available in this release "
                 "of hf_fastinfer. Use tp_size=1."
             )
+
+    @property
+    def quantized_element_size(self) -> float | None:
+        bits = self.quantization_config.bits
+        return None if bits is None else (1.0 if bits == 8 else 0.5)
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        from .quant.moq_linear import MoQLinear
+
+        if self.pre_quantized or not self.quantization_config.quantizes_weights:
+            return False
+        module_name, _, tensor_name = param_name.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            return False
+        return isinstance(module, MoQLinear) and tensor_name == "weight"
+
+    def get_quantize_ops(self):
+        from .quant.replace import MoQQuantize
+
+        return MoQQuantize(self)
+
+    def get_new_dtype(self, converter, param, dtype):
+        # scales and zero points load in the dtype they were saved in (fp16), whatever the model's dtype
+        dtype_name = param.get_dtype() if hasattr(param, "get_dtype") else str(param.dtype)
+        if self.quantization_config.quantizes_weights and dtype_name in ("F16", "torch.float16"):
+            targets = getattr(converter, "target_patterns", None) or []
+            if any(str(t).endswith(("weight_scale", "weight_zero")) for t in targets):
+                return None
+        return super().get_new_dtype(converter, param, dtype)
+
+    # -- before loading: swap the Linear layers -------------------------------------------------------------
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        from .quant.replace import matches, replace_linear_layers
+
+        config = self.quantization_config
+        if not config.quantizes_weights:
+            return model
+        skip = list(config.modules_to_not_convert or [])
+        unknown = [p for p in skip if not any(matches(n, [p]) for n, _ in model.named_modules())]
+        if unknown:
+            logger.warning("FastInferConfig.modules_to_not_convert: no module named %s in %s; nothing skipped for them",
+                           unknown, type(model).__name__)
+        skip += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        output = model.get_output_embeddings()
+        output_name = next((n for n, m in model.named_modules() if output is not None and m is output), None)
+        self._tied_output = None
+        if output_name is not None and not config.quantize_lm_head:
+            skip.append(output_name)
+        elif output_name is not None and f"{output_name}.weight" in (model.all_tied_weights_keys or {}):
+            # no checkpoint tensor of its own: quantized from the embedding after loading
+            self._tied_output = output_name
+            skip.append(output_name)
+
+        linear_names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and not matches(n, skip)]
+        if config.bits == "auto" and config.layer_bits is None and self.pre_quantized:
+            raise ValueError("this checkpoint says bits='auto' but has no layer_bits: it was not saved by hf_fastinfer")
+        if config.bits == "auto" and config.layer_bits is not None:
+            missing = [n for n in linear_names if n not in config.layer_bits]
+            if missing and self.pre_quantized:
+                raise ValueError(f"FastInferConfig.layer_bits has no entry for {missing[:5]}: the checkpoint's config "
+                                 "does not match its model")
+            bits_for = {n: config.layer_bits.get(n, 8) for n in linear_names}
+        else:
+            bits_for = {n: (8 if config.bits == "auto" else config.bits) for n in linear_names}
+            self.collect_alternatives = config.bits == "auto" and not self.pre_quantized
+        replace_linear_layers(model, bits_for, config.group_size, config.symmetric)
+        if not self.pre_quantized:
+            label = "auto int8/int4" if config.bits == "auto" else f"int{config.bits}"
+            self._progress = tqdm(total=len(bits_for), desc=f"MoQ: quantizing to {label}", unit="layer")
+        return model
+
+    def record_quantized(self, module_name: str, weight: torch.Tensor) -> None:
+        if self._progress is not None:
+            self._progress.update(1)
+
+    # -- after loading ----------------------------------------------------------------------------------------
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        from .quant.moq_linear import MoQLinear
+
+        config = self.quantization_config
+        try:
+            if not config.quantizes_weights:
+                return model
+            if self._tied_output is not None:
+                self._quantize_tied_output(model)
+            if self.collect_alternatives:
+                self._choose_bits(model)
+            for module in model.modules():
+                if isinstance(module, MoQLinear):
+                    module.alternative = None
+                    module.weight.requires_grad_(False)
+                    if module.bias is not None:
+                        module.bias.requires_grad_(False)
+        finally:
+            if self._progress is not None:
+                self._progress.close()
+                self._progress = None
+        return model
+
+    def _quantize_tied_output(self, model) -> None:
+        from .quant.moq_linear import MoQLinear
+
+        config = self.quantization_config
+        name = self._tied_output
+        linear = model.get_submodule(name)
+        bits = 8 if config.bits == "auto" else config.bits
+        if config.bits == "auto" and config.layer_bits is not None:
+            bits = config.layer_bits.get(name, 8)
+        quantized = MoQLinear.from_linear(linear, bits, config.group_size, config.symmetric)
+        if self.collect_alternatives:
+            from .quant.search import quantize_linear_weight
+
+            quantized.alternative = quantize_linear_weight(linear.weight, 4, config.group_size, config.symmetric)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, quantized)
+        # untie: the embedding keeps its float weight, the output projection is now its own (quantized) tensor
+        for sub in model.modules():
+            tied = getattr(sub, "all_tied_weights_keys", None)
+            if tied:
+                for key in [k for k in tied if k == f"{name}.weight" or k.endswith(f".{name}.weight") or
+                            f"{name}.weight".endswith(k)]:
+                    tied.pop(key)
+            if hasattr(sub, "config") and hasattr(sub.config, "get_text_config"):
+                sub.config.get_text_config(decoder=True).tie_word_embeddings = False
+                sub.config.tie_word_embeddings = False
+        if self._progress is not None:
+            self._progress.update(1)
+
+    def _choose_bits(self, model) -> None:
+        from .quant.moq_linear import MoQLinear
+        from .quant.sensitivity import assign_bits, calibration_ids, layer_sensitivity
+
+        config = self.quantization_config
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, MoQLinear) and m.alternative is not None}
+        tokenizer = self._tokenizer_for(model)
+        scores = layer_sensitivity(model, layers, calibration_ids(tokenizer))
+        sizes = {n: m.in_features * m.out_features for n, m in layers.items()}
+        chosen = assign_bits(sizes, scores, config.target_bits)
+        for name, bits in chosen.items():
+            module = layers[name]
+            if bits != module.bits:
+                module.load_quantized(module.alternative)
+        config.layer_bits = dict(sorted(chosen.items()))
+        average = sum(chosen[n] * sizes[n] for n in sizes) / max(sum(sizes.values()), 1)
+        logger.info("bits='auto': %d int8 and %d int4 layers, %.2f average bits (target %.2f)",
+                    sum(b == 8 for b in chosen.values()), sum(b == 4 for b in chosen.values()), average,
+                    config.target_bits)
+
+    def _tokenizer_for(self, model):
+        """The calibration pass needs the model's tokenizer: from the folder the weights came from."""
+        from transformers import AutoTokenizer
+
+        source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except Exception as exc:
+            raise ValueError(
+                f"FastInferConfig(bits='auto') measures layer sensitivity on built-in text and needs the model's "
+                f"tokenizer, which could not be loaded from {source!r} ({type(exc).__name__}). Save the tokenizer "
+                "next to the weights, or use bits=8 / bits=4."
+            ) from exc
+
+    # -- the rest of the lifecycle -----------------------------------------------------------------------------
+
+    def _dequantize(self, model, dtype=None):
+        from .quant.replace import dequantize_model
+
+        return dequantize_model(model, dtype or torch.float32)
+
+    def update_parallel_plan(self, model, plan: dict[str, str]) -> None:
+        """A Linear's scales (and zero points) are split with its weight: same style, same rows/columns."""
+        additions = {}
+        for key, style in plan.items():
+            if key.endswith(".weight"):
+                for suffix in ("weight_scale", "weight_zero"):
+                    additions[key[: -len("weight")] + suffix] = style
+        for key, style in additions.items():
+            plan.setdefault(key, style)
 
     @property
     def is_compileable(self) -> bool:

@@ -114,29 +114,107 @@ inline float dot_i4(const float* __restrict even, const float* __restrict odd, c
 
 }  // namespace
 
+template <typename ST>
+inline float to_f32(ST v) { return static_cast<float>(v); }
+
+// The row loop, for scales / zeros stored as ST (float or c10::Half: converted once per group).
+template <typename ST>
+void gemv_rows(const float* xp, const uint8_t* wp, const ST* sp, const ST* zp, const float* bp, float* yp,
+               const std::vector<float>& xsum, const std::vector<float>& xe, const std::vector<float>& xo,
+               int64_t M, int64_t N, int64_t K, int64_t groups, int64_t group_size, int64_t bits) {
+  const bool has_zeros = zp != nullptr;
+  const int64_t half = (K + 1) / 2;
+  const int64_t row_bytes = bits == 8 ? K : half;
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    int64_t n = begin;
+#ifdef HF_FASTINFER_AVX512
+    for (; n + 4 <= end; n += 4) {
+      const uint8_t* rows4[4] = {wp + n * row_bytes, wp + (n + 1) * row_bytes, wp + (n + 2) * row_bytes,
+                                 wp + (n + 3) * row_bytes};
+      for (int64_t m = 0; m < M; ++m) {
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        float zero_terms[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t k0 = g * group_size;
+          const int64_t len = std::min(group_size, K - k0);
+          const float s4[4] = {to_f32(sp[n * groups + g]), to_f32(sp[(n + 1) * groups + g]), to_f32(sp[(n + 2) * groups + g]),
+                               to_f32(sp[(n + 3) * groups + g])};
+          if (bits == 8) {
+            const int8_t* q4[4] = {reinterpret_cast<const int8_t*>(rows4[0]), reinterpret_cast<const int8_t*>(rows4[1]),
+                                   reinterpret_cast<const int8_t*>(rows4[2]), reinterpret_cast<const int8_t*>(rows4[3])};
+            group_i8_x4(acc, xp + m * K + k0, q4, k0, len, s4);
+          } else {
+            group_i4_x4(acc, xe.data() + m * half + k0 / 2, xo.data() + m * half + k0 / 2, rows4, k0 / 2,
+                        (len + 1) / 2, s4);
+          }
+          if (has_zeros)
+            for (int r = 0; r < 4; ++r) zero_terms[r] += to_f32(zp[(n + r) * groups + g]) * xsum[m * groups + g] * s4[r];
+        }
+        for (int r = 0; r < 4; ++r)
+          yp[m * N + n + r] = _mm512_reduce_add_ps(acc[r]) - zero_terms[r] + (bp ? bp[n + r] : 0.f);
+      }
+    }
+#endif
+    for (; n < end; ++n) {
+      const uint8_t* row = wp + n * row_bytes;
+      for (int64_t m = 0; m < M; ++m) {
+        float acc = 0.f;
+#ifdef HF_FASTINFER_AVX512
+        __m512 vacc = _mm512_setzero_ps();
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t k0 = g * group_size;
+          const int64_t len = std::min(group_size, K - k0);
+          const float s = to_f32(sp[n * groups + g]);
+          if (bits == 8) {
+            vacc = group_i8(vacc, xp + m * K + k0, reinterpret_cast<const int8_t*>(row) + k0, len, s);
+          } else {
+            vacc = group_i4(vacc, xe.data() + m * half + k0 / 2, xo.data() + m * half + k0 / 2, row + k0 / 2,
+                            (len + 1) / 2, s);
+          }
+          if (has_zeros) acc -= to_f32(zp[n * groups + g]) * xsum[m * groups + g] * s;
+        }
+        acc += _mm512_reduce_add_ps(vacc);
+#else
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t k0 = g * group_size;
+          const int64_t len = std::min(group_size, K - k0);
+          float part;
+          if (bits == 8) {
+            part = dot_i8(xp + m * K + k0, reinterpret_cast<const int8_t*>(row) + k0, len);
+          } else {
+            // k0 is even (even group size); a short odd last group reads the padding nibble against x = 0
+            part = dot_i4(xe.data() + m * half + k0 / 2, xo.data() + m * half + k0 / 2, row + k0 / 2, (len + 1) / 2);
+          }
+          if (has_zeros) part -= to_f32(zp[n * groups + g]) * xsum[m * groups + g];
+          acc += part * to_f32(sp[n * groups + g]);
+        }
+#endif
+        yp[m * N + n] = acc + (bp ? bp[n] : 0.f);
+      }
+    }
+  });
+}
+
 // x: [M, K] float32 (callers convert bf16/fp16 first: K values, negligible next to the weight)
-// qweight: int8 [N, K] (bits 8) or uint8 [N, ceil(K/2)] (bits 4); scales, zeros: float32 [N, G_count]
+// qweight: int8 [N, K] (bits 8) or uint8 [N, ceil(K/2)] (bits 4); scales, zeros: float32 or float16 [N, G_count] (same dtype)
 torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                          c10::optional<torch::Tensor> bias, int64_t bits, int64_t group_size, int64_t in_features) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 [M, K]");
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous(), "scales must be contiguous float32");
+  TORCH_CHECK((scales.scalar_type() == torch::kFloat32 || scales.scalar_type() == torch::kHalf) && scales.is_contiguous(),
+              "scales must be contiguous float32 or float16");
   const int64_t M = x.size(0), K = in_features, N = qweight.size(0);
   const int64_t groups = (K + group_size - 1) / group_size;
   TORCH_CHECK(x.size(1) == K && scales.size(0) == N && scales.size(1) == groups, "shape mismatch");
   TORCH_CHECK(bits == 8 || (bits == 4 && group_size % 2 == 0), "bits 8, or bits 4 with an even group size");
   const bool has_zeros = zeros.has_value();
-  const float* zp = nullptr;
-  if (has_zeros) {
-    TORCH_CHECK(zeros->scalar_type() == torch::kFloat32 && zeros->is_contiguous(), "zeros must be contiguous float32");
-    zp = zeros->data_ptr<float>();
-  }
+  if (has_zeros)
+    TORCH_CHECK(zeros->scalar_type() == scales.scalar_type() && zeros->is_contiguous(), "zeros must be contiguous, in the scales' dtype");
   const float* bp = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous(), "bias must be contiguous float32");
     bp = bias->data_ptr<float>();
   }
   const float* xp = x.data_ptr<float>();
-  const float* sp = scales.data_ptr<float>();
   auto y = torch::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
 
@@ -153,76 +231,14 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
       for (int64_t k = 0; k < K; ++k) (k % 2 ? xo : xe)[m * half + k / 2] = xp[m * K + k];
   }
 
-  const int64_t row_bytes = bits == 8 ? K : half;
   const uint8_t* wp = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    int64_t n = begin;
-#ifdef HF_FASTINFER_AVX512
-    for (; n + 4 <= end; n += 4) {
-      const uint8_t* rows4[4] = {wp + n * row_bytes, wp + (n + 1) * row_bytes, wp + (n + 2) * row_bytes,
-                                 wp + (n + 3) * row_bytes};
-      for (int64_t m = 0; m < M; ++m) {
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        float zero_terms[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int64_t g = 0; g < groups; ++g) {
-          const int64_t k0 = g * group_size;
-          const int64_t len = std::min(group_size, K - k0);
-          const float s4[4] = {sp[n * groups + g], sp[(n + 1) * groups + g], sp[(n + 2) * groups + g],
-                               sp[(n + 3) * groups + g]};
-          if (bits == 8) {
-            const int8_t* q4[4] = {reinterpret_cast<const int8_t*>(rows4[0]), reinterpret_cast<const int8_t*>(rows4[1]),
-                                   reinterpret_cast<const int8_t*>(rows4[2]), reinterpret_cast<const int8_t*>(rows4[3])};
-            group_i8_x4(acc, xp + m * K + k0, q4, k0, len, s4);
-          } else {
-            group_i4_x4(acc, xe.data() + m * half + k0 / 2, xo.data() + m * half + k0 / 2, rows4, k0 / 2,
-                        (len + 1) / 2, s4);
-          }
-          if (has_zeros)
-            for (int r = 0; r < 4; ++r) zero_terms[r] += zp[(n + r) * groups + g] * xsum[m * groups + g] * s4[r];
-        }
-        for (int r = 0; r < 4; ++r)
-          yp[m * N + n + r] = _mm512_reduce_add_ps(acc[r]) - zero_terms[r] + (bp ? bp[n + r] : 0.f);
-      }
-    }
-#endif
-    for (; n < end; ++n) {
-      const uint8_t* row = wp + n * row_bytes;
-      for (int64_t m = 0; m < M; ++m) {
-        float acc = 0.f;
-#ifdef HF_FASTINFER_AVX512
-        __m512 vacc = _mm512_setzero_ps();
-        for (int64_t g = 0; g < groups; ++g) {
-          const int64_t k0 = g * group_size;
-          const int64_t len = std::min(group_size, K - k0);
-          const float s = sp[n * groups + g];
-          if (bits == 8) {
-            vacc = group_i8(vacc, xp + m * K + k0, reinterpret_cast<const int8_t*>(row) + k0, len, s);
-          } else {
-            vacc = group_i4(vacc, xe.data() + m * half + k0 / 2, xo.data() + m * half + k0 / 2, row + k0 / 2,
-                            (len + 1) / 2, s);
-          }
-          if (has_zeros) acc -= zp[n * groups + g] * xsum[m * groups + g] * s;
-        }
-        acc += _mm512_reduce_add_ps(vacc);
-#else
-        for (int64_t g = 0; g < groups; ++g) {
-          const int64_t k0 = g * group_size;
-          const int64_t len = std::min(group_size, K - k0);
-          float part;
-          if (bits == 8) {
-            part = dot_i8(xp + m * K + k0, reinterpret_cast<const int8_t*>(row) + k0, len);
-          } else {
-            // k0 is even (even group size); a short odd last group reads the padding nibble against x = 0
-            part = dot_i4(xe.data() + m * half + k0 / 2, xo.data() + m * half + k0 / 2, row + k0 / 2, (len + 1) / 2);
-          }
-          if (has_zeros) part -= zp[n * groups + g] * xsum[m * groups + g];
-          acc += part * sp[n * groups + g];
-        }
-#endif
-        yp[m * N + n] = acc + (bp ? bp[n] : 0.f);
-      }
-    }
-  });
+  if (scales.scalar_type() == torch::kHalf) {
+    const c10::Half* zh = has_zeros ? zeros->data_ptr<c10::Half>() : nullptr;
+    gemv_rows<c10::Half>(xp, wp, scales.data_ptr<c10::Half>(), zh, bp, yp, xsum, xe, xo, M, N, K, groups, group_size, bits);
+  } else {
+    const float* zf = has_zeros ? zeros->data_ptr<float>() : nullptr;
+    gemv_rows<float>(xp, wp, scales.data_ptr<float>(), zf, bp, yp, xsum, xe, xo, M, N, K, groups, group_size, bits);
+  }
   return y;
 }
 

@@ -4,8 +4,9 @@ A float weight ``w`` [N, K] (out_features, in_features) is cut along K into grou
 columns; group ``g`` of row ``n`` holds columns ``g*G .. min((g+1)*G, K) - 1``, so when G does not divide K the
 last group is simply shorter (576 and 1536 with G = 128 work as they are, nothing is padded).
 
-Each group has a float scale ``s`` and, for asymmetric quantization, a zero point ``z`` (in quantized units,
-an integer stored as float): ``w ~= (q - z) * s`` with ``q`` a signed integer,
+Each group has a float scale ``s`` and, for asymmetric quantization, a zero point ``z`` (a float offset in
+quantized units, not rounded to an integer, so that the group's min and max land exactly on the ends of the
+integer range): ``w ~= (q - z) * s`` with ``q`` a signed integer,
 
 * int8: ``q`` in [-128, 127] stored as int8 [N, K]; symmetric uses [-127, 127] and z = 0;
 * int4: ``q`` in [-8, 7] stored as the nibble ``q + 8``, two per byte along K (column 2j in the low nibble,
@@ -127,19 +128,19 @@ def quantize_weight(
             absmax = wg.abs().amax(dim=-1)
             scales = absmax / (qmax if bits == 8 else 7)
         else:
-            # The range always includes 0, so that the zero point is an integer inside [qmin, qmax].
-            wmax = wg.masked_fill(~valid, float("-inf")).amax(dim=-1).clamp_min(0)
-            wmin = wg.masked_fill(~valid, float("inf")).amin(dim=-1).clamp_max(0)
+            wmax = wg.masked_fill(~valid, float("-inf")).amax(dim=-1)
+            wmin = wg.masked_fill(~valid, float("inf")).amin(dim=-1)
             scales = (wmax - wmin) / (qmax - qmin)
     scales = scales.float().clamp_min(1e-10).to(scale_dtype)
     s = scales.float()
     if symmetric:
         zeros = None
     elif zeros is None:
-        wmin = wg.masked_fill(~valid, float("inf")).amin(dim=-1).clamp_max(0)
-        zeros = (qmin - torch.round(wmin / s)).clamp(qmin, qmax)
+        # group min -> qmin exactly (and max -> qmax); the zero point is kept as a float, in the scale dtype
+        wmin = wg.masked_fill(~valid, float("inf")).amin(dim=-1)
+        zeros = qmin - wmin / s
     if zeros is not None:
-        zeros = zeros.float().round().to(scale_dtype)
+        zeros = zeros.float().to(scale_dtype)
     z = 0.0 if zeros is None else _expand_groups(zeros.float(), group_size, k)
     lo = qmin if not symmetric else (-127 if bits == 8 else -7)
     q = torch.round(w / _expand_groups(s, group_size, k) + z).clamp(lo, qmax).to(torch.int8)

@@ -165,10 +165,31 @@ def _(x, qweight, scales, zeros, bias, bits, group_size, in_features):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
+def _setup_context(ctx, inputs, output):
+    x, qweight, scales, zeros, bias, bits, group_size, in_features = inputs
+    ctx.save_for_backward(qweight, scales, zeros)
+    ctx.meta = (bits, group_size, in_features, x.dtype)
+
+
+def _backward(ctx, grad_y):
+    """Gradient with respect to x only (the quantized weight is frozen): grad_x = grad_y @ dequant(W)."""
+    qweight, scales, zeros = ctx.saved_tensors
+    bits, group_size, in_features, dtype = ctx.meta
+    w = _dequantize_fast(qweight, scales, zeros, bits, group_size, in_features, torch.float32)
+    grad_x = (grad_y.float() @ w).to(dtype)
+    return grad_x, None, None, None, None, None, None, None
+
+
+_quant_matmul_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def quant_matmul(x, qweight, scales, zeros=None, bias=None, *, bits: int, group_size: int, in_features: int):
-    """y = x @ dequant(W).T + bias. See the module docstring for shapes and formats."""
+    """y = x @ dequant(W).T + bias. See the module docstring for shapes and formats.
+
+    Differentiable with respect to x (e.g. for sensitivity analysis); the weight is frozen.
+    """
     _check_inputs(x, qweight, scales, zeros, bias, bits, group_size, in_features)
-    if _backend.eager_cpu(x):
+    if _backend.eager_cpu(x) and not (x.requires_grad and torch.is_grad_enabled()):
         return quant_matmul_cpu(x, qweight, scales, zeros, bias, bits, group_size, in_features)
     return _quant_matmul_op(x, qweight, scales, zeros, bias, bits, group_size, in_features)
 
@@ -234,9 +255,11 @@ def quant_matmul_cpu(x, qweight, scales, zeros, bias, bits, group_size, in_featu
     if 0 < rows <= CPU_GEMV_MAX_ROWS and (bits == 8 or group_size % 2 == 0):
         ext = gemv_extension()
         if ext is not None:
+            # fp16 and fp32 scales are read as stored (converted once per group inside the kernel)
+            sdtype = scales.dtype if scales.dtype in (torch.float16, torch.float32) else torch.float32
             y = ext.quant_gemv(
-                x.reshape(rows, in_features).float().contiguous(), qweight, scales.float().contiguous(),
-                None if zeros is None else zeros.float().contiguous(),
+                x.reshape(rows, in_features).float().contiguous(), qweight, scales.to(sdtype).contiguous(),
+                None if zeros is None else zeros.to(sdtype).contiguous(),
                 None if bias is None else bias.float().contiguous(), bits, group_size, in_features,
             )
             return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
