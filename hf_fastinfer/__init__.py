@@ -22,7 +22,6 @@ from ._registry import SUPPORTED_TRANSFORMERS, UnsupportedTransformersVersion, d
 from ._registry import register as enable  # noqa: E402
 from .cache import CACHE_IMPLEMENTATIONS, build_cache  # noqa: E402
 from .config import FastInferConfig  # noqa: E402
-from .quant import MoQLinear, report  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -40,5 +39,16 @@ __all__ = [
     "UnsupportedTransformersVersion",
     "__version__",
 ]
+
+
+
+def __getattr__(name: str):
+    # MoQLinear / report live in quant/, which imports the kernel library (and Triton): loaded on first use
+    if name in ("MoQLinear", "report"):
+        from . import quant
+
+        return getattr(quant, name)
+    raise AttributeError(f"module 'hf_fastinfer' has no attribute {name!r}")
+
 
 enable()

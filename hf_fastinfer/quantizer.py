@@ -122,10 +122,62 @@ class FastInferQuantizer(HfQuantizer):
             bits_for = {n: (8 if config.bits == "auto" else config.bits) for n in linear_names}
             self.collect_alternatives = config.bits == "auto" and not self.pre_quantized
         replace_linear_layers(model, bits_for, config.group_size, config.symmetric)
+        if self.pre_quantized:
+            self._check_checkpoint(model, checkpoint_files or [])
         if not self.pre_quantized:
             label = "auto int8/int4" if config.bits == "auto" else f"int{config.bits}"
             self._progress = tqdm(total=len(bits_for), desc=f"MoQ: quantizing to {label}", unit="layer")
         return model
+
+    def _check_checkpoint(self, model, checkpoint_files) -> None:
+        """Before any tensor is read: every quantized layer's tensors are in the checkpoint with the shapes and
+        dtypes its config implies (a clear error instead of a size-mismatch report or garbage scales)."""
+        from safetensors import safe_open
+
+        from .quant.moq_linear import MoQLinear
+
+        headers = {}
+        for file in checkpoint_files:
+            if str(file).endswith(".safetensors"):
+                with safe_open(str(file), framework="pt") as handle:
+                    for key in handle.keys():
+                        piece = handle.get_slice(key)
+                        headers[key] = (tuple(piece.get_shape()), piece.get_dtype())
+        if not headers:
+            return
+        prefix = getattr(model, "base_model_prefix", "") + "."
+        for name, module in model.named_modules():
+            if not isinstance(module, MoQLinear):
+                continue
+            expected = {"weight": (tuple(module.weight.shape), "I8" if module.bits == 8 else "U8"),
+                        "weight_scale": (tuple(module.weight_scale.shape), "F16")}
+            if module.weight_zero is not None:
+                expected["weight_zero"] = (tuple(module.weight_zero.shape), "F16")
+            for tensor, (shape, dtype) in expected.items():
+                key = f"{name}.{tensor}"
+                found = headers.get(key) or headers.get(key.removeprefix(prefix))
+                if found is None:
+                    raise ValueError(f"this hf_fastinfer checkpoint has no tensor {key!r} (bits={module.bits}, "
+                                     f"group_size={module.group_size}): the file does not match its config")
+                if found != (shape, dtype):
+                    raise ValueError(
+                        f"checkpoint tensor {key!r} is {found[1]} {list(found[0])}, but its config "
+                        f"(bits={module.bits}, group_size={module.group_size}, symmetric={module.symmetric}) "
+                        f"needs {dtype} {list(shape)}: the checkpoint is corrupted or does not match its config"
+                    )
+
+    @staticmethod
+    def _check_loaded_scales(model) -> None:
+        from .quant.moq_linear import MoQLinear
+
+        for name, module in model.named_modules():
+            if isinstance(module, MoQLinear):
+                scale = module.weight_scale
+                if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+                    raise ValueError(f"{name}.weight_scale holds non-finite or non-positive values: the checkpoint "
+                                     "is corrupted")
+                if module.weight_zero is not None and not bool(torch.isfinite(module.weight_zero).all()):
+                    raise ValueError(f"{name}.weight_zero holds non-finite values: the checkpoint is corrupted")
 
     def record_quantized(self, module_name: str, weight: torch.Tensor) -> None:
         if self._progress is not None:
@@ -140,6 +192,8 @@ class FastInferQuantizer(HfQuantizer):
         try:
             if not config.quantizes_weights:
                 return model
+            if self.pre_quantized:
+                self._check_loaded_scales(model)
             if self._tied_output is not None:
                 self._quantize_tied_output(model)
             if self.collect_alternatives:

@@ -131,7 +131,13 @@ def quantize_weight(
             wmax = wg.masked_fill(~valid, float("-inf")).amax(dim=-1)
             wmin = wg.masked_fill(~valid, float("inf")).amin(dim=-1)
             scales = (wmax - wmin) / (qmax - qmin)
-    scales = scales.float().clamp_min(1e-10).to(scale_dtype)
+    scales = scales.float()
+    if not symmetric:
+        # Degenerate groups (a single column, or values far from zero with a tiny spread) would need a zero
+        # point beyond what fp16 holds exactly: keep |z| <= 128 + 1024 by flooring the scale at absmax / 1024.
+        scales = torch.maximum(scales, wg.abs().amax(dim=-1) / 1024)
+    # 1e-7 stays positive in fp16 (its smallest subnormal is 6e-8): an all-zero group gets q = 0, not 0 / 0
+    scales = scales.clamp_min(1e-7).to(scale_dtype)
     s = scales.float()
     if symmetric:
         zeros = None

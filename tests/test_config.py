@@ -20,6 +20,10 @@ def test_defaults_per_bits():
     assert FastInferConfig(bits=4).group_size == 32
     assert FastInferConfig(bits=None).group_size is None
     assert FastInferConfig(bits=4, group_size=48).group_size == 48
+    # symmetric by default for int8, asymmetric (float zero points) for int4 and "auto"
+    assert FastInferConfig(bits=8).symmetric is True
+    assert FastInferConfig(bits=4).symmetric is False
+    assert FastInferConfig(bits="auto", target_bits=5.0).symmetric is False
 
 
 @pytest.mark.parametrize(
@@ -70,13 +74,6 @@ def _saved_tiny(tmp_path):
     folder = tmp_path / "tiny-llama"
     model.save_pretrained(folder)
     return model, folder
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-def test_weight_quantization_not_in_this_release_fails_before_loading(tmp_path, bits):
-    _, folder = _saved_tiny(tmp_path)
-    with pytest.raises(NotImplementedError, match="weight quantization is not available"):
-        AutoModelForCausalLM.from_pretrained(folder, quantization_config=FastInferConfig(bits=bits))
 
 
 def test_kernels_only_config_loads_saves_and_reloads_in_a_fresh_process(tmp_path):
