@@ -18,6 +18,7 @@ transformers calls it while ``from_pretrained`` builds and loads a model; the wo
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from transformers.quantizers.base import HfQuantizer
@@ -41,7 +42,7 @@ class FastInferQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.collect_alternatives = False
         self._progress = None
-        self._checkpoint_files: list[str] = []
+        self._checkpoint_paths: set[str] = set()
 
     # -- checks ---------------------------------------------------------------------------------------------
 
@@ -122,11 +123,13 @@ class FastInferQuantizer(HfQuantizer):
             bits_for = {n: (8 if config.bits == "auto" else config.bits) for n in linear_names}
             self.collect_alternatives = config.bits == "auto" and not self.pre_quantized
         replace_linear_layers(model, bits_for, config.group_size, config.symmetric)
+        self._checkpoint_paths = {os.path.realpath(str(f)) for f in (checkpoint_files or [])}
         if self.pre_quantized:
             self._check_checkpoint(model, checkpoint_files or [])
         if not self.pre_quantized:
             label = "auto int8/int4" if config.bits == "auto" else f"int{config.bits}"
-            self._progress = tqdm(total=len(bits_for), desc=f"MoQ: quantizing to {label}", unit="layer")
+            total = len(bits_for) + (self._tied_output is not None)
+            self._progress = tqdm(total=total, desc=f"MoQ: quantizing to {label}", unit="layer")
         return model
 
     def _check_checkpoint(self, model, checkpoint_files) -> None:
@@ -180,6 +183,10 @@ class FastInferQuantizer(HfQuantizer):
                     raise ValueError(f"{name}.weight_zero holds non-finite values: the checkpoint is corrupted")
 
     def record_quantized(self, module_name: str, weight: torch.Tensor) -> None:
+        """Called by MoQQuantize after each weight: progress, and the checkpoint pages read so far go back."""
+        from .quant._pages import release_tensor_pages
+
+        release_tensor_pages(weight, self._checkpoint_paths)
         if self._progress is not None:
             self._progress.update(1)
 

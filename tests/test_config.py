@@ -16,7 +16,7 @@ from hf_fastinfer.config import CONFIG_VERSION
 
 
 def test_defaults_per_bits():
-    assert FastInferConfig(bits=8).group_size == 128
+    assert FastInferConfig(bits=8).group_size == 32
     assert FastInferConfig(bits=4).group_size == 32
     assert FastInferConfig(bits=None).group_size is None
     assert FastInferConfig(bits=4, group_size=48).group_size == 48

@@ -62,6 +62,7 @@ class MoQQuantize(ConversionOps):
         if self.hf_quantizer.collect_alternatives:
             # bits="auto": also keep the int4 version until the sensitivity pass chooses
             module.alternative = quantize_linear_weight(value, 4, module.group_size, module.symmetric)
+        # last use of the float tensor: its checkpoint pages can go (quant/_pages.py)
         self.hf_quantizer.record_quantized(module_name, value)
         out = {f"{module_name}.weight": qw.qweight, f"{module_name}.weight_scale": qw.scales}
         if qw.zeros is not None:

@@ -90,16 +90,22 @@ def quantize_linear_weight(
     search: run the per-group range search (see the module docstring). Scales and zeros come back in fp16.
     """
     w = weight.detach()
-    if not search:
-        return quantize_weight(w, bits, group_size, symmetric, scale_dtype=SCALE_DTYPE)
-    scales, zeros = [], []
+    # Row blocks: the temporaries (float copies, grouped views) stay a few times _ROW_CHUNK rows, not a few
+    # times the weight, which keeps peak memory low while a large model streams in.
+    parts = []
     for start in range(0, w.shape[0], _ROW_CHUNK):
-        s, z = _search_chunk(w[start : start + _ROW_CHUNK].float(), bits, group_size, symmetric, importance)
-        scales.append(s)
-        zeros.append(z)
-    scales = torch.cat(scales)
-    zeros = None if symmetric else torch.cat(zeros)
-    return quantize_weight(w, bits, group_size, symmetric, scale_dtype=SCALE_DTYPE, scales=scales, zeros=zeros)
+        block = w[start : start + _ROW_CHUNK]
+        if search:
+            s, z = _search_chunk(block.float(), bits, group_size, symmetric, importance)
+            parts.append(quantize_weight(block, bits, group_size, symmetric, scale_dtype=SCALE_DTYPE, scales=s, zeros=z))
+        else:
+            parts.append(quantize_weight(block, bits, group_size, symmetric, scale_dtype=SCALE_DTYPE))
+    if len(parts) == 1:
+        return parts[0]
+    return QuantizedWeight(
+        torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
+        None if symmetric else torch.cat([p.zeros for p in parts]), bits, group_size, w.shape[1],
+    )
 
 
 def sqnr_db(weight: torch.Tensor, quantized: QuantizedWeight) -> float:

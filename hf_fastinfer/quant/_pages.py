@@ -1,0 +1,64 @@
+"""Give back the pages of a checkpoint tensor once it has been quantized.
+
+transformers reads safetensors through a memory map, and the float tensors it hands to MoQ are views of
+that map. Every page read stays resident in this process until loading ends, so without help the resident
+set grows by the whole float checkpoint even though each tensor is quantized and dropped as it arrives.
+After quantizing a tensor, MoQ asks the kernel to drop this process's pages under that tensor's bytes
+(``madvise(MADV_DONTNEED)``), and only those: the range is shrunk to whole pages inside the tensor, so a
+neighbouring tensor's pages are never touched, and only a range lying inside a mapping of a checkpoint file
+is advised. The file is unchanged; a later read would fault the page in again from the page cache.
+Linux only; elsewhere (or for tensors that are not views of the file) this does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import sys
+
+import torch
+
+__all__ = ["release_tensor_pages"]
+
+_MADV_DONTNEED = 4
+_state: dict = {}
+
+
+def _madvise():
+    if "madvise" not in _state:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _state["madvise"] = libc.madvise
+    return _state["madvise"]
+
+
+def _file_mappings(paths: set[str]) -> list[tuple[int, int]]:
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and os.path.realpath(fields[5].strip()) in paths:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def release_tensor_pages(tensor: torch.Tensor, paths: set[str]) -> int:
+    """Drop the resident pages under ``tensor``'s bytes if they belong to a mapping of one of ``paths``.
+
+    Returns the number of bytes advised (0 when nothing applied)."""
+    if not paths or not sys.platform.startswith("linux") or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return 0
+    page = mmap.PAGESIZE
+    begin = tensor.data_ptr()
+    end = begin + tensor.numel() * tensor.element_size()
+    first, last = -(-begin // page) * page, (end // page) * page  # whole pages inside the tensor
+    if last <= first:
+        return 0
+    try:
+        if not any(start <= first and last <= stop for start, stop in _file_mappings(paths)):
+            return 0
+    except OSError:
+        return 0
+    return last - first if _madvise()(first, last - first, _MADV_DONTNEED) == 0 else 0
