@@ -304,3 +304,15 @@ def test_report_lists_every_linear_with_bytes(tmp_path):
     assert q.bytes == out_f * -(-in_f // 2) + 2 * 2 * out_f * groups  # int4 bytes + fp16 scales and zeros
     assert rep.bytes == sum(r.bytes for r in rep.rows) and 0 < rep.ratio < 1
     assert "q_proj" in str(rep) and "<table>" in rep._repr_html_()
+
+
+def test_tensor_parallel_plan_splits_scales_with_their_weight():
+    from hf_fastinfer.quantizer import FastInferQuantizer
+
+    plan = {"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.o_proj.weight": "rowwise",
+            "layers.*.mlp.down_proj.weight": "rowwise"}
+    FastInferQuantizer(FastInferConfig(bits=4)).update_parallel_plan(None, plan)
+    assert plan["layers.*.self_attn.o_proj.weight_scale"] == "rowwise"
+    assert plan["layers.*.self_attn.o_proj.weight_zero"] == "rowwise"
+    assert plan["layers.*.mlp.down_proj.weight_scale"] == "rowwise"
+    assert plan["layers.*.self_attn.q_proj"] == "colwise"  # module-level entries already cover their tensors
