@@ -23,7 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 from transformers.utils import logging
 
-from .cache import dequantize_kv_ref
+from .kernels.kv_quant import dequantize_kv
 from .kernels.decode_attention import decode_attention
 
 logger = logging.get_logger(__name__)
@@ -134,8 +134,8 @@ def fastinfer_attention_forward(
 
     if quantized:
         # the int8 cache attaches the scales [B, Hkv, S] to the views it hands over
-        key = dequantize_kv_ref(key, key._hf_fastinfer_scale, query.dtype)
-        value = dequantize_kv_ref(value, value._hf_fastinfer_scale, query.dtype)
+        key = dequantize_kv(key, key._hf_fastinfer_scale, query.dtype)
+        value = dequantize_kv(value, value._hf_fastinfer_scale, query.dtype)
     if softcap is None and sinks is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if not mask_ok:

@@ -32,14 +32,14 @@ import torch
 from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
+from .kernels.kv_quant import dequantize_kv, kv_append
+
 __all__ = [
     "CACHE_IMPLEMENTATIONS",
     "FastInferCache",
     "FastInferInt8Cache",
     "FastInferLayer",
     "build_cache",
-    "quantize_kv_ref",
-    "dequantize_kv_ref",
 ]
 
 #: the ``cache_implementation`` names hf_fastinfer adds to transformers
@@ -50,26 +50,6 @@ _CAPACITY_QUANTUM = 64
 # Sliding-window layers keep this many positions beyond the window so that assisted / prompt-lookup
 # decoding can roll back rejected candidate tokens after the window has filled.
 SLIDING_ROLLBACK_MARGIN = 128
-# Smallest stored scale (fp16's smallest subnormal): an all-zero K/V row would otherwise give scale 0 and
-# 0/0 on quantization.
-_MIN_SCALE = 2.0 ** -24
-
-
-def quantize_kv_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 quantization per (batch, head, token). x: [B, H, L, D] float.
-
-    Returns (q int8 [B, H, L, D], scale float16 [B, H, L]) with x ~= q * scale. The scale is rounded to fp16
-    before quantizing, so that dequantization with the stored scale is exactly what was quantized against.
-    """
-    absmax = x.abs().amax(dim=-1).float()  # [B, H, L]
-    scale = (absmax / 127.0).to(torch.float16).clamp_min(_MIN_SCALE)
-    q = torch.round(x.float() / scale.float().unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
-    return q, scale
-
-
-def dequantize_kv_ref(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of :func:`quantize_kv_ref`. q: [B, H, L, D] int8; scale: [B, H, L] float16 -> [B, H, L, D] dtype."""
-    return (q.float() * scale.float().unsqueeze(-1)).to(dtype)
 
 
 def _round_capacity(n: int) -> int:
@@ -198,12 +178,9 @@ class FastInferLayer(CacheLayerMixin):
     def _write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         start, end = self.length, self.length + key_states.shape[-2]
         if self.quantized:
-            k_q, k_s = quantize_kv_ref(key_states)
-            v_q, v_s = quantize_kv_ref(value_states)
-            self.keys[:, :, start:end].copy_(k_q)
-            self.values[:, :, start:end].copy_(v_q)
-            self.key_scales[:, :, start:end].copy_(k_s)
-            self.value_scales[:, :, start:end].copy_(v_s)
+            # the kernel library's quantize-and-append: one call quantizes K and V into their slots
+            slots = torch.arange(start, end, device=key_states.device).expand(key_states.shape[0], -1)
+            kv_append(key_states, value_states, self.keys, self.values, self.key_scales, self.value_scales, slots)
         else:
             self.keys[:, :, start:end].copy_(key_states)
             self.values[:, :, start:end].copy_(value_states)
@@ -216,8 +193,8 @@ class FastInferLayer(CacheLayerMixin):
             values._hf_fastinfer_scale = self.value_scales[:, :, :end]
             return keys, values
         if self.quantized:
-            keys = dequantize_kv_ref(keys, self.key_scales[:, :, :end], self.dtype)
-            values = dequantize_kv_ref(values, self.value_scales[:, :, :end], self.dtype)
+            keys = dequantize_kv(keys, self.key_scales[:, :, :end], self.dtype)
+            values = dequantize_kv(values, self.value_scales[:, :, :end], self.dtype)
         return keys, values
 
     # -- CacheLayerMixin ------------------------------------------------------------------------------------

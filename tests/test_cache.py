@@ -8,13 +8,12 @@ from transformers.cache_utils import DynamicLayer
 
 import hf_fastinfer
 from hf_fastinfer import build_cache, models
+from hf_fastinfer.kernels.kv_quant import dequantize_kv, quantize_kv
 from hf_fastinfer.cache import (
     SLIDING_ROLLBACK_MARGIN,
     FastInferCache,
     FastInferInt8Cache,
     FastInferLayer,
-    dequantize_kv_ref,
-    quantize_kv_ref,
 )
 
 
@@ -94,7 +93,7 @@ def test_static_shapes_return_whole_buffers_and_matching_mask_sizes():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_quantize_kv_against_float64_formula(dtype):
     x = (torch.randn(2, 3, 17, 24, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
-    q, scale = quantize_kv_ref(x)
+    q, scale = quantize_kv(x)
     assert q.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (2, 3, 17)
     x64 = x.double()
     scale64 = scale.double()  # the stored (fp16-rounded) scale is the one quantized against
@@ -102,14 +101,14 @@ def test_quantize_kv_against_float64_formula(dtype):
     assert torch.equal(q.double(), expected)
     # absmax / 127 before fp16 rounding (relative error 2^-11)
     torch.testing.assert_close(scale64, x64.abs().amax(-1) / 127, rtol=2 ** -10, atol=0)
-    error = (dequantize_kv_ref(q, scale, torch.float64) - x64).abs()
+    error = (dequantize_kv(q, scale, torch.float64) - x64).abs()
     assert (error <= scale64.unsqueeze(-1) * 0.5 * (1 + 1e-3) + x64.abs() * 2 ** -10).all()
 
 
 def test_all_zero_rows_quantize_without_nan():
-    q, scale = quantize_kv_ref(torch.zeros(1, 1, 3, 8))
+    q, scale = quantize_kv(torch.zeros(1, 1, 3, 8))
     assert torch.equal(q, torch.zeros_like(q)) and (scale > 0).all()
-    assert not dequantize_kv_ref(q, scale, torch.float32).isnan().any()
+    assert not dequantize_kv(q, scale, torch.float32).isnan().any()
 
 
 def test_int8_layer_stores_int8_and_reads_back_within_quantization_error():

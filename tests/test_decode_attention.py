@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_fastinfer import models
-from hf_fastinfer.cache import quantize_kv_ref
+from hf_fastinfer.kernels.kv_quant import quantize_kv
 from hf_fastinfer.kernels import _backend
 from hf_fastinfer.kernels.decode_attention import (
     decode_attention,
@@ -63,8 +63,8 @@ def _case(batch, hq, hkv, lq, s, d, dtype, seed, with_mask=True, quantized=False
         mask[..., s - 1] = True
     ks = vs = None
     if quantized:
-        k, ks = quantize_kv_ref(k)
-        v, vs = quantize_kv_ref(v)
+        k, ks = quantize_kv(k)
+        v, vs = quantize_kv(v)
     return q, k, v, ks, vs, mask
 
 
