@@ -36,8 +36,10 @@ from _common import write_section  # noqa: E402
 
 from hf_fastinfer.kernels import decode_attention as _da  # noqa: E402
 from hf_fastinfer.kernels import gated_act as _ga  # noqa: E402
+from hf_fastinfer.kernels import kv_quant as _kv  # noqa: E402
 from hf_fastinfer.kernels import quant_matmul as _qm  # noqa: E402
 from hf_fastinfer.kernels import rms_norm as _rn  # noqa: E402
+from hf_fastinfer.kernels import rotary as _ro  # noqa: E402
 
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}
 _FLOAT_ARGS = {"sm_scale", "softcap", "eps"}
@@ -79,7 +81,7 @@ def variants():
     for bits in (8, 4):
         for m, note in ((1, "decode, batch 1"), (16, "batch 16"), (256, "prefill 256 tokens")):
             block_m, block_n, block_k, warps = _qm._block_sizes(m)
-            ptrs = {"x_ptr": "*bf16", "w_ptr": "*i8" if bits == 8 else "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16",
+            ptrs = {"x_ptr": "*bf16", "w_ptr": "*i8" if bits == 8 else "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16",
                     "b_ptr": "*bf16", "y_ptr": "*bf16"}
             const = dict(BITS=bits, HAS_ZEROS=bits == 4, HAS_BIAS=False, IEEE_FP32=False,
                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
@@ -95,6 +97,21 @@ def variants():
     for inner, act in ((1536, "silu"), (11008, "silu"), (11008, "gelu_tanh")):
         out.append(("gated_act", f"I = {inner}, bf16, {act}", _ga._gated_act_kernel, {"x_ptr": "*bf16", "out_ptr": "*bf16"},
                     dict(ACT=_ga.ACTIVATIONS.index(act), BLOCK=min(1024, triton.next_power_of_2(inner))), 4, False))
+    # rotary on q and k, one program per token: SmolLM2 (9 / 3 heads, D 64), Mistral-7B (32 / 8, D 128),
+    # Phi-3 style partial rotary (32 / 32, D 96, R 32), interleaved (GPT-J style, 16 / 16, D 256, R 64)
+    for label, hq, hk, d, r, inter in (("SmolLM2-135M", 9, 3, 64, 64, False), ("Mistral-7B", 32, 8, 128, 128, False),
+                                       ("partial rotary", 32, 32, 96, 32, False), ("interleaved", 16, 16, 256, 64, True)):
+        ptrs = {"q_ptr": "*bf16", "k_ptr": "*bf16", "qo_ptr": "*bf16", "ko_ptr": "*bf16", "cos_ptr": "*fp32",
+                "sin_ptr": "*fp32", "pos_ptr": "*i64"}
+        out.append(("rotary", f"{label}: {hq} / {hk} heads, D {d}, R {r}, bf16", _ro._rotary_kernel, ptrs,
+                    dict(INTERLEAVED=inter, COPY_REST=r < d, BLOCK_H=triton.next_power_of_2(max(hq, hk)),
+                         BLOCK_R=triton.next_power_of_2(r // 2), BLOCK_D=triton.next_power_of_2(d)), 4, False))
+    # int8 KV quantize-and-append, one program per token: SmolLM2 (3 KV heads of 64), Llama-2-7B (32 of 128)
+    for label, heads, d in (("SmolLM2-135M", 3, 64), ("Llama-2-7B", 32, 128)):
+        ptrs = {"k_ptr": "*bf16", "v_ptr": "*bf16", "kc_ptr": "*i8", "vc_ptr": "*i8", "ks_ptr": "*fp16",
+                "vs_ptr": "*fp16", "slot_ptr": "*i64"}
+        out.append(("kv_append", f"{label}: {heads} KV heads x {d}, bf16", _kv._kv_append_kernel, ptrs,
+                    dict(BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=d), 4, False))
     return out
 
 

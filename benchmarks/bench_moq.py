@@ -189,19 +189,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-quality", action="store_true", help="only the speed table")
+    parser.add_argument("--skip-speed", action="store_true", help="only the quality table")
     parser.add_argument("--write", action="store_true", help="write the tables into BENCHMARKS.md")
     args = parser.parse_args()
-    speed_lines = speed(args)
-    print("\n".join(speed_lines), flush=True)
-    quality_lines = [] if args.skip_quality else quality(args)
-    print("\n".join(quality_lines), flush=True)
-    body = [f"## MoQ weight quantization (SmolLM2-135M-Instruct)", "",
-            f"Command: `python benchmarks/bench_moq.py --repeats {args.repeats} --new-tokens {args.new_tokens} --write`",
-            "", f"Machine: {machine()}.", "", "### Quality", ""] + quality_lines + ["", "### Speed and memory", ""] + speed_lines
-    if args.write:
-        write_section("bench_moq", "\n".join(body))
-
+    header = [f"Command: `python benchmarks/bench_moq.py --repeats {args.repeats} --new-tokens {args.new_tokens}"
+              f"{' --skip-quality' if args.skip_quality else ''}{' --skip-speed' if args.skip_speed else ''} --write`",
+              "", f"Machine: {machine()}.", ""]
+    if not args.skip_speed:
+        speed_lines = speed(args)
+        print("\n".join(speed_lines), flush=True)
+        if args.write:
+            write_section("bench_moq_speed", "\n".join(["### MoQ: speed and memory", ""] + header + speed_lines))
+    if not args.skip_quality:
+        quality_lines = quality(args)
+        print("\n".join(quality_lines), flush=True)
+        if args.write:
+            write_section("bench_moq_quality", "\n".join(["### MoQ: quality", ""] + header + quality_lines))
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,10 @@ from hf_fastinfer.kernels.decode_attention import decode_attention  # noqa: E402
 from hf_fastinfer.kernels.gated_act import gated_act  # noqa: E402
 from hf_fastinfer.kernels.quant_format import dequantize_weight, quantize_weight  # noqa: E402
 from hf_fastinfer.kernels.quant_matmul import quant_matmul  # noqa: E402
+from hf_fastinfer.kernels.kv_quant import kv_append, quantize_kv  # noqa: E402
 from hf_fastinfer.kernels.rms_norm import rms_norm  # noqa: E402
+from hf_fastinfer.kernels.rotary import rotary, rotary_tables  # noqa: E402
+from hf_fastinfer.quant.search import quantize_linear_weight  # noqa: E402
 
 LINEAR_SHAPES = [("q_proj / o_proj", 576, 576), ("k_proj / v_proj", 192, 576), ("gate / up", 1536, 576),
                  ("down_proj", 576, 1536), ("lm_head", 49152, 576)]
@@ -55,8 +58,8 @@ def cpu_rows(repeats: int, dtype: torch.dtype, bandwidth: float) -> list[str]:
         rows.append(f"| linear {dtype_name(dtype)} (transformers' nn.Linear) | {name} {n}x{k} | "
                     f"{t_dense[0] * 1e6:.0f} ({t_dense[1] * 1e6:.0f}-{t_dense[2] * 1e6:.0f}) | "
                     f"{dense_bytes / t_dense[0] / 1e9:.1f} | {dense_bytes / t_dense[0] / 1e9 / bandwidth:.0%} | 1.00x |")
-        for bits, group in ((8, 128), (4, 32)):
-            qw = quantize_weight(w, bits, group, symmetric=bits == 8)
+        for bits, group in ((8, 128), (8, 32), (4, 32)):
+            qw = quantize_linear_weight(w, bits, group, symmetric=bits == 8)  # as MoQ stores it (fp16 scales)
             t_fast = _time(lambda: quant_matmul(x, qw.qweight, qw.scales, qw.zeros, bits=bits, group_size=group,
                                                 in_features=k), repeats, inner)
             # the unfused equivalent: dequantize the weight, then nn.Linear
@@ -85,6 +88,38 @@ def cpu_rows(repeats: int, dtype: torch.dtype, bandwidth: float) -> list[str]:
     t_fast = _time(lambda: gated_act(gate_up, "silu"), repeats, 200)
     rows.append(f"| SiLU(gate) * up CPU path | 1 token x 1536 | {t_fast[0] * 1e6:.1f} "
                 f"({t_fast[1] * 1e6:.1f}-{t_fast[2] * 1e6:.1f}) | - | - | {t_unfused[0] / t_fast[0]:.2f}x vs act(gate) * up |")
+    # rotary on q and k, one token: against transformers' apply_rotary_pos_emb on the same tensors
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cos_t, sin_t = rotary_tables(1.0 / (100000 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)), 8192)
+    q = torch.randn(1, 9, 1, 64, generator=g).to(dtype)
+    k = torch.randn(1, 3, 1, 64, generator=g).to(dtype)
+    positions = torch.tensor([[300]])
+    cos_full = torch.cat([cos_t[positions], cos_t[positions]], -1).to(dtype)  # what the model hands each layer
+    sin_full = torch.cat([sin_t[positions], sin_t[positions]], -1).to(dtype)
+    t_unfused = _time(lambda: apply_rotary_pos_emb(q, k, cos_full, sin_full), repeats, 200)
+    t_fast = _time(lambda: rotary(q, k, cos_t, sin_t, positions, inplace=True), repeats, 200)
+    rows.append(f"| rotary q + k CPU path (in place) | 1 token, 9 + 3 heads x 64 | {t_fast[0] * 1e6:.1f} "
+                f"({t_fast[1] * 1e6:.1f}-{t_fast[2] * 1e6:.1f}) | - | - | "
+                f"{t_unfused[0] / t_fast[0]:.2f}x vs transformers' apply_rotary_pos_emb |")
+    # int8 KV quantize-and-append, one token: against quantizing with torch ops and copying into the slots
+    kc, vc = torch.zeros(1, 3, 512, 64, dtype=torch.int8), torch.zeros(1, 3, 512, 64, dtype=torch.int8)
+    ks, vs = torch.zeros(1, 3, 512, dtype=torch.float16), torch.zeros(1, 3, 512, dtype=torch.float16)
+    kn = torch.randn(1, 3, 1, 64, generator=g).to(dtype)
+    vn = torch.randn(1, 3, 1, 64, generator=g).to(dtype)
+    slots = torch.tensor([[200]])
+
+    def unfused_append():
+        for x, cache, scale in ((kn, kc, ks), (vn, vc, vs)):
+            q8, s16 = quantize_kv(x)
+            cache[:, :, 200:201].copy_(q8)
+            scale[:, :, 200:201].copy_(s16)
+
+    t_unfused = _time(unfused_append, repeats, 200)
+    t_fast = _time(lambda: kv_append(kn, vn, kc, vc, ks, vs, slots), repeats, 200)
+    rows.append(f"| int8 KV quantize + append CPU path | 1 token, 3 KV heads x 64 | {t_fast[0] * 1e6:.1f} "
+                f"({t_fast[1] * 1e6:.1f}-{t_fast[2] * 1e6:.1f}) | - | - | "
+                f"{t_unfused[0] / t_fast[0]:.2f}x vs quantize with torch ops + copy |")
     # decode attention: 1 query, 9/3 heads of 64, against transformers' SDPA integration on the same cache
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -128,6 +163,22 @@ def gpu_report(repeats: int) -> str:  # pragma: no cover - needs a GPU
                                                                   group_size=group, in_features=k))
                 gbs = qw.nbytes() / ms / 1e6
                 lines.append(f"| W{bits}A16 M={m} | {name} {n}x{k} | {ms * 1e3:.1f} | {gbs:.0f} | {gbs / copy_gbs * 2:.0%} |")
+    for heads, kv_heads, tokens in ((9, 3, 1), (32, 8, 1), (32, 8, 512)):
+        d = 128 if heads == 32 else 64
+        cos_t, sin_t = rotary_tables(1.0 / (10000 ** (torch.arange(0, d, 2, device="cuda", dtype=torch.float64) / d)), 4096)
+        q = torch.randn(1, heads, tokens, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, kv_heads, tokens, d, device="cuda", dtype=torch.bfloat16)
+        positions = torch.arange(tokens, device="cuda")[None]
+        ms = triton.testing.do_bench(lambda: rotary(q, k, cos_t, sin_t, positions, inplace=True))
+        gbs = 2 * (q.numel() + k.numel()) * 2 / ms / 1e6
+        lines.append(f"| rotary q + k | {heads}/{kv_heads} heads, {tokens} tokens | {ms * 1e3:.1f} | {gbs:.0f} | "
+                     f"{gbs / copy_gbs * 2:.0%} |")
+        kc = torch.zeros(1, kv_heads, 4096, d, device="cuda", dtype=torch.int8)
+        ks = torch.zeros(1, kv_heads, 4096, device="cuda", dtype=torch.float16)
+        slots = torch.arange(tokens, device="cuda")[None]
+        vc, vs = kc.clone(), ks.clone()
+        ms = triton.testing.do_bench(lambda: kv_append(k, k, kc, vc, ks, vs, slots))
+        lines.append(f"| int8 KV quantize + append | {kv_heads} heads, {tokens} tokens | {ms * 1e3:.1f} | - | - |")
     for heads, kv_heads, length in ((9, 3, 4096), (32, 8, 8192)):
         q = torch.randn(1, heads, 1, 128 if heads == 32 else 64, device="cuda", dtype=torch.bfloat16)
         kc = torch.randn(1, kv_heads, length, q.shape[-1], device="cuda", dtype=torch.bfloat16)

@@ -24,7 +24,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     kernels = {row["kernel"] for row in rows}
-    assert kernels == {"decode_attention_split", "decode_attention_merge", "quant_matmul", "rms_norm", "gated_act"}
+    assert kernels == {"decode_attention_split", "decode_attention_merge", "quant_matmul", "rms_norm", "gated_act",
+                       "rotary", "kv_append"}
     assert {row["target"] for row in rows} == {"sm_80", "sm_90"}
     for row in rows:
         label = f"{row['kernel']} [{row['case']}] on {row['target']}"
