@@ -1,5 +1,6 @@
 // hf_fastinfer's compiled CPU kernels. First: weight-only quantized matrix-vector products for a few
-// activation rows (decode); then rotary embedding and KV-cache quantize-and-append (bottom of the file).
+// activation rows (decode); then rotary embedding, KV-cache quantize-and-append and RMSNorm (bottom of the file):
+// decode-sized ops whose cost in eager torch is mostly per-op dispatch.
 //
 // y[m, n] = sum_g s[n, g] * (sum_{k in g} x[m, k] * q[n, k] - z[n, g] * sum_{k in g} x[m, k]) + bias[n]
 //
@@ -333,8 +334,58 @@ void kv_append(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::T
   });
 }
 
+// RMSNorm with the fused residual add (hf_fastinfer.kernels.rms_norm), rows of a contiguous [N, hidden]:
+// h = x + r rounded to T (written to res_out), n = h * rsqrt(mean(h^2) + eps) in fp32, then
+// Llama: T(n) * w rounded to T (fp32 inputs: n * w); Gemma: n * (1 + w) in fp32, rounded to T.
+template <typename T>
+void rms_norm_rows(const T* x, const T* r, const float* w, T* out, T* res_out, int64_t rows, int64_t hidden, double eps,
+                   bool gemma) {
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> h(hidden);
+    for (int64_t row = begin; row < end; ++row) {
+      const T* xr = x + row * hidden;
+      float ss = 0.f;
+      for (int64_t d = 0; d < hidden; ++d) {
+        T v = r ? static_cast<T>(static_cast<float>(xr[d]) + static_cast<float>(r[row * hidden + d])) : xr[d];
+        if (res_out) res_out[row * hidden + d] = v;
+        h[d] = static_cast<float>(v);
+        ss += h[d] * h[d];
+      }
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(hidden) + static_cast<float>(eps));
+      T* o = out + row * hidden;
+      for (int64_t d = 0; d < hidden; ++d) {
+        const float n = h[d] * inv;
+        if (gemma)
+          o[d] = static_cast<T>(n * (1.0f + w[d]));
+        else  // the weight as the model holds it (dtype T) times the normalised value rounded to T
+          o[d] = static_cast<T>(static_cast<float>(static_cast<T>(n)) * static_cast<float>(static_cast<T>(w[d])));
+      }
+    }
+  });
+}
+
+std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> residual,
+                                    double eps, bool gemma) {
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "contiguous x and weight");
+  const int64_t hidden = x.size(-1), rows = x.numel() / std::max<int64_t>(hidden, 1);
+  auto w = weight.to(torch::kFloat32).contiguous();
+  auto out = torch::empty_like(x);
+  torch::Tensor res;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->is_contiguous() && residual->scalar_type() == x.scalar_type(), "contiguous residual of x's dtype");
+    res = torch::empty_like(x);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
+    rms_norm_rows<scalar_t>(x.data_ptr<scalar_t>(), residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr,
+                            w.data_ptr<float>(), out.data_ptr<scalar_t>(),
+                            residual.has_value() ? res.data_ptr<scalar_t>() : nullptr, rows, hidden, eps, gemma);
+  });
+  return {out, res};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_gemv", &quant_gemv, "weight-only quantized GEMV for a few activation rows");
+  m.def("rms_norm", &rms_norm, "RMSNorm with an optional fused residual add");
   m.def("kv_append", &kv_append, "int8 KV-cache quantize-and-append at given slots");
   m.def("rotary", &rotary, "rotary embedding of q and k (in place when the outputs are the inputs)");
 }
