@@ -57,8 +57,8 @@ class FastInferConfig(QuantizationConfigMixin):
         self.quant_method = "fastinfer"
         self.bits = bits
         self.group_size = DEFAULT_GROUP_SIZE.get(bits) if group_size is None and bits in DEFAULT_GROUP_SIZE else group_size
-        # default: symmetric int8 (zero points buy nothing there), asymmetric int4 and "auto" (the float zero
-        # point is worth about 25% perplexity at int4 on the default model: BENCHMARKS.md)
+        # default: symmetric int8 (zero points buy little there), asymmetric int4 and "auto" (float zero points:
+        # quant/search.py and BENCHMARKS.md have the measurements and their caveats)
         self.symmetric = (bits == 8) if symmetric is None else symmetric
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
         self.quantize_lm_head = quantize_lm_head

@@ -1,17 +1,22 @@
 """Group-wise weight quantization for MoQ: round-to-nearest with float zero points, and an optional range search.
 
-What MoQ uses (measured on the default model, perplexity on pydoc_data.topics, fp32 14.47; BENCHMARKS.md):
+What MoQ uses, and what was measured (default model, perplexity on pydoc_data.topics, fp32 14.47;
+BENCHMARKS.md). Read these numbers knowing where the default model's weights come from: its GGUF stores every
+transformer Linear as Q4_1 (groups of 32 with a float scale and a float minimum) and the embedding / tied
+lm_head as Q8_0 (groups of 32, symmetric int8). Formats that can represent those grids exactly look
+better on this model than they would on a checkpoint trained and saved in bf16.
 
 * int4 is asymmetric with a *float* zero point: each group's min and max land exactly on the ends of the
   integer range. The usual integer zero point makes the grid overshoot the group's range by up to half a
-  step at one end and costs a lot at int4: +32.6% perplexity with it, +6.2% without (group 32, lm_head
-  included). Symmetric int4 measures +43.8%.
-* int8 is symmetric round-to-nearest: +0.13%.
+  step at one end: +32.6% perplexity with it, +6.2% without (group 32, lm_head included). Part of that gap
+  is the Q4_1 origin above: a float-zero int4 grid at group 32 reproduces those layers almost exactly
+  (median SQNR 81 dB), so nearly all of the +6.2% comes from the lm_head. Symmetric int4 measures +43.8%.
+* int8 is symmetric round-to-nearest, group 32 by default: +0.2%.
 * ``search=True`` tries, per group, the ranges in ``SHRINK_GRID`` and keeps the one with the smallest squared
   weight error (optionally weighted per input column by ``importance``, e.g. mean squared activations). It is
   not the default: with plain squared error it measured *worse* (+7.2% at int4 against +6.2%), because it
-  clips exactly the large weights that matter most; weighted by activations it measured +3.8%, but that
-  needs calibration data the streaming load does not have.
+  clips exactly the large weights that matter most (and moves the Q4_1 grid); weighted by activations it
+  measured +3.8%, but that needs calibration data the streaming load does not have.
 """
 
 from __future__ import annotations
