@@ -27,18 +27,7 @@ from hf_fastinfer import FastInferConfig, evaluation, models  # noqa: E402
 from hf_fastinfer.kernels.quant_format import dequantize_weight, num_groups, quantize_weight  # noqa: E402
 from hf_fastinfer.quant.search import SCALE_DTYPE, quantize_linear_weight, sqnr_db  # noqa: E402
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Give me three tips for writing clean Python code.",
-    "Explain what a hash table is in two sentences.",
-    "Write a haiku about autumn leaves.",
-    "What is the difference between a list and a tuple in Python?",
-    "Summarize the plot of Romeo and Juliet.",
-    "How do I reverse a string in Python?",
-    "Why is the sky blue?",
-    "Name three planets in our solar system and one fact about each.",
-    "What does HTTP stand for, and what is it used for?",
-]
+PROMPTS = models.CHAT_PROMPTS
 
 
 def _integer_zero_rtn(w: torch.Tensor, group_size: int):

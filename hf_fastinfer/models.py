@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_MODEL_NAME",
     "DefaultModelUnavailable",
     "TINY_FAMILIES",
+    "CHAT_PROMPTS",
     "cache_dir",
     "chat_inputs",
     "find_default_gguf",
@@ -213,6 +214,21 @@ def load_default(
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **from_pretrained_kwargs)
     model.eval()
     return model, tokenizer
+
+
+#: ten everyday chat prompts: the fixed set that tests and benchmarks generate answers for
+CHAT_PROMPTS: tuple[str, ...] = (
+    "What is the capital of France?",
+    "Give me three tips for writing clean Python code.",
+    "Explain what a hash table is in two sentences.",
+    "Write a haiku about autumn leaves.",
+    "What is the difference between a list and a tuple in Python?",
+    "Summarize the plot of Romeo and Juliet.",
+    "How do I reverse a string in Python?",
+    "Why is the sky blue?",
+    "Name three planets in our solar system and one fact about each.",
+    "What does HTTP stand for, and what is it used for?",
+)
 
 
 def chat_inputs(tokenizer, prompts: str | list[str], system: str | None = None) -> dict[str, torch.Tensor]:

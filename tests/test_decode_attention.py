@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_fastinfer import models
-from hf_fastinfer.kernels.kv_quant import quantize_kv
 from hf_fastinfer.kernels import _backend
 from hf_fastinfer.kernels.decode_attention import (
     decode_attention,
@@ -19,11 +18,10 @@ from hf_fastinfer.kernels.decode_attention import (
     decode_attention_ref,
     decode_attention_triton,
 )
+from hf_fastinfer.kernels.kv_quant import quantize_kv
 
-needs_triton = pytest.mark.skipif(
-    not _backend.triton_available() or not (torch.cuda.is_available() or _backend.interpreter_enabled()),
-    reason="needs Triton, on a GPU or under TRITON_INTERPRET=1",
-)
+from _helpers import needs_triton
+
 
 # Per-dtype tolerances against the float64 formula: fp32 accumulates in fp32 (~1e-6 relative over these
 # short rows); bf16/fp16 outputs are rounded to 8/11 mantissa bits (2^-8 = 0.0039, 2^-11 = 0.00049) and

@@ -9,18 +9,7 @@ from hf_fastinfer import build_cache, evaluation, models
 
 pytestmark = pytest.mark.slow
 
-CHAT_PROMPTS = [
-    "What is the capital of France?",
-    "Give me three tips for writing clean Python code.",
-    "Explain what a hash table is in two sentences.",
-    "Write a haiku about autumn leaves.",
-    "What is the difference between a list and a tuple in Python?",
-    "Summarize the plot of Romeo and Juliet.",
-    "How do I reverse a string in Python?",
-    "Why is the sky blue?",
-    "Name three planets in our solar system and one fact about each.",
-    "What does HTTP stand for, and what is it used for?",
-]
+CHAT_PROMPTS = models.CHAT_PROMPTS
 
 
 @pytest.fixture(scope="module")

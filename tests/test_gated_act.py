@@ -11,13 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.activations import ACT2FN
 
-from hf_fastinfer.kernels import _backend
 from hf_fastinfer.kernels.gated_act import gated_act, gated_act_cpu, gated_act_ref, gated_act_triton
 
-needs_triton = pytest.mark.skipif(
-    not _backend.triton_available() or not (torch.cuda.is_available() or _backend.interpreter_enabled()),
-    reason="needs Triton, on a GPU or under TRITON_INTERPRET=1",
-)
+from _helpers import needs_triton
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Two roundings in bf16 / fp16 (activation, then product): up to two ulps, 2^-6 / 2^-9 relative; fp32 only
 # differs in how sigmoid / tanh are evaluated (~1e-6).

@@ -11,10 +11,8 @@ from hypothesis import strategies as st
 from hf_fastinfer.kernels import _backend
 from hf_fastinfer.kernels.kv_quant import kv_append, kv_append_cpu, kv_append_ref, kv_append_triton
 
-needs_triton = pytest.mark.skipif(
-    not _backend.triton_available() or not (torch.cuda.is_available() or _backend.interpreter_enabled()),
-    reason="needs Triton, on a GPU or under TRITON_INTERPRET=1",
-)
+from _helpers import needs_triton
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 POISON_Q, POISON_SCALE = 99, 7.0  # a value no quantized K/V element or scale here takes
 

@@ -16,7 +16,6 @@ import hf_fastinfer
 from hf_fastinfer import FastInferConfig, models
 from hf_fastinfer.kernels.quant_format import dequantize_weight
 from hf_fastinfer.quant import MoQLinear, quantize_linear_weight, sqnr_db
-from hf_fastinfer.quant.moq_linear import MoQLinear as _MoQLinear  # noqa: F401  (same class, public path above)
 from hf_fastinfer.quant.sensitivity import assign_bits
 
 IDS = torch.tensor([[5, 17, 99, 3, 250, 7, 411, 32]])
@@ -209,11 +208,17 @@ def test_encoder_model_is_quantized(tmp_path):
 
 # -- errors ------------------------------------------------------------------------------------------------
 
-def test_corrupted_scales_are_refused(tmp_path):
+def _saved_quantized(tmp_path, bits):
+    """A tiny llama loaded with MoQ and saved: (model, folder of the quantized checkpoint)."""
     _, folder = _saved(tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=FastInferConfig(bits=8))
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=FastInferConfig(bits=bits))
     saved = tmp_path / "saved"
     model.save_pretrained(saved)
+    return model, saved
+
+
+def test_corrupted_scales_are_refused(tmp_path):
+    _, saved = _saved_quantized(tmp_path, 8)
     tensors = load_file(saved / "model.safetensors")
     tensors["model.layers.1.mlp.up_proj.weight_scale"][3, 0] = float("nan")
     save_file(tensors, saved / "model.safetensors", metadata={"format": "pt"})
@@ -222,10 +227,7 @@ def test_corrupted_scales_are_refused(tmp_path):
 
 
 def test_mismatched_scales_are_refused_before_loading(tmp_path):
-    _, folder = _saved(tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=FastInferConfig(bits=4))
-    saved = tmp_path / "saved"
-    model.save_pretrained(saved)
+    _, saved = _saved_quantized(tmp_path, 4)
     tensors = load_file(saved / "model.safetensors")
     tensors["model.layers.0.self_attn.o_proj.weight_scale"] = tensors["model.layers.0.self_attn.o_proj.weight_scale"][:, :1].contiguous()
     save_file(tensors, saved / "model.safetensors", metadata={"format": "pt"})
@@ -234,10 +236,7 @@ def test_mismatched_scales_are_refused_before_loading(tmp_path):
 
 
 def test_newer_format_version_in_a_saved_checkpoint_is_refused(tmp_path):
-    _, folder = _saved(tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=FastInferConfig(bits=8))
-    saved = tmp_path / "saved"
-    model.save_pretrained(saved)
+    _, saved = _saved_quantized(tmp_path, 8)
     config = json.loads((saved / "config.json").read_text())
     config["quantization_config"]["version"] += 1
     (saved / "config.json").write_text(json.dumps(config))

@@ -14,8 +14,6 @@ from transformers import AutoModelForCausalLM
 import hf_fastinfer
 from hf_fastinfer import FastInferConfig, evaluation, models
 
-from test_default_model_fastpath import CHAT_PROMPTS
-
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +46,7 @@ def test_int8_perplexity_answers_and_bytes(reference):
     ppl = evaluation.perplexity(model, ids, window=512, progress=False)
     assert 14.0 < float_ppl < 15.0, float_ppl  # fp32 perplexity of this model on this text is about 14.47
     assert ppl <= float_ppl * 1.005, (ppl, float_ppl)
-    same = [torch.equal(_greedy(model, tokenizer, p), _greedy(float_model, tokenizer, p)) for p in CHAT_PROMPTS]
+    same = [torch.equal(_greedy(model, tokenizer, p), _greedy(float_model, tokenizer, p)) for p in models.CHAT_PROMPTS]
     assert sum(same) >= 8, same
     rep = hf_fastinfer.report(model)
     assert all(r.bits == 8 for r in rep.rows) and any(r.name == "lm_head" for r in rep.rows)

@@ -12,7 +12,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_fastinfer.kernels import _backend
 from hf_fastinfer.kernels.quant_format import (
     dequantize_weight,
     num_groups,
@@ -22,10 +21,8 @@ from hf_fastinfer.kernels.quant_format import (
 )
 from hf_fastinfer.kernels.quant_matmul import quant_matmul, quant_matmul_cpu, quant_matmul_ref, quant_matmul_triton
 
-needs_triton = pytest.mark.skipif(
-    not _backend.triton_available() or not (torch.cuda.is_available() or _backend.interpreter_enabled()),
-    reason="needs Triton, on a GPU or under TRITON_INTERPRET=1",
-)
+from _helpers import needs_triton
+
 
 # Output tolerances per activation dtype, relative to the output's magnitude: fp32 sums of K <= 1536 products
 # stay within ~1e-5 relative; bf16 / fp16 outputs are rounded to 8 / 11 mantissa bits (plus, on the

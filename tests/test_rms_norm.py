@@ -10,13 +10,10 @@ from hypothesis import strategies as st
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from hf_fastinfer.kernels import _backend
 from hf_fastinfer.kernels.rms_norm import rms_norm, rms_norm_cpu, rms_norm_ref, rms_norm_triton
 
-needs_triton = pytest.mark.skipif(
-    not _backend.triton_available() or not (torch.cuda.is_available() or _backend.interpreter_enabled()),
-    reason="needs Triton, on a GPU or under TRITON_INTERPRET=1",
-)
+from _helpers import needs_triton
+
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Relative tolerance of outputs against the reference, per dtype: fp32 differs only in summation order

@@ -10,13 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from hf_fastinfer.kernels import _backend
 from hf_fastinfer.kernels.rotary import rotary, rotary_cpu, rotary_ref, rotary_tables, rotary_triton
 
-needs_triton = pytest.mark.skipif(
-    not _backend.triton_available() or not (torch.cuda.is_available() or _backend.interpreter_enabled()),
-    reason="needs Triton, on a GPU or under TRITON_INTERPRET=1",
-)
+from _helpers import needs_triton
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # One rounding of a two-term fp32 sum: half an ulp, plus Triton's interpreter truncating (not rounding) fp32
 # to bf16 (Triton 3.9): up to 2 ulps of 2^-8 (bf16) / 2^-11 (fp16); fp32: a few 1e-7 of |x|.
