@@ -10,12 +10,30 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
 _SOURCE = Path(__file__).with_name("_cpu_gemv.cpp")
 _lock = threading.Lock()
 _state: dict = {}
+
+
+#: a build takes about a minute; a lock file older than this was left by a process killed mid-build
+STALE_LOCK_SECONDS = 600
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    """torch's extension builder waits, without end, for the lock file of another process's build to go
+    away; a process killed while compiling (an interrupted notebook cell) leaves it behind for good."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        warnings.warn(f"hf_fastinfer: removing a stale build lock ({lock}, {age / 60:.0f} minutes old) left by an "
+                      "interrupted compile", RuntimeWarning, stacklevel=3)
+        lock.unlink(missing_ok=True)
 
 
 def gemv_extension():
@@ -30,7 +48,9 @@ def gemv_extension():
             try:
                 from torch.utils.cpp_extension import _get_build_directory, load
 
-                built = Path(_get_build_directory("hf_fastinfer_cpu_gemv", False)) / "hf_fastinfer_cpu_gemv.so"
+                build_dir = Path(_get_build_directory("hf_fastinfer_cpu_gemv", False))
+                built = build_dir / "hf_fastinfer_cpu_gemv.so"
+                _clear_stale_lock(build_dir / "lock")
                 if not built.exists():
                     print("hf_fastinfer: compiling the CPU quantized-matmul kernel for this machine (once, about "
                           "a minute)...", file=sys.stderr, flush=True)

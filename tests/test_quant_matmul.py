@@ -254,3 +254,21 @@ def test_compiled_kernel_is_used_for_decode_rows():
     direct = gemv_extension().quant_gemv(x, qw.qweight, qw.scales, None, None, 8, 128, 576)
     torch.testing.assert_close(quant_matmul(x, qw.qweight, qw.scales, bits=8, group_size=128, in_features=576),
                                direct, rtol=0, atol=0)
+
+
+def test_stale_build_lock_is_removed(tmp_path):
+    # a lock left by a process killed mid-compile would make every later build wait forever
+    import os
+    import time
+
+    from hf_fastinfer.kernels import _cpu_ext
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    _cpu_ext._clear_stale_lock(lock)
+    assert lock.exists()  # fresh: another process may be compiling right now
+    old = time.time() - _cpu_ext.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        _cpu_ext._clear_stale_lock(lock)
+    assert not lock.exists()
