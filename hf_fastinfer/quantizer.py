@@ -118,10 +118,9 @@ class FastInferQuantizer(HfQuantizer):
             if missing and self.pre_quantized:
                 raise ValueError(f"FastInferConfig.layer_bits has no entry for {missing[:5]}: the checkpoint's config "
                                  "does not match its model")
-            bits_for = {n: config.layer_bits.get(n, 8) for n in linear_names}
         else:
-            bits_for = {n: (8 if config.bits == "auto" else config.bits) for n in linear_names}
             self.collect_alternatives = config.bits == "auto" and not self.pre_quantized
+        bits_for = {n: self._bits_of(n) for n in linear_names}
         replace_linear_layers(model, bits_for, config.group_size, config.symmetric)
         self._checkpoint_paths = {os.path.realpath(str(f)) for f in (checkpoint_files or [])}
         if self.pre_quantized:
@@ -131,6 +130,14 @@ class FastInferQuantizer(HfQuantizer):
             total = len(bits_for) + (self._tied_output is not None)
             self._progress = tqdm(total=total, desc=f"MoQ: quantizing to {label}", unit="layer")
         return model
+
+    def _bits_of(self, name: str) -> int:
+        """The bits a layer loads with: the config's, or for "auto" its entry in ``layer_bits`` (8 while the
+        sensitivity pass has not chosen yet)."""
+        config = self.quantization_config
+        if config.bits != "auto":
+            return config.bits
+        return config.layer_bits.get(name, 8) if config.layer_bits is not None else 8
 
     def _check_checkpoint(self, model, checkpoint_files) -> None:
         """Before any tensor is read: every quantized layer's tensors are in the checkpoint with the shapes and
@@ -223,10 +230,7 @@ class FastInferQuantizer(HfQuantizer):
         config = self.quantization_config
         name = self._tied_output
         linear = model.get_submodule(name)
-        bits = 8 if config.bits == "auto" else config.bits
-        if config.bits == "auto" and config.layer_bits is not None:
-            bits = config.layer_bits.get(name, 8)
-        quantized = MoQLinear.from_linear(linear, bits, config.group_size, config.symmetric)
+        quantized = MoQLinear.from_linear(linear, self._bits_of(name), config.group_size, config.symmetric)
         if self.collect_alternatives:
             from .quant.search import quantize_linear_weight
 
