@@ -247,7 +247,10 @@ def quant_matmul_cpu(x, qweight, scales, zeros, bias, bits, group_size, in_featu
     """CPU path.
 
     A few rows (decode): the compiled kernel in ``_cpu_gemv.cpp`` reads each weight row once as integers and
-    folds dequantization into the dot product (AVX-512 where the CPU has it). More rows (prefill): dequantize
+    folds dequantization into the dot product (AVX-512 where the CPU has it). int4 weights against bf16 / fp16
+    activations run on AVX-512 VNNI integer dot products, with x held as int16 per weight group (an error of
+    at most max|x_g| * 2^-16 per element, far below the output's own 16-bit rounding); fp32 activations stay
+    float throughout. More rows (prefill): dequantize
     with in-place group ops and run one BLAS matmul, where the arithmetic dominates. Without a compiler the
     dequantize path serves every size.
     """
@@ -261,6 +264,7 @@ def quant_matmul_cpu(x, qweight, scales, zeros, bias, bits, group_size, in_featu
                 x.reshape(rows, in_features).float().contiguous(), qweight, scales.to(sdtype).contiguous(),
                 None if zeros is None else zeros.to(sdtype).contiguous(),
                 None if bias is None else bias.float().contiguous(), bits, group_size, in_features,
+                x.dtype == torch.bfloat16,
             )
             return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
     w = _dequantize_fast(qweight, scales, zeros, bits, group_size, in_features, x.dtype)

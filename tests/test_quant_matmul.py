@@ -136,7 +136,8 @@ problems = st.tuples(
     st.integers(1, 20),                    # rows of x
     st.integers(1, 80),                    # out features
     st.integers(1, 200),                   # in features
-    st.integers(1, 160),                   # group size (any value, dividing K or not)
+    # group size: any value, dividing K or not, and often the sizes with dedicated kernels
+    st.one_of(st.integers(1, 160), st.sampled_from([32, 64, 128, 256])),
     st.sampled_from([8, 4]),
     st.booleans(),                         # symmetric
     st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
@@ -244,16 +245,62 @@ def test_portable_path_without_the_compiled_kernel():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
-def test_compiled_kernel_is_used_for_decode_rows():
+def _ext_or_skip():
     from hf_fastinfer.kernels._cpu_ext import gemv_extension
 
-    if gemv_extension() is None:
+    ext = gemv_extension()
+    if ext is None:
         pytest.skip("reason: no C++ toolchain here, so the compiled CPU kernel cannot be built")
+    return ext
+
+
+def test_compiled_kernel_is_used_for_decode_rows():
+    ext = _ext_or_skip()
     _, qw = _qweight(64, 576, 8, 128, symmetric=True)
     x = torch.randn(1, 576)
-    direct = gemv_extension().quant_gemv(x, qw.qweight, qw.scales, None, None, 8, 128, 576)
+    direct = ext.quant_gemv(x, qw.qweight, qw.scales, None, None, 8, 128, 576, False)
     torch.testing.assert_close(quant_matmul(x, qw.qweight, qw.scales, bits=8, group_size=128, in_features=576),
                                direct, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+@pytest.mark.parametrize("n, k", [(37, 63), (8, 576), (13, 577), (6, 1536)])
+@pytest.mark.parametrize("m", [1, 3])
+def test_int4_with_int16_activations_within_its_error_bound(group_size, n, k, m):
+    # The int4 x bf16 path holds x as int16 per group (scale max|x_g| / 32767), so each element is off by at
+    # most max|x_g| / 65534: the output may differ from the exact product by at most
+    # sum_k |w[n, k]| * max|x_g(k)| / 65534 (plus float32 summation slack), and by no more.
+    ext = _ext_or_skip()
+    g = torch.Generator().manual_seed(group_size * 1000 + k + m)
+    w = torch.randn(n, k, generator=g)
+    qw = quantize_weight(w, 4, group_size, symmetric=False)
+    x = torch.randn(m, k, generator=g).bfloat16().float()
+    x[0, min(5, k - 1)] = 40.0                       # an outlier channel
+    x[-1, :min(group_size, k)] = 0.0                 # an all-zero group
+    got = ext.quant_gemv(x, qw.qweight, qw.scales, qw.zeros, None, 4, group_size, k, True).double()
+    wd = dequantize_weight(qw, torch.float64)        # [n, k]
+    exact = x.double() @ wd.T
+    gmax = torch.zeros(m, k, dtype=torch.float64)
+    for g0 in range(0, k, group_size):
+        gmax[:, g0:g0 + group_size] = x[:, g0:g0 + group_size].double().abs().amax(-1, keepdim=True)
+    bound = (gmax / 65534) @ wd.abs().T + 1e-6 * (x.double().abs() @ wd.abs().T)
+    assert ((got - exact).abs() <= bound).all(), ((got - exact).abs() / bound).max().item()
+
+
+def test_bf16_activations_take_the_int16_path_and_fp32_the_float_path():
+    ext = _ext_or_skip()
+    _, qw = _qweight(24, 576, 4, 32, symmetric=False)
+    x = torch.randn(2, 576).bfloat16()
+    args = (qw.qweight, qw.scales, qw.zeros, None, 4, 32, 576)
+    direct16 = ext.quant_gemv(x.float(), *args, True)
+    assert torch.equal(quant_matmul_cpu(x, *args), direct16.bfloat16())
+    direct32 = ext.quant_gemv(x.float(), *args, False)
+    assert torch.equal(quant_matmul_cpu(x.float(), *args), direct32)
+    # x with inf / NaN: the float path (which propagates them), not int16 garbage
+    x_bad = x.float().clone()
+    x_bad[0, 3] = float("inf")
+    x_bad[1, 7] = float("nan")
+    assert torch.equal(ext.quant_gemv(x_bad, *args, True).isnan(), ext.quant_gemv(x_bad, *args, False).isnan())
 
 
 def test_stale_build_lock_is_removed(tmp_path):
