@@ -357,29 +357,41 @@ void gemv_rows(const GemvArgs& a, const ST* sp, const ST* zp) {
   });
 }
 
-// x: [M, K] float32 (callers convert bf16/fp16 first: K values, negligible next to the weight)
-// qweight: int8 [N, K] (bits 8) or uint8 [N, ceil(K/2)] (bits 4); scales, zeros: float32 or float16 [N, G_count] (same dtype)
-torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
-                         c10::optional<torch::Tensor> bias, int64_t bits, int64_t group_size, int64_t in_features,
+// x: [..., K] float32 / bfloat16 / float16 (converted to float32 here: K values per row, negligible next to
+// the weight); returns y [..., N] in x's dtype. The conversions live here rather than in Python because at
+// decode sizes each Python-level tensor op costs about as much as the matrix-vector product itself.
+// qweight: int8 [N, K] (bits 8) or uint8 [N, ceil(K/2)] (bits 4); scales, zeros: float [N, G_count].
+// int16_activations: int4 against x held as int16 per group (gemv_blocks_a16); callers ask for it with bf16 x.
+torch::Tensor quant_gemv(torch::Tensor x_in, torch::Tensor qweight, torch::Tensor scales_in, c10::optional<torch::Tensor> zeros_in,
+                         c10::optional<torch::Tensor> bias_in, int64_t bits, int64_t group_size, int64_t in_features,
                          bool int16_activations) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 [M, K]");
-  TORCH_CHECK((scales.scalar_type() == torch::kFloat32 || scales.scalar_type() == torch::kHalf) && scales.is_contiguous(),
-              "scales must be contiguous float32 or float16");
+  const auto x_dtype = x_in.scalar_type();
+  TORCH_CHECK((x_dtype == torch::kFloat32 || x_dtype == torch::kBFloat16 || x_dtype == torch::kHalf) && x_in.dim() >= 1 &&
+              x_in.size(-1) == in_features, "x must be float32 / bfloat16 / float16 [..., in_features]");
+  TORCH_CHECK(scales_in.is_floating_point(), "scales must be float");
   TORCH_CHECK(qweight.is_contiguous() && qweight.element_size() == 1, "qweight must be contiguous int8 / uint8");
   TORCH_CHECK(group_size > 0, "group_size must be positive");
+  // (each ATen call costs about a microsecond even when it changes nothing: skipped when nothing would change)
+  const auto as = [](const torch::Tensor& t, c10::ScalarType dtype) {
+    return t.scalar_type() == dtype && t.is_contiguous() ? t : t.to(dtype).contiguous();
+  };
+  const auto x = as(x_in.dim() == 2 ? x_in : x_in.reshape({-1, in_features}), torch::kFloat32);
+  // scales and zeros are read as stored when fp16 or fp32 (converted once per group inside the kernel)
+  const auto sdtype = scales_in.scalar_type() == torch::kHalf ? torch::kHalf : torch::kFloat32;
+  const auto scales = as(scales_in, sdtype);
+  c10::optional<torch::Tensor> zeros, bias;
+  if (zeros_in.has_value()) zeros = as(*zeros_in, sdtype);
+  if (bias_in.has_value()) bias = as(*bias_in, torch::kFloat32);
   const int64_t M = x.size(0), K = in_features, N = qweight.size(0);
   const int64_t groups = (K + group_size - 1) / group_size;
-  TORCH_CHECK(x.size(1) == K && scales.size(0) == N && scales.size(1) == groups, "shape mismatch");
+  TORCH_CHECK(scales.size(0) == N && scales.size(1) == groups, "shape mismatch");
   TORCH_CHECK(bits == 8 || (bits == 4 && group_size % 2 == 0), "bits 8, or bits 4 with an even group size");
   TORCH_CHECK(qweight.size(1) == (bits == 8 ? K : (K + 1) / 2), "qweight's row length does not match in_features");
   const bool has_zeros = zeros.has_value();
-  if (has_zeros)
-    TORCH_CHECK(zeros->scalar_type() == scales.scalar_type() && zeros->is_contiguous() && zeros->sizes() == scales.sizes(),
-                "zeros must be contiguous, in the scales' dtype and shape");
+  if (has_zeros) TORCH_CHECK(zeros->sizes() == scales.sizes(), "zeros must have the scales' shape");
   const float* bp = nullptr;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
-                "bias must be contiguous float32 [N]");
+    TORCH_CHECK(bias->numel() == N, "bias must be [N]");
     bp = bias->data_ptr<float>();
   }
   const float* xp = x.data_ptr<float>();
@@ -447,7 +459,11 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
     gemv_rows<c10::Half>(args, scales.data_ptr<c10::Half>(), has_zeros ? zeros->data_ptr<c10::Half>() : nullptr);
   else
     gemv_rows<float>(args, scales.data_ptr<float>(), has_zeros ? zeros->data_ptr<float>() : nullptr);
-  return y;
+  if (x_dtype != torch::kFloat32) y = y.to(x_dtype);
+  if (x_in.dim() == 2) return y;
+  auto out_sizes = x_in.sizes().vec();
+  out_sizes.back() = N;
+  return y.view(out_sizes);
 }
 
 // Rotary embedding of q and k in one call (hf_fastinfer.kernels.rotary): x, o: [B, H, S, D] with any strides

@@ -257,15 +257,7 @@ def quant_matmul_cpu(x, qweight, scales, zeros, bias, bits, group_size, in_featu
     rows = x.numel() // in_features if in_features else 0
     if 0 < rows <= CPU_GEMV_MAX_ROWS and (bits == 8 or group_size % 2 == 0):
         ext = gemv_extension()
-        if ext is not None:
-            # fp16 and fp32 scales are read as stored (converted once per group inside the kernel)
-            sdtype = scales.dtype if scales.dtype in (torch.float16, torch.float32) else torch.float32
-            y = ext.quant_gemv(
-                x.reshape(rows, in_features).float().contiguous(), qweight, scales.to(sdtype).contiguous(),
-                None if zeros is None else zeros.to(sdtype).contiguous(),
-                None if bias is None else bias.float().contiguous(), bits, group_size, in_features,
-                x.dtype == torch.bfloat16,
-            )
-            return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+        if ext is not None:  # dtype conversions and reshapes happen inside: cheaper there than from Python
+            return ext.quant_gemv(x, qweight, scales, zeros, bias, bits, group_size, in_features, x.dtype is torch.bfloat16)
     w = _dequantize_fast(qweight, scales, zeros, bits, group_size, in_features, x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
