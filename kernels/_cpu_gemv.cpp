@@ -604,9 +604,121 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor weight, c10::
   return {out, res};
 }
 
+// Gated activation of a fused gate/up tensor (hf_fastinfer.kernels.gated_act): rows of a contiguous
+// [rows, 2I] tensor, out[r, i] = T(T(act(gate[r, i])) * up[r, i]) with act computed in fp32 (transformers'
+// MLP numerics: the activation rounded to T, then the product). SiLU: g / (1 + e^-g); GELU (tanh): the same
+// form with 2z for g, since 0.5 * (1 + tanh(z)) = 1 / (1 + e^-2z), z = sqrt(2/pi) * (g + 0.044715 g^3) (no
+// cancellation for negative g). One pass, 16 lanes at a time, with a vectorised exp.
+#ifdef HF_FASTINFER_AVX512
+namespace {
+
+// e^x for 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for e^r (the classic single-
+// precision minimax coefficients, about 1 ulp), then 2^n by vscalefps, which overflows to inf and underflows
+// to 0 as e^x does. x is clamped to +-100 (e^x is inf / 0 there already) so that r stays small and
+// +-inf gives no NaN; NaN x gives a finite value, and the caller's NaN gate propagates.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(100.f)), _mm512_set1_ps(-100.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts: exact n * hi
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Loads and stores of 16 values of T as float32 (bf16 and fp16 rounded to nearest even, as torch does).
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline __m256i bf16_bits(__m512 v) {  // round to nearest even; NaN stays a (quiet) NaN
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16(c10::Half* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, bf16_bits(v)); }
+// v rounded to T and back (the model rounds the activation to its dtype before the product)
+inline __m512 round_to(__m512 v, const float*) { return v; }
+inline __m512 round_to(__m512 v, const c10::Half*) {
+  return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline __m512 round_to(__m512 v, const c10::BFloat16*) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits(v)), 16));
+}
+
+template <typename T>
+void gated_act_rows(const T* x, T* out, int64_t rows, int64_t inner, bool gelu) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(inner, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const T* gate = x + row * 2 * inner;
+      const T* up = gate + inner;
+      T* o = out + row * inner;
+      for (int64_t i = 0; i < inner; i += 16) {
+        const __mmask16 m = inner - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (inner - i)) - 1u);
+        const __m512 g = load16(gate + i, m);
+        __m512 t = g;  // the argument of the logistic function
+        if (gelu) {
+          const __m512 g3 = _mm512_mul_ps(_mm512_mul_ps(g, g), g);
+          t = _mm512_mul_ps(_mm512_set1_ps(2.f * 0.7978845608028654f), _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), g3, g));
+        }
+        // g / d as g * (1 / d), the reciprocal from the 14-bit estimate and one Newton step (relative error
+        // about 2^-27, below fp32 rounding; a division is several times slower); d = inf gives 0, as g / d
+        const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), t)));
+        __m512 rcp = _mm512_rcp14_ps(d);
+        rcp = _mm512_mask_mul_ps(rcp, _mm512_cmp_ps_mask(d, _mm512_set1_ps(1e30f), _CMP_LT_OQ), rcp,
+                                 _mm512_fnmadd_ps(d, rcp, _mm512_set1_ps(2.f)));
+        const __m512 a = _mm512_mul_ps(g, rcp);
+        store16(o + i, _mm512_mul_ps(round_to(a, gate), load16(up + i, m)), m);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// Returns None, before any work, unless x is a contiguous float [..., 2I] with I > 0 and the activation is
+// "silu" or "gelu_tanh": the Python caller then raises its error (or takes its path for a strided x). The
+// checks live here because at one token each Python-level check costs about as much as the kernel.
+pybind11::object gated_act(const torch::Tensor& x, const std::string& activation) {
+  const auto dtype = x.scalar_type();
+  const bool gelu = activation == "gelu_tanh";
+  if ((!gelu && activation != "silu") || !(dtype == torch::kFloat32 || dtype == torch::kBFloat16 || dtype == torch::kHalf) ||
+      x.dim() < 1 || x.size(-1) == 0 || x.size(-1) % 2 != 0 || !x.is_contiguous())
+    return pybind11::none();
+  const int64_t inner = x.size(-1) / 2, rows = x.numel() / (2 * inner);
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = inner;
+  auto out = torch::empty(out_sizes, x.options());
+  if (dtype == torch::kFloat32)
+    gated_act_rows<float>(x.data_ptr<float>(), out.data_ptr<float>(), rows, inner, gelu);
+  else if (dtype == torch::kBFloat16)
+    gated_act_rows<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), rows, inner, gelu);
+  else
+    gated_act_rows<c10::Half>(x.data_ptr<c10::Half>(), out.data_ptr<c10::Half>(), rows, inner, gelu);
+  return pybind11::cast(out);
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_gemv", &quant_gemv, "weight-only quantized GEMV for a few activation rows");
   m.def("rms_norm", &rms_norm, "RMSNorm with an optional fused residual add");
   m.def("kv_append", &kv_append, "int8 KV-cache quantize-and-append at given slots");
   m.def("rotary", &rotary, "rotary embedding of q and k (in place when the outputs are the inputs)");
+#ifdef HF_FASTINFER_AVX512
+  m.def("gated_act", &gated_act, "act(gate) * up of a fused gate/up tensor (SiLU or GELU-tanh)");
+#endif
 }

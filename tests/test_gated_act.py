@@ -45,11 +45,28 @@ def test_reference_against_float64(activation):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
-def test_reference_and_cpu_path_equal_transformers_mlp_math(dtype, activation):
+def test_reference_equals_and_cpu_path_matches_transformers_mlp_math(dtype, activation):
     x = _input((2, 5, 3072), dtype, 1)  # SmolLM2's 2 x 1536
+    x[0, 0, :6] = torch.tensor([-120.0, -60.0, -9.0, 0.0, 9.0, 120.0]).to(dtype)  # saturated tails
     expected = ACT2FN[TRANSFORMERS_NAME[activation]](x[..., :1536]) * x[..., 1536:]
     torch.testing.assert_close(gated_act_ref(x, activation), expected, rtol=0, atol=0)
-    torch.testing.assert_close(gated_act_cpu(x, activation), expected, rtol=0, atol=0)
+    # the compiled CPU kernel evaluates exp itself (about 1 ulp in fp32): equal up to the dtype's rounding
+    _close(gated_act_cpu(x, activation), expected, dtype)
+    # a strided input (unit stride along the last dim) takes the ATen path: transformers' math exactly
+    wide = torch.cat([x, x], -1)[..., :3072]  # rows 6144 apart
+    torch.testing.assert_close(gated_act_cpu(wide, activation), ACT2FN[TRANSFORMERS_NAME[activation]](
+        wide[..., :1536]) * wide[..., 1536:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_path_propagates_nan_and_inf(dtype):
+    x = torch.zeros(1, 8, dtype=dtype)
+    x[0, 0], x[0, 1], x[0, 2] = float("nan"), float("inf"), float("-inf")
+    x[0, 4:] = 1.0
+    for activation in ("silu", "gelu_tanh"):
+        got = gated_act_cpu(x, activation)
+        expected = gated_act_ref(x, activation)
+        assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.isinf(), expected.isinf()), (got, expected)
 
 
 @pytest.mark.interpreter
