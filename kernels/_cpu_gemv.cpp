@@ -664,7 +664,7 @@ inline __m512 round_to(__m512 v, const c10::BFloat16*) { return _mm512_castsi512
 
 template <typename T>
 void gated_act_rows(const T* x, T* out, int64_t rows, int64_t inner, bool gelu) {
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(inner, 1)), [&](int64_t begin, int64_t end) {
+  const auto run = [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const T* gate = x + row * 2 * inner;
       const T* up = gate + inner;
@@ -687,7 +687,12 @@ void gated_act_rows(const T* x, T* out, int64_t rows, int64_t inner, bool gelu) 
         store16(o + i, _mm512_mul_ps(round_to(a, gate), load16(up + i, m)), m);
       }
     }
-  });
+  };
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(inner, 1));
+  if (rows <= grain)
+    run(0, rows);  // one token: no thread-pool round trip
+  else
+    at::parallel_for(0, rows, grain, run);
 }
 
 }  // namespace
