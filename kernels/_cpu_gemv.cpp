@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/EmptyTensor.h>
 #include <cstdint>
+#include <type_traits>
 #include <algorithm>
 #include <vector>
 #include <cmath>
@@ -158,12 +159,13 @@ int64_t gemv_blocks(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin,
       const int64_t step = BITS == 8 ? gs : gs / 2;  // bytes of a row per group (and floats of xe / xo)
       const char* pf = pf0;
       __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      int64_t g = 0;
-      for (; g < full_groups; ++g) {
+      // one group of CHUNKS chunks (0: `units` at run time): prefetch its share of the block ahead, the four
+      // rows' partial sums, each scaled once, then every pointer one group on
+      const auto one_group = [&](auto chunks, int64_t units) {
         for (int64_t l = 0; l < per_group; ++l) _mm_prefetch(pf + 64 * l, _MM_HINT_T0);
         pf += 64 * per_group;
         __m512 pa[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        group_x4<BITS, CH>(pa, x, xe, xo, p, 0);
+        group_x4<BITS, decltype(chunks)::value>(pa, x, xe, xo, p, units);
         #pragma GCC unroll 4
         for (int r = 0; r < 4; ++r) {
           acc[r] = _mm512_fmadd_ps(pa[r], _mm512_set1_ps(*s[r]), acc[r]);
@@ -175,25 +177,13 @@ int64_t gemv_blocks(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin,
           xe += step;
           xo += step;
         }
-      }
+      };
+      int64_t g = 0;
+      for (; g < full_groups; ++g) one_group(std::integral_constant<int, CH>{}, 0);
       for (; g < groups; ++g) {  // run-time group size, or K not a multiple of it
-        for (int64_t l = 0; l < per_group; ++l) _mm_prefetch(pf + 64 * l, _MM_HINT_T0);
-        pf += 64 * per_group;
         // a short odd last int4 group reads the padding nibble against x = 0
         const int64_t len = std::min(gs, K - g * gs);
-        __m512 pa[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        group_x4<BITS, 0>(pa, x, xe, xo, p, BITS == 8 ? len : (len + 1) / 2);
-        #pragma GCC unroll 4
-        for (int r = 0; r < 4; ++r) {
-          acc[r] = _mm512_fmadd_ps(pa[r], _mm512_set1_ps(*s[r]), acc[r]);
-          p[r] += step;
-          ++s[r];
-        }
-        x += gs;
-        if (BITS == 4) {
-          xe += step;
-          xo += step;
-        }
+        one_group(std::integral_constant<int, 0>{}, BITS == 8 ? len : (len + 1) / 2);
       }
       #pragma GCC unroll 4
       for (int r = 0; r < 4; ++r) {
