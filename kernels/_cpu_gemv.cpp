@@ -197,18 +197,18 @@ int64_t gemv_blocks(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin,
 
 #if defined(__AVX512VNNI__)
 #define HF_FASTINFER_A16 1
-// int4 weights against 16-bit activations (bf16 / fp16 inputs), the VNNI way: x is held as int16 with one
-// scale per group (xs = max|x_g| / 32767), nibbles are widened to int16, and vpdpwssd multiplies and adds
-// 32 pairs per instruction into int32 (no overflow: 15 * 32767 * 256 < 2^31). Half the instructions of the
-// float path per weight, which is what this core is short of (measured: int4 g32 lm_head 5.9 -> see
-// BENCHMARKS.md). The int16 rounding of x adds an error of at most max|x_g| * 2^-16 per element: about 1%
-// of the rounding of a bf16 output, and below an fp16 output's, so the path serves 16-bit activations only;
-// fp32 activations keep the float path (exact up to summation order).
+// int4 weights against bf16 activations, the VNNI way: x is held as int16 with one scale per group
+// (xs = max|x_g| / 32767), nibbles are widened to int16, and vpdpwssd multiplies and adds 32 pairs per
+// instruction into int32 (no overflow: 15 * 32767 * 256 < 2^31). Fewer instructions per weight than the float
+// path, which is what this core is short of (measured +15-30% on int4 g32, BENCHMARKS.md). The int16
+// rounding of x adds an error of at most max|x_g| / 65534 per element: measured at about a tenth of a bf16
+// output's own rounding, but close to an fp16 output's, so callers ask for it with bf16 x only; fp16 and
+// fp32 keep the float path (exact up to summation order).
 // CPG: 32-byte chunks per group (group = 64 * CPG columns), or 0 for group 32 (two groups per chunk: lanes
 // 0-7 hold the first group's sums, lanes 8-15 the second's, scaled by a two-valued vector).
 template <int CPG, typename ST>
 int64_t gemv_blocks_a16(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin, int64_t end) {
-  const int64_t groups = a.groups, gs = a.group_size, rb = a.row_bytes, h16 = a.half16;
+  const int64_t groups = a.groups, rb = a.row_bytes, h16 = a.half16;
   std::vector<float> sf(4 * groups + 2, 0.f), zs(4 * groups, 0.f);  // (+2: the odd last pair of group 32)
   const int64_t ahead = std::max<int64_t>(4, (kPrefetchBytes / rb) & ~int64_t(3));
   const int64_t chunks = (rb + 31) / 32;  // 32-byte chunks per row
@@ -272,7 +272,6 @@ int64_t gemv_blocks_a16(const GemvArgs a, const ST* sp, const ST* zp, int64_t be
       }
     }
   }
-  (void)gs;
   return n;
 }
 #endif

@@ -247,12 +247,11 @@ def quant_matmul_cpu(x, qweight, scales, zeros, bias, bits, group_size, in_featu
     """CPU path.
 
     A few rows (decode): the compiled kernel in ``_cpu_gemv.cpp`` reads each weight row once as integers and
-    folds dequantization into the dot product (AVX-512 where the CPU has it). int4 weights against bf16 / fp16
+    folds dequantization into the dot product (AVX-512 where the CPU has it). int4 weights against bf16
     activations run on AVX-512 VNNI integer dot products, with x held as int16 per weight group (an error of
-    at most max|x_g| * 2^-16 per element, far below the output's own 16-bit rounding); fp32 activations stay
-    float throughout. More rows (prefill): dequantize
-    with in-place group ops and run one BLAS matmul, where the arithmetic dominates. Without a compiler the
-    dequantize path serves every size.
+    at most max|x_g| / 65534 per element, about a tenth of a bf16 output's own rounding); fp16 and fp32
+    activations stay float throughout. More rows (prefill): dequantize with in-place group ops and run one
+    BLAS matmul, where the arithmetic dominates. Without a compiler the dequantize path serves every size.
     """
     rows = x.numel() // in_features if in_features else 0
     if 0 < rows <= CPU_GEMV_MAX_ROWS and (bits == 8 or group_size % 2 == 0):
