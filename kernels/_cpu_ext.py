@@ -1,7 +1,8 @@
-"""hf_fastinfer's compiled CPU kernels (``_cpu_gemv.cpp``), built on first use for this machine.
+"""hf_fastinfer's compiled CPU kernels (``kernels/cpu/``: one op per .cpp file, shared SIMD helpers in
+``simd.h``, the Python bindings in ``module.cpp``), built on first use for this machine into one extension.
 
-``torch.utils.cpp_extension.load`` compiles the source once (about a minute) with ``-O3 -march=native`` into
-torch's extension cache and loads it from there afterwards. Without a C++ compiler or ninja the ops fall
+``torch.utils.cpp_extension.load`` compiles the sources once (a minute or two) with ``-O3 -march=native`` into
+torch's extension cache and loads it from there afterwards; a changed source is rebuilt. Without a C++ compiler or ninja the ops fall
 back to their portable PyTorch paths, with one warning. ``HF_FASTINFER_NO_CPU_EXT=1`` skips the build.
 """
 
@@ -14,7 +15,9 @@ import time
 import warnings
 from pathlib import Path
 
-_SOURCE = Path(__file__).with_name("_cpu_gemv.cpp")
+_SOURCE_DIR = Path(__file__).with_name("cpu")
+#: the extension's name (and its folder in torch's extension cache)
+_NAME = "hf_fastinfer_cpu"
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -36,7 +39,7 @@ def _clear_stale_lock(lock: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
-def gemv_extension():
+def cpu_extension():
     """The loaded extension module, or None when it cannot be built here."""
     if "module" in _state:
         return _state["module"]
@@ -48,25 +51,27 @@ def gemv_extension():
             try:
                 from torch.utils.cpp_extension import _get_build_directory, load
 
-                build_dir = Path(_get_build_directory("hf_fastinfer_cpu_gemv", False))
-                built = build_dir / "hf_fastinfer_cpu_gemv.so"
+                build_dir = Path(_get_build_directory(_NAME, False))
+                built = build_dir / f"{_NAME}.so"
                 _clear_stale_lock(build_dir / "lock")
                 if not built.exists():
-                    print("hf_fastinfer: compiling the CPU quantized-matmul kernel for this machine (once, about "
-                          "a minute)...", file=sys.stderr, flush=True)
+                    print("hf_fastinfer: compiling the CPU kernels for this machine (once, a minute or two)...",
+                          file=sys.stderr, flush=True)
 
                 module = load(
-                    name="hf_fastinfer_cpu_gemv",
-                    sources=[str(_SOURCE)],
-                    # -fopenmp: at::parallel_for is an OpenMP loop inlined from ATen's headers; without the
-                    # flag it silently runs on one thread.
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                    name=_NAME,
+                    sources=[str(p) for p in sorted(_SOURCE_DIR.glob("*.cpp"))],
+                    # -fopenmp: at::parallel_for is an OpenMP loop inlined from ATen's headers (and the fused
+                    # kernels' parallel regions are OpenMP); without the flag they silently run on one thread.
+                    # -ffp-contract=off: scalar code rounds each product as torch's elementwise ops do (the GEMV
+                    # loops use explicit FMA instructions).
+                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
                     extra_ldflags=["-fopenmp"],
                     verbose=False,
                 )
             except Exception as exc:  # no compiler, no ninja, unsupported flags ...
                 warnings.warn(
-                    f"hf_fastinfer: could not build the CPU quantized-matmul kernel ({type(exc).__name__}: "
+                    f"hf_fastinfer: could not build the CPU kernels ({type(exc).__name__}: "
                     f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}); using the slower "
                     "portable path. Install a C++ compiler and `pip install ninja` to enable it.",
                     RuntimeWarning,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._cpu_ext import gemv_extension
+from ._cpu_ext import cpu_extension
 
 try:
     import triton
@@ -100,7 +100,7 @@ _COMPILED = None
 def _compiled():
     """The compiled kernel (checks its input; None when it cannot take it), or None without one."""
     global _COMPILED
-    _COMPILED = getattr(gemv_extension(), "gated_act", None)
+    _COMPILED = getattr(cpu_extension(), "gated_act", None)
     return _COMPILED
 
 

@@ -10,7 +10,7 @@ row does not divide by zero) and ``q = round_half_even(x / scale)`` clamped to [
 rounded to fp16 *before* quantizing, so ``q * scale`` with the stored scale is exactly what was quantized.
 
 GPU: one Triton program per new token quantizes all heads of k and v and writes them (one launch). CPU: the
-compiled kernel in ``_cpu_gemv.cpp``, or torch code without a compiler.
+compiled kernel in ``kernels/cpu/``, or torch code without a compiler.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._cpu_ext import gemv_extension
+from ._cpu_ext import cpu_extension
 
 try:
     import triton
@@ -155,7 +155,7 @@ def kv_append_ref(k, v, k_cache, v_cache, k_scale, v_scale, slots) -> None:
 
 def kv_append_cpu(k, v, k_cache, v_cache, k_scale, v_scale, slots) -> None:
     """CPU path: the compiled kernel (one call for k and v, no temporaries) when available, else the reference."""
-    ext = gemv_extension()
+    ext = cpu_extension()
     if ext is not None:
         ext.kv_append(k, v, k_cache, v_cache, k_scale, v_scale, slots.long().contiguous())
     else:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._cpu_ext import gemv_extension
+from ._cpu_ext import cpu_extension
 from .quant_format import QuantizedWeight, dequantize_weight, num_groups
 
 try:
@@ -246,7 +246,7 @@ CPU_GEMV_MAX_ROWS = 8
 def quant_matmul_cpu(x, qweight, scales, zeros, bias, bits, group_size, in_features):
     """CPU path.
 
-    A few rows (decode): the compiled kernel in ``_cpu_gemv.cpp`` reads each weight row once as integers and
+    A few rows (decode): the compiled kernel in ``kernels/cpu/`` reads each weight row once as integers and
     folds dequantization into the dot product (AVX-512 where the CPU has it). int4 weights against bf16
     activations run on AVX-512 VNNI integer dot products, with x held as int16 per weight group (an error of
     at most max|x_g| / 65534 per element, about a tenth of a bf16 output's own rounding); fp16 and fp32
@@ -255,7 +255,7 @@ def quant_matmul_cpu(x, qweight, scales, zeros, bias, bits, group_size, in_featu
     """
     rows = x.numel() // in_features if in_features else 0
     if 0 < rows <= CPU_GEMV_MAX_ROWS and (bits == 8 or group_size % 2 == 0):
-        ext = gemv_extension()
+        ext = cpu_extension()
         if ext is not None:  # dtype conversions and reshapes happen inside: cheaper there than from Python
             return ext.quant_gemv(x, qweight, scales, zeros, bias, bits, group_size, in_features, x.dtype is torch.bfloat16)
     w = _dequantize_fast(qweight, scales, zeros, bits, group_size, in_features, x.dtype)

@@ -10,7 +10,7 @@ rounds it) or None when no residual is given, and ``out = norm(new_residual or x
 * Gemma (``gemma=True``): ``out = (n * (1 + weight.float())).to(dtype)`` (all in fp32, as ``GemmaRMSNorm``).
 
 GPU: one Triton program per row holds the whole row in registers (one read of x and residual, one write of
-each output). CPU: the compiled kernel in ``_cpu_gemv.cpp`` (add, norm and weight in one pass over the row: 4-7x
+each output). CPU: the compiled kernel in ``kernels/cpu/`` (add, norm and weight in one pass over the row: 4-7x
 faster than the add plus transformers' LlamaRMSNorm at one token, BENCHMARKS.md), else ``torch.nn.functional.rms_norm``
 (one fused ATen kernel) after the residual add.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._cpu_ext import gemv_extension
+from ._cpu_ext import cpu_extension
 
 try:
     import triton
@@ -151,9 +151,9 @@ def rms_norm_ref(x, weight, residual=None, eps=1e-6, gemma=False):
 
 
 def rms_norm_cpu(x, weight, residual=None, eps=1e-6, gemma=False):
-    """CPU path: the compiled kernel (add, norm and weight in one pass, ``_cpu_gemv.cpp``) for contiguous
+    """CPU path: the compiled kernel (add, norm and weight in one pass, ``kernels/cpu/``) for contiguous
     rows, else the residual add and ATen's fused ``rms_norm``."""
-    ext = gemv_extension()
+    ext = cpu_extension()
     if ext is not None and x.is_contiguous() and (residual is None or residual.is_contiguous()):
         out, res = ext.rms_norm(x, weight, residual, float(eps), bool(gemma))
         return out, (res if residual is not None else None)

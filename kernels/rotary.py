@@ -12,7 +12,7 @@ Layouts: ``interleaved=False`` (NeoX / Llama, rotate_half) pairs dim i with i + 
 
 ``inplace=True`` overwrites q and k and returns them; otherwise new tensors come back (the pass-through dims
 copied). GPU: one Triton program per token rotates all of its q and k heads. CPU: the compiled kernel in
-``_cpu_gemv.cpp`` (one call for q and k, no temporaries), or the reference's torch code without a compiler.
+``kernels/cpu/`` (one call for q and k, no temporaries), or the reference's torch code without a compiler.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._cpu_ext import gemv_extension
+from ._cpu_ext import cpu_extension
 
 try:
     import triton
@@ -213,7 +213,7 @@ def rotary_ref(q, k, cos, sin, positions, interleaved=False):
 def rotary_cpu(q, k, cos, sin, positions, interleaved=False, inplace=False, out=None):
     """CPU path: the compiled kernel (one call for q and k) when available, else the reference's torch code."""
     qo, ko = _outputs(q, k, inplace, out)
-    ext = gemv_extension()
+    ext = cpu_extension()
     if ext is not None and cos.dtype == torch.float32 and sin.dtype == torch.float32:
         ext.rotary(q, k, qo, ko, cos.contiguous(), sin.contiguous(), positions.long(), interleaved)
         return qo, ko

@@ -77,7 +77,10 @@ def test_wheel_contents(tmp_path):
     (wheel,) = tmp_path.glob("hf_fastinfer-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "hf_fastinfer/kernels/__init__.py" in names
-    assert "hf_fastinfer/kernels/_cpu_gemv.cpp" in names  # the compiled CPU kernel's source ships
+    # the compiled CPU kernels' sources ship, every one the build reads (a missing header breaks the first use)
+    sources = {f"hf_fastinfer/kernels/cpu/{p.name}" for p in (repo / "kernels" / "cpu").iterdir()
+               if p.suffix in (".cpp", ".h")}
+    assert sources and sources <= set(names), sorted(sources - set(names))
     assert "hf_fastinfer/__init__.py" in names
     top_levels = {name.split("/")[0] for name in names}
     assert all(t == "hf_fastinfer" or t.endswith(".dist-info") for t in top_levels), top_levels

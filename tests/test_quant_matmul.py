@@ -231,8 +231,8 @@ def test_portable_path_without_the_compiled_kernel():
         "import torch\n"
         "from hf_fastinfer.kernels.quant_format import quantize_weight\n"
         "from hf_fastinfer.kernels.quant_matmul import quant_matmul, quant_matmul_ref\n"
-        "from hf_fastinfer.kernels._cpu_ext import gemv_extension\n"
-        "assert gemv_extension() is None\n"
+        "from hf_fastinfer.kernels._cpu_ext import cpu_extension\n"
+        "assert cpu_extension() is None\n"
         "qw = quantize_weight(torch.randn(40, 70), 4, 16, False)\n"
         "x = torch.randn(1, 70)\n"
         "y = quant_matmul(x, qw.qweight, qw.scales, qw.zeros, bits=4, group_size=16, in_features=70)\n"
@@ -246,9 +246,9 @@ def test_portable_path_without_the_compiled_kernel():
 
 
 def _ext_or_skip():
-    from hf_fastinfer.kernels._cpu_ext import gemv_extension
+    from hf_fastinfer.kernels._cpu_ext import cpu_extension
 
-    ext = gemv_extension()
+    ext = cpu_extension()
     if ext is None:
         pytest.skip("reason: no C++ toolchain here, so the compiled CPU kernel cannot be built")
     return ext

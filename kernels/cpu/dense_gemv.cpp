@@ -1,0 +1,136 @@
+// Float-weight matrix-vector products for a few activation rows: batch-1 decode reads every weight once per
+// token, so the speed is the memory bandwidth the loop sustains. PyTorch's eager F.linear moves 10-20 GB/s on
+// a decode-sized fp32 weight and about half that in bf16 (it converts and packs per call); this loop, four
+// rows at a time with software prefetch, moves the machine's read bandwidth (BENCHMARKS.md).
+#include "dense_gemv.h"
+
+#include <ATen/EmptyTensor.h>
+
+#include "ops.h"
+#include "simd.h"
+
+namespace hf_fastinfer {
+namespace {
+
+// How far ahead of the rows being read the software prefetch runs. The hardware prefetcher alone leaves the
+// loop short of the bandwidth when it converts bf16 / fp16 (measured on 2 cores: bf16 14 GB/s without, 23 GB/s
+// with prefetching about this far ahead, against a 24 GB/s fp32 sum()).
+constexpr int64_t kPrefetchBytes = 64 * 1024;
+
+#ifdef HF_FASTINFER_AVX512
+// rows [n, n + 4) against every activation row: four FMA chains side by side, one load of x per 16 columns
+template <typename WT>
+inline void block4(const WT* w, const float* x, int64_t M, int64_t K, const float* bias, float* y, int64_t N, int64_t n,
+                   const char* prefetch, int64_t prefetch_lines) {
+  const WT* r0 = w + n * K;
+  const WT* r1 = r0 + K;
+  const WT* r2 = r1 + K;
+  const WT* r3 = r2 + K;
+  const int64_t chunks = (K + 15) / 16;
+  // spread the prefetches of the block ahead over the first pass (a burst of them stalls the core)
+  const int64_t per_chunk = (prefetch_lines + chunks - 1) / chunks;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    const char* pf = prefetch;
+    int64_t issued = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      if (m == 0)
+        for (int64_t l = 0; l < per_chunk && issued < prefetch_lines; ++l, ++issued) _mm_prefetch(pf + 64 * issued, _MM_HINT_T0);
+      const int64_t k = 16 * c;
+      const __mmask16 mk = tail_mask(K - k);
+      const __m512 xv = _mm512_maskz_loadu_ps(mk, xm + k);
+      a0 = _mm512_fmadd_ps(xv, load16(r0 + k, mk), a0);
+      a1 = _mm512_fmadd_ps(xv, load16(r1 + k, mk), a1);
+      a2 = _mm512_fmadd_ps(xv, load16(r2 + k, mk), a2);
+      a3 = _mm512_fmadd_ps(xv, load16(r3 + k, mk), a3);
+    }
+    float* ym = y + m * N + n;
+    ym[0] = _mm512_reduce_add_ps(a0) + (bias ? bias[n] : 0.f);
+    ym[1] = _mm512_reduce_add_ps(a1) + (bias ? bias[n + 1] : 0.f);
+    ym[2] = _mm512_reduce_add_ps(a2) + (bias ? bias[n + 2] : 0.f);
+    ym[3] = _mm512_reduce_add_ps(a3) + (bias ? bias[n + 3] : 0.f);
+  }
+}
+#endif
+
+template <typename WT>
+void rows_typed(const DenseWeight& dw, const float* x, int64_t M, float* y, int64_t begin, int64_t end) {
+  const WT* w = static_cast<const WT*>(dw.w);
+  const int64_t N = dw.N, K = dw.K;
+  int64_t n = begin;
+#ifdef HF_FASTINFER_AVX512
+  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(WT));
+  const int64_t ahead = std::max<int64_t>(4, (kPrefetchBytes / row_bytes) & ~int64_t(3));
+  const int64_t lines = (4 * row_bytes + 63) / 64;
+  for (; n + 4 <= end; n += 4) {
+    // the block `ahead` rows on while it is inside this thread's range (past it, another thread reads it)
+    const bool in_range = n + ahead + 4 <= end;
+    const char* pf = reinterpret_cast<const char*>(w + (in_range ? n + ahead : n) * K);
+    block4<WT>(w, x, M, K, dw.bias, y, N, n, pf, in_range ? lines : 0);
+  }
+#endif
+  for (; n < end; ++n) {
+    const WT* row = w + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * K;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < K; ++k) acc += xm[k] * static_cast<float>(row[k]);
+      y[m * N + n] = acc + (dw.bias ? dw.bias[n] : 0.f);
+    }
+  }
+}
+
+}  // namespace
+
+void dense_rows(const DenseWeight& w, const float* x, int64_t M, float* y, int64_t begin, int64_t end) {
+  switch (w.dtype) {
+    case at::kFloat: rows_typed<float>(w, x, M, y, begin, end); break;
+    case at::kBFloat16: rows_typed<c10::BFloat16>(w, x, M, y, begin, end); break;
+    case at::kHalf: rows_typed<c10::Half>(w, x, M, y, begin, end); break;
+    default: TORCH_CHECK(false, "dense_rows: float32, bfloat16 or float16 weights");
+  }
+}
+
+// The standalone op (hf_fastinfer.kernels.linear's CPU path for a few rows). x: [..., K] of the weight's dtype;
+// weight: [N, K] contiguous; bias: [N] or None. Returns [..., N] in x's dtype, accumulated in fp32 and rounded
+// once (as F.linear does).
+at::Tensor dense_gemv(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias_in) {
+  const auto dtype = x_in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "x must be float32 / bfloat16 / float16");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == dtype,
+              "weight must be a contiguous [N, K] tensor of x's dtype");
+  const int64_t K = weight.size(1), N = weight.size(0);
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K, "x must be [..., in_features]");
+  const auto x = x_in.reshape({-1, K}).to(at::kFloat).contiguous();
+  c10::optional<at::Tensor> bias;
+  if (bias_in.has_value()) {
+    TORCH_CHECK(bias_in->numel() == N, "bias must be [N]");
+    bias = bias_in->to(at::kFloat).contiguous();
+  }
+  const int64_t M = x.size(0);
+  DenseWeight w;
+  w.w = weight.data_ptr();
+  w.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  w.dtype = dtype;
+  w.N = N;
+  w.K = K;
+  at::Tensor y = at::detail::empty_cpu({M, N}, at::kFloat, false, c10::nullopt);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int nt = team_size();
+  // one parallel region with 4-row-aligned shares (at::parallel_for's grain would not align them)
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t begin, end;
+    thread_share(N, 4, omp_get_thread_num(), omp_get_num_threads(), begin, end);
+    dense_rows(w, xp, M, yp, begin, end);
+  }
+  if (dtype != at::kFloat) y = y.to(dtype);
+  auto out_sizes = x_in.sizes().vec();
+  out_sizes.back() = N;
+  return y.view(out_sizes);
+}
+
+}  // namespace hf_fastinfer

@@ -1,0 +1,41 @@
+// The Python module of hf_fastinfer's compiled CPU kernels: bindings only, the ops live one per file beside it.
+#include <torch/extension.h>
+
+#include "ops.h"
+#include "simd.h"
+
+namespace py = pybind11;
+using namespace hf_fastinfer;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quant_gemv", &quant_gemv, "weight-only quantized GEMV for a few activation rows");
+  m.def("dense_gemv", &dense_gemv, "float-weight GEMV for a few activation rows");
+  m.def("rms_norm", &rms_norm, "RMSNorm with an optional fused residual add");
+  m.def("kv_append", &kv_append, "int8 KV-cache quantize-and-append at given slots");
+  m.def("rotary", &rotary, "rotary embedding of q and k (in place when the outputs are the inputs)");
+#ifdef HF_FASTINFER_AVX512
+  m.def("gated_act", &gated_act, "act(gate) * up of a fused gate/up tensor (SiLU or GELU-tanh)");
+#endif
+  py::class_<Projection>(m, "Projection")
+      .def(py::init<at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>, int64_t,
+                    int64_t, int64_t>(),
+           py::arg("weight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("bits"),
+           py::arg("group_size"), py::arg("in_features"))
+      .def_property_readonly("in_features", &Projection::in_features)
+      .def_property_readonly("out_features", &Projection::out_features)
+      .def_property_readonly("bits", &Projection::bits)
+      .def_property_readonly("nbytes", &Projection::nbytes);
+  // The two calls release the GIL: other Python threads (a streamer's consumer, a notebook's UI) run meanwhile.
+  py::class_<DecoderLayer>(m, "DecoderLayer")
+      .def(py::init<at::Tensor, c10::optional<at::Tensor>, double, bool, std::vector<Projection>, Projection,
+                    std::vector<Projection>, c10::optional<Projection>, c10::optional<at::Tensor>,
+                    c10::optional<at::Tensor>, double, int64_t, int64_t, int64_t, int64_t, double, double,
+                    const std::string&, c10::ScalarType>(),
+           py::arg("input_norm"), py::arg("post_attention_norm"), py::arg("eps"), py::arg("gemma_norm"), py::arg("qkv"),
+           py::arg("o"), py::arg("gate_up"), py::arg("down"), py::arg("q_norm"), py::arg("k_norm"), py::arg("qk_eps"),
+           py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("rotary_dim"),
+           py::arg("scaling"), py::arg("softcap"), py::arg("activation"), py::arg("dtype"))
+      .def("attn_in", &DecoderLayer::attn_in, py::call_guard<py::gil_scoped_release>())
+      .def("attn_out_mlp", &DecoderLayer::attn_out_mlp, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("weight_bytes", &DecoderLayer::weight_bytes);
+}

@@ -1,0 +1,105 @@
+// The entry points of hf_fastinfer's compiled CPU kernels, one op per .cpp file, bound to Python in module.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+#include "quant_gemv.h"
+
+namespace hf_fastinfer {
+
+// quant_gemv.cpp: weight-only quantized GEMV for a few activation rows (hf_fastinfer.kernels.quant_matmul)
+at::Tensor quant_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                      const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& bias, int64_t bits,
+                      int64_t group_size, int64_t in_features, bool int16_activations);
+
+// dense_gemv.cpp: float-weight GEMV for a few activation rows (hf_fastinfer.kernels.linear)
+at::Tensor dense_gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+
+// rms_norm.cpp: RMSNorm with an optional fused residual add (hf_fastinfer.kernels.rms_norm)
+std::vector<at::Tensor> rms_norm(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> residual, double eps,
+                                 bool gemma);
+
+// kv_quant.cpp: int8 KV-cache quantize-and-append (hf_fastinfer.kernels.kv_quant)
+void kv_append(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache, at::Tensor k_scale,
+               at::Tensor v_scale, at::Tensor slots);
+
+// rotary.cpp: rotary embedding of q and k (hf_fastinfer.kernels.rotary)
+void rotary(at::Tensor q, at::Tensor k, at::Tensor q_out, at::Tensor k_out, at::Tensor cos, at::Tensor sin,
+            at::Tensor positions, bool interleaved);
+
+// gated_act.cpp: act(gate) * up (hf_fastinfer.kernels.gated_act); None for input it does not take
+c10::optional<at::Tensor> gated_act(const at::Tensor& x, const std::string& activation);
+
+// decoder_layer.cpp (hf_fastinfer.kernels.decoder_layer) -------------------------------------------------------
+
+// One projection of a decoder layer: a float weight [N, K] (bits 0) or a group-quantized one (bits 8 / 4, the
+// quant_format layout) with its scales and zero points, and an optional bias. Holds references to the model's
+// own tensors (fused q/k/v and gate/up weights are views into one tensor each): no copy of a weight is made.
+class Projection {
+ public:
+  Projection(at::Tensor weight, c10::optional<at::Tensor> scales, c10::optional<at::Tensor> zeros,
+             c10::optional<at::Tensor> bias, int64_t bits, int64_t group_size, int64_t in_features);
+  int64_t in_features() const { return in_features_; }
+  int64_t out_features() const { return out_features_; }
+  int64_t bits() const { return bits_; }
+  int64_t nbytes() const;
+  // activations x [M, K] prepared for this weight's format (nothing for float weights)
+  void prepare(const float* x, int64_t M, bool bf16_activations, QuantActivations& qa) const;
+  // y[m, n] (float32, [M, N]) for n in [begin, end), on the calling thread
+  void rows(const float* x, const QuantActivations& qa, int64_t M, float* y, int64_t begin, int64_t end) const;
+
+ private:
+  at::Tensor weight_, scales_, zeros_, bias_;
+  int64_t bits_ = 0, in_features_ = 0, out_features_ = 0, group_size_ = 0;
+};
+
+// A pre-norm decoder layer for decode tokens (one query token per sequence), in two calls around the KV-cache
+// update (decoder_layer.cpp has the steps and the numerics).
+class DecoderLayer {
+ public:
+  DecoderLayer(at::Tensor input_norm, c10::optional<at::Tensor> post_attention_norm, double eps, bool gemma_norm,
+               std::vector<Projection> qkv, Projection o, std::vector<Projection> gate_up,
+               c10::optional<Projection> down, c10::optional<at::Tensor> q_norm, c10::optional<at::Tensor> k_norm,
+               double qk_eps, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t rotary_dim,
+               double scaling, double softcap, const std::string& activation, c10::ScalarType dtype);
+
+  // hidden [B, 1, H]; cos, sin [B or 1, 1, >= R] (the model's rotary module output). Returns q [B, Hq, 1, D],
+  // k, v [B, Hkv, 1, D] in the layer's dtype.
+  std::vector<at::Tensor> attn_in(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin);
+
+  // hidden [B, 1, H] (the layer's input, the residual); q from attn_in; keys, values [B, Hkv, L, D] as the cache
+  // returns them (the layer's dtype, or int8 with float16 scales [B, Hkv, L]); mask [B or 1, 1, 1, >= L] bool
+  // (True = attend) or additive float, or None. Returns {out [B, 1, H]}, or without a fused MLP
+  // {residual [B, 1, H], post-attention norm of it [B, 1, H]} for the model's own MLP module.
+  std::vector<at::Tensor> attn_out_mlp(const at::Tensor& hidden, const at::Tensor& q, const at::Tensor& keys,
+                                       const at::Tensor& values, const c10::optional<at::Tensor>& k_scale,
+                                       const c10::optional<at::Tensor>& v_scale, const c10::optional<at::Tensor>& mask);
+
+  // bytes of the projection weights (and their scales) one decode step reads
+  int64_t weight_bytes() const;
+
+ private:
+  template <typename T>
+  std::vector<at::Tensor> attn_in_impl(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin);
+  template <typename T, typename KT>
+  std::vector<at::Tensor> attn_out_mlp_impl(const at::Tensor& hidden, const at::Tensor& q, const at::Tensor& keys,
+                                            const at::Tensor& values, const at::Tensor& k_scale,
+                                            const at::Tensor& v_scale, const at::Tensor& mask);
+
+  std::vector<Projection> qkv_;
+  Projection o_;
+  std::vector<Projection> gate_up_;  // empty: the block's MLP stays the model's module; 1: fused [2I, H]; 2: gate, up
+  c10::optional<Projection> down_;
+  at::Tensor norm1_, norm2_, q_norm_, k_norm_;  // float32 copies of the norm weights (a few KB)
+  float eps_, qk_eps_;
+  bool gemma_norm_;
+  int64_t hidden_ = 0, intermediate_ = 0, num_heads_, num_kv_heads_, head_dim_, rotary_dim_;
+  float scaling_, softcap_;  // softcap 0: none
+  bool gelu_;
+  c10::ScalarType dtype_;
+};
+
+}  // namespace hf_fastinfer

@@ -1,0 +1,472 @@
+// Weight-only quantized matrix-vector products for a few activation rows (decode):
+//
+// y[m, n] = sum_g s[n, g] * (sum_{k in g} x[m, k] * q[n, k] - z[n, g] * sum_{k in g} x[m, k]) + bias[n]
+//
+// Each weight row is read once, as integers, and reused for every activation row while it sits in L1. With
+// AVX-512, four rows go through FMA chains side by side and each group's scale is applied once to the group's
+// partial sum; without it, plain C++ loops the compiler vectorises. Activations stay float32 throughout (except
+// int4 against bf16 activations, below): the result is the exact float dot product up to summation order,
+// whatever the weight format. Formats: hf_fastinfer.kernels.quant_format (int8 [N, K]; int4 nibbles q + 8,
+// low nibble = even column).
+//
+// quant_prepare / quant_rows (quant_gemv.h) are shared with the fused decoder layer; quant_gemv at the bottom
+// is the standalone op, its rows split across torch's intra-op threads.
+#include "quant_gemv.h"
+
+#include <ATen/EmptyTensor.h>
+
+#include <type_traits>
+
+#include "ops.h"
+#include "simd.h"
+
+namespace hf_fastinfer {
+namespace {
+
+// Rows are processed in blocks of 4; the hardware prefetcher alone keeps too few cache misses in flight
+// while the core is busy converting integers (measured: lm_head int8 at 8.7 GB/s without, 11.3 GB/s with
+// a software prefetch this far ahead, on a 19 GB/s machine).
+constexpr int64_t kPrefetchBytes = 16384;
+
+// Everything one call needs, copied by value into each thread's loop (so the compiler keeps it in
+// registers instead of re-reading it through the lambda's references after every store).
+struct GemvArgs {
+  const float* x;     // [M, K]
+  const float* xe;    // int4: [M, half] even columns of x (zero-padded)
+  const float* xo;    // int4: [M, half] odd columns
+  const float* xsum;  // [M, groups] per-group sums of x
+  const uint8_t* w;   // [N, row_bytes]
+  const float* bias;  // [N] or null
+  float* y;           // [M, N]
+  int64_t M, N, K, groups, group_size, half, row_bytes;
+  float offset;       // 8 for int4 (stored nibbles are q + 8), else 0
+  // int4 with 16-bit activations (see gemv_blocks_a16): x as int16 per group, even / odd columns
+  const int16_t* xe16;  // [M, half16] (zero-padded to whole 32-byte chunks)
+  const int16_t* xo16;  // [M, half16]
+  const float* xs;      // [M, groups + 1] the groups' int16 scales (one padding entry)
+  const float* xsum16;  // [M, groups] sums of x as held in int16 (xs * sum of the int16 values)
+  int64_t half16;
+};
+
+#ifdef HF_FASTINFER_AVX512
+
+inline void to_f32_span(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+inline void to_f32_span(const c10::Half* src, float* dst, int64_t n) {
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    _mm512_mask_storeu_ps(dst + i, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, h + i)));
+  }
+}
+
+// The four rows' scales from row n on as float (sf, [4, groups]: contiguous in the [N, groups] scales), and
+// zs = (z + offset) * s for the zero-point term (left alone when there is no zero point and no offset).
+template <typename ST>
+inline void block_scales(const ST* sp, const ST* zp, int64_t n, int64_t groups, float offset, float* sf, float* zs) {
+  to_f32_span(sp + n * groups, sf, 4 * groups);
+  if (zp == nullptr && offset == 0.f) return;
+  if (zp != nullptr) to_f32_span(zp + n * groups, zs, 4 * groups);
+  for (int64_t i = 0; i < 4 * groups; ++i) zs[i] = ((zp != nullptr ? zs[i] : 0.f) + offset) * sf[i];
+}
+
+// Software prefetch: the block `ahead` rows on (about kPrefetchBytes), or with none left (the end of the
+// weight) the current block, which is harmless.
+inline int64_t prefetch_rows_ahead(int64_t row_bytes) {
+  return std::max<int64_t>(4, (kPrefetchBytes / row_bytes) & ~int64_t(3));
+}
+inline const char* prefetch_target(const GemvArgs& a, int64_t n, int64_t ahead) {
+  return reinterpret_cast<const char*>(a.w + (n + ahead + 4 <= a.N ? n + ahead : n) * a.row_bytes);
+}
+
+
+// pa[r] += x · u_r over one group, for four weight rows at once: four independent FMA chains, one load of
+// x per 16 columns instead of four. int8: n columns of q; int4: n bytes (2n columns) of stored nibbles,
+// even columns against xe and odd ones against xo. CH > 0: the group is exactly CH full chunks of 16 (known
+// at compile time, no masks); CH == 0: n at run time, the last chunk masked.
+template <int BITS, int CH>
+__attribute__((always_inline)) inline void group_x4(__m512* pa, const float* __restrict x, const float* __restrict xe, const float* __restrict xo,
+                     const uint8_t* const* p, int64_t n) {
+  const int64_t chunks = CH > 0 ? CH : (n + 15) / 16;
+#pragma GCC unroll 8
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t j = 16 * c;
+    const __mmask16 m = CH > 0 ? static_cast<__mmask16>(0xFFFF) : tail_mask(n - j);
+    if constexpr (BITS == 8) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + j);
+      #pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        const __m512i q = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p[r] + j));
+        pa[r] = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(q), pa[r]);
+      }
+    } else {
+      const __m512 ev = _mm512_maskz_loadu_ps(m, xe + j), ov = _mm512_maskz_loadu_ps(m, xo + j);
+      // nibble -> float through a 16-entry table in one register: vpermps reads only the low 4 bits of each
+      // index, so the low nibble needs no mask, and the shuffle port takes work off the port that the
+      // int -> float conversions would share (measured 4-6% faster than and/shift + vcvtdq2ps on int4 g32)
+      const __m512 lut = _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f, 12.f, 13.f, 14.f, 15.f);
+      #pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p[r] + j));
+        pa[r] = _mm512_fmadd_ps(ev, _mm512_permutexvar_ps(b, lut), pa[r]);
+        pa[r] = _mm512_fmadd_ps(ov, _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut), pa[r]);
+      }
+    }
+  }
+}
+
+// Rows [begin, end) in blocks of four; returns the first row it left (fewer than four remain).
+// Per group g of row n with scale s, zero z (0 when symmetric) and stored integers u (int8: q; int4: q + 8):
+//   y[m, n] = sum_g s * (x_g · u_g) - sum_g (z + offset) * s * sum(x_g)   (+ bias)
+// so the inner loop is integer conversion and FMA, each scale is applied once per group, and the zero-point
+// terms are one short dot product over groups.
+template <int BITS, int CH, typename ST>
+int64_t gemv_blocks(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin, int64_t end) {
+  const int64_t K = a.K, groups = a.groups, gs = a.group_size, rb = a.row_bytes, half = a.half;
+  const bool has_offset = zp != nullptr || BITS == 4;
+  // groups of exactly CH chunks, then the last, shorter group (K not a multiple of the group size)
+  const int64_t full_groups = CH > 0 ? K / gs : 0;
+  std::vector<float> sf(4 * groups), zs(4 * groups, 0.f);  // this block's scales, (z + offset) * s
+  // Software prefetch of the block `ahead` rows on, a few lines per group: the hardware prefetcher alone
+  // keeps too few misses in flight while the core converts integers, and a burst of prefetches fills the
+  // line-fill buffers and stalls the core (both measured).
+  const int64_t ahead = prefetch_rows_ahead(rb);
+  const int64_t lines = (4 * rb + 63) / 64, per_group = (lines + groups - 1) / groups;
+  int64_t n = begin;
+  for (; n + 4 <= end; n += 4) {
+    block_scales(sp, zp, n, groups, a.offset, sf.data(), zs.data());
+    const char* pf0 = prefetch_target(a, n, ahead);
+    for (int64_t m = 0; m < a.M; ++m) {
+      // The group loop walks pointers forward (the loop body is short at group 32: no index arithmetic,
+      // no branches), then the last, shorter group if there is one.
+      const float* x = a.x + m * K;
+      const float* xe = BITS == 4 ? a.xe + m * half : nullptr;
+      const float* xo = BITS == 4 ? a.xo + m * half : nullptr;
+      const uint8_t* p[4] = {a.w + n * rb, a.w + (n + 1) * rb, a.w + (n + 2) * rb, a.w + (n + 3) * rb};
+      const float* s[4] = {sf.data(), sf.data() + groups, sf.data() + 2 * groups, sf.data() + 3 * groups};
+      const int64_t step = BITS == 8 ? gs : gs / 2;  // bytes of a row per group (and floats of xe / xo)
+      const char* pf = pf0;
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      // one group of CHUNKS chunks (0: `units` at run time): prefetch its share of the block ahead, the four
+      // rows' partial sums, each scaled once, then every pointer one group on
+      const auto one_group = [&](auto chunks, int64_t units) {
+        for (int64_t l = 0; l < per_group; ++l) _mm_prefetch(pf + 64 * l, _MM_HINT_T0);
+        pf += 64 * per_group;
+        __m512 pa[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        group_x4<BITS, decltype(chunks)::value>(pa, x, xe, xo, p, units);
+        #pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          acc[r] = _mm512_fmadd_ps(pa[r], _mm512_set1_ps(*s[r]), acc[r]);
+          p[r] += step;
+          ++s[r];
+        }
+        x += gs;
+        if (BITS == 4) {
+          xe += step;
+          xo += step;
+        }
+      };
+      int64_t g = 0;
+      for (; g < full_groups; ++g) one_group(std::integral_constant<int, CH>{}, 0);
+      for (; g < groups; ++g) {  // run-time group size, or K not a multiple of it
+        // a short odd last int4 group reads the padding nibble against x = 0
+        const int64_t len = std::min(gs, K - g * gs);
+        one_group(std::integral_constant<int, 0>{}, BITS == 8 ? len : (len + 1) / 2);
+      }
+      #pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        const float zero_term = has_offset ? dot16(zs.data() + r * groups, a.xsum + m * groups, groups) : 0.f;
+        a.y[m * a.N + n + r] = _mm512_reduce_add_ps(acc[r]) - zero_term + (a.bias ? a.bias[n + r] : 0.f);
+      }
+    }
+  }
+  return n;
+}
+
+#ifdef HF_FASTINFER_A16
+// int4 weights against bf16 activations, the VNNI way: x is held as int16 with one scale per group
+// (xs = max|x_g| / 32767), nibbles are widened to int16, and vpdpwssd multiplies and adds 32 pairs per
+// instruction into int32 (no overflow: 15 * 32767 * 256 < 2^31). Fewer instructions per weight than the float
+// path, which is what this core is short of (measured +15-30% on int4 g32, BENCHMARKS.md). The int16
+// rounding of x adds an error of at most max|x_g| / 65534 per element: measured at about a tenth of a bf16
+// output's own rounding, but close to an fp16 output's, so callers ask for it with bf16 x only; fp16 and
+// fp32 keep the float path (exact up to summation order).
+// CPG: 32-byte chunks per group (group = 64 * CPG columns), or 0 for group 32 (two groups per chunk: lanes
+// 0-7 hold the first group's sums, lanes 8-15 the second's, scaled by a two-valued vector).
+template <int CPG, typename ST>
+int64_t gemv_blocks_a16(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin, int64_t end) {
+  const int64_t groups = a.groups, rb = a.row_bytes, h16 = a.half16;
+  std::vector<float> sf(4 * groups + 2, 0.f), zs(4 * groups, 0.f);  // (+2: the odd last pair of group 32)
+  const int64_t ahead = prefetch_rows_ahead(rb);
+  const int64_t chunks = (rb + 31) / 32;  // 32-byte chunks per row
+  const __m512i low = _mm512_set1_epi16(15);
+  const __m512i pair_idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  int64_t n = begin;
+  for (; n + 4 <= end; n += 4) {
+    block_scales(sp, zp, n, groups, a.offset, sf.data(), zs.data());  // (int4: offset 8, so zs is always set)
+    const char* pf0 = prefetch_target(a, n, ahead);
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int16_t* xe = a.xe16 + m * h16;
+      const int16_t* xo = a.xo16 + m * h16;
+      const float* xs = a.xs + m * (groups + 1);
+      const uint8_t* rows[4] = {a.w + n * rb, a.w + (n + 1) * rb, a.w + (n + 2) * rb, a.w + (n + 3) * rb};
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      // one group's (or, at group 32, one pair's) int32 sums of chunks [c0, c1)
+      auto dot_chunks = [&](__m512i* d, int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          _mm_prefetch(pf0 + 64 * c, _MM_HINT_T0);  // 2 lines of the block ahead per chunk: all 4 rows' bytes
+          _mm_prefetch(pf0 + 64 * (c + chunks), _MM_HINT_T0);
+          const __mmask32 mk = rb - 32 * c >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu)
+                                                  : static_cast<__mmask32>((1ull << (rb - 32 * c)) - 1);
+          const __m512i ev = _mm512_loadu_si512(xe + 32 * c), ov = _mm512_loadu_si512(xo + 32 * c);
+          #pragma GCC unroll 4
+          for (int r = 0; r < 4; ++r) {
+            const __m512i b = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mk, rows[r] + 32 * c));
+            d[r] = _mm512_dpwssd_epi32(d[r], ev, _mm512_and_si512(b, low));
+            d[r] = _mm512_dpwssd_epi32(d[r], ov, _mm512_srli_epi16(b, 4));
+          }
+        }
+      };
+      if constexpr (CPG == 0) {
+        for (int64_t c = 0; c < chunks; ++c) {  // groups 2c and 2c + 1
+          __m512i d[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+          dot_chunks(d, c, c + 1);
+          const __m128 xs2 = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xs + 2 * c)));
+          #pragma GCC unroll 4
+          for (int r = 0; r < 4; ++r) {
+            const __m128 s2 = _mm_mul_ps(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sf.data() + r * groups + 2 * c))), xs2);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[r]), _mm512_permutexvar_ps(pair_idx, _mm512_castps128_ps512(s2)), acc[r]);
+          }
+        }
+      } else {
+        for (int64_t g = 0; g < groups; ++g) {
+          __m512i d[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+          dot_chunks(d, g * CPG, std::min(chunks, (g + 1) * CPG));
+          #pragma GCC unroll 4
+          for (int r = 0; r < 4; ++r)
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[r]), _mm512_set1_ps(sf[r * groups + g] * xs[g]), acc[r]);
+        }
+      }
+      #pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        // with the sums of x as held in int16, so the int16 rounding meets the centred weights (q - z), not
+        // the stored nibbles (about twice the size): measured 2-3x smaller error
+        const float zero_term = dot16(zs.data() + r * groups, a.xsum16 + m * groups, groups);
+        a.y[m * a.N + n + r] = _mm512_reduce_add_ps(acc[r]) - zero_term + (a.bias ? a.bias[n + r] : 0.f);
+      }
+    }
+  }
+  return n;
+}
+#endif
+
+// The chunk count per group known at compile time for the common group sizes (int8: 16..128 columns,
+// int4: 32..256 columns), run-time otherwise.
+template <int BITS, typename ST>
+int64_t gemv_blocks_dispatch(const GemvArgs& a, const ST* sp, const ST* zp, int64_t begin, int64_t end) {
+  const int64_t unit = BITS == 8 ? 16 : 32;  // columns per chunk of 16 lanes
+  if (a.group_size % unit == 0) {
+    switch (a.group_size / unit) {
+      case 1: return gemv_blocks<BITS, 1, ST>(a, sp, zp, begin, end);
+      case 2: return gemv_blocks<BITS, 2, ST>(a, sp, zp, begin, end);
+      case 4: return gemv_blocks<BITS, 4, ST>(a, sp, zp, begin, end);
+      case 8: return gemv_blocks<BITS, 8, ST>(a, sp, zp, begin, end);
+      default: break;
+    }
+  }
+  return gemv_blocks<BITS, 0, ST>(a, sp, zp, begin, end);
+}
+#endif
+
+// Portable dot products of one group (the compiler vectorises what it can); int4 on the stored nibbles.
+inline float dot_i8(const float* __restrict a, const int8_t* __restrict b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < n; ++k) acc += a[k] * static_cast<float>(b[k]);
+  return acc;
+}
+
+inline float dot_u4(const float* __restrict even, const float* __restrict odd, const uint8_t* __restrict p, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j)
+    acc += even[j] * static_cast<float>(p[j] & 15) + odd[j] * static_cast<float>(p[j] >> 4);
+  return acc;
+}
+
+// Rows [begin, end) one at a time: the last rows of a thread's range, or every row without AVX-512.
+template <typename ST>
+void gemv_single_rows(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin, int64_t end) {
+  const bool int4 = a.offset != 0.f, has_offset = zp != nullptr || int4;
+  for (int64_t n = begin; n < end; ++n) {
+    const uint8_t* row = a.w + n * a.row_bytes;
+    for (int64_t m = 0; m < a.M; ++m) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < a.groups; ++g) {
+        const int64_t k0 = g * a.group_size;
+        const int64_t len = std::min(a.group_size, a.K - k0);
+        float part = int4 ? dot_u4(a.xe + m * a.half + k0 / 2, a.xo + m * a.half + k0 / 2, row + k0 / 2, (len + 1) / 2)
+                          : dot_i8(a.x + m * a.K + k0, reinterpret_cast<const int8_t*>(row) + k0, len);
+        if (has_offset) part -= ((zp ? to_f32(zp[n * a.groups + g]) : 0.f) + a.offset) * a.xsum[m * a.groups + g];
+        acc += part * to_f32(sp[n * a.groups + g]);
+      }
+      a.y[m * a.N + n] = acc + (a.bias ? a.bias[n] : 0.f);
+    }
+  }
+}
+
+// Rows [begin, end) on the calling thread: blocks of four with AVX-512, then single rows.
+template <typename ST>
+void rows_range(const GemvArgs& a, const ST* sp, const ST* zp, int64_t begin, int64_t end) {
+  int64_t n = begin;
+#ifdef HF_FASTINFER_AVX512
+#ifdef HF_FASTINFER_A16
+  if (a.xe16 != nullptr) {
+    switch (a.group_size) {
+      case 32: n = gemv_blocks_a16<0, ST>(a, sp, zp, begin, end); break;
+      case 64: n = gemv_blocks_a16<1, ST>(a, sp, zp, begin, end); break;
+      case 128: n = gemv_blocks_a16<2, ST>(a, sp, zp, begin, end); break;
+      default: n = gemv_blocks_a16<4, ST>(a, sp, zp, begin, end); break;  // 256 (quant_prepare admits no other)
+    }
+  } else
+#endif
+  n = a.offset != 0.f ? gemv_blocks_dispatch<4, ST>(a, sp, zp, begin, end) : gemv_blocks_dispatch<8, ST>(a, sp, zp, begin, end);
+#endif
+  gemv_single_rows<ST>(a, sp, zp, n, end);
+}
+
+}  // namespace
+
+void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t group_size, bool int16_activations,
+                   QuantActivations& out) {
+  const int64_t groups = (K + group_size - 1) / group_size;
+  out.x = xp;
+  out.M = M;
+  out.K = K;
+  out.groups = groups;
+  out.group_size = group_size;
+  // Per-group sums of x (for zero points and the int4 offset) and, for int4, x split into even / odd columns.
+  out.xsum.assign(M * groups, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {  // (no division per element: it once cost more than a small GEMV)
+      float sum = 0.f;
+      for (int64_t k = g * group_size; k < std::min(K, (g + 1) * group_size); ++k) sum += xp[m * K + k];
+      out.xsum[m * groups + g] = sum;
+    }
+  const int64_t half = (K + 1) / 2;
+  out.half = half;
+  out.half16 = (half + 31) / 32 * 32;
+  out.a16 = false;
+  if (bits == 4) {
+    out.xe.assign(M * half, 0.f);
+    out.xo.assign(M * half, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; 2 * j < K; ++j) {
+        out.xe[m * half + j] = xp[m * K + 2 * j];
+        if (2 * j + 1 < K) out.xo[m * half + j] = xp[m * K + 2 * j + 1];
+      }
+  }
+#ifdef HF_FASTINFER_A16
+  // int4 against 16-bit activations: x as int16 per group (gemv_blocks_a16), where the CPU has VNNI
+  // (x with inf / NaN takes the float path, which propagates them as float arithmetic does)
+  const bool a16 = int16_activations && bits == 4 &&
+                   (group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256) &&
+                   std::all_of(xp, xp + M * K, [](float v) { return std::isfinite(v); });
+  if (a16) {
+    const int64_t half16 = out.half16;
+    out.a16 = true;
+    out.xe16.assign(M * half16, 0);
+    out.xo16.assign(M * half16, 0);
+    out.xs.assign(M * (groups + 1), 0.f);
+    out.xsum16.assign(M * groups, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t k0 = g * group_size, k1 = std::min(K, k0 + group_size);
+        float amax = 0.f;
+        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::abs(xp[m * K + k]));
+        if (amax == 0.f) continue;  // all zero: int16 values and scale stay 0
+        const float inv = 32767.f / amax;
+        out.xs[m * (groups + 1) + g] = amax / 32767.f;
+        int64_t qsum = 0;
+        for (int64_t k = k0; k < k1; ++k) {
+          const int16_t q = static_cast<int16_t>(std::min(32767.f, std::max(-32767.f, std::nearbyint(xp[m * K + k] * inv))));
+          (k % 2 ? out.xo16 : out.xe16)[m * half16 + k / 2] = q;
+          qsum += q;
+        }
+        out.xsum16[m * groups + g] = static_cast<float>(qsum) * out.xs[m * (groups + 1) + g];
+      }
+  }
+#endif
+  (void)int16_activations;
+}
+
+void quant_rows(const QuantWeight& w, const QuantActivations& x, float* y, int64_t begin, int64_t end) {
+  const int64_t half = (w.K + 1) / 2;
+  const GemvArgs args{x.x, x.xe.data(), x.xo.data(), x.xsum.data(), w.w, w.bias, y,
+                      x.M, w.N, w.K, w.groups, w.group_size, half, w.bits == 8 ? w.K : half, w.bits == 4 ? 8.f : 0.f,
+                      x.a16 ? x.xe16.data() : nullptr, x.a16 ? x.xo16.data() : nullptr,
+                      x.a16 ? x.xs.data() : nullptr, x.a16 ? x.xsum16.data() : nullptr, x.half16};
+  if (w.half_scales)
+    rows_range<c10::Half>(args, static_cast<const c10::Half*>(w.scales), static_cast<const c10::Half*>(w.zeros), begin, end);
+  else
+    rows_range<float>(args, static_cast<const float*>(w.scales), static_cast<const float*>(w.zeros), begin, end);
+}
+
+// The standalone op (hf_fastinfer.kernels.quant_matmul's CPU path for a few rows).
+// x: [..., K] float32 / bfloat16 / float16 (converted to float32 here: K values per row, negligible next to
+// the weight); returns y [..., N] in x's dtype. The conversions live here rather than in Python because at
+// decode sizes each Python-level tensor op costs about as much as the matrix-vector product itself.
+// qweight: int8 [N, K] (bits 8) or uint8 [N, ceil(K/2)] (bits 4); scales, zeros: float [N, G_count].
+// int16_activations: int4 against x held as int16 per group (gemv_blocks_a16); callers ask for it with bf16 x.
+at::Tensor quant_gemv(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales_in,
+                      const c10::optional<at::Tensor>& zeros_in, const c10::optional<at::Tensor>& bias_in, int64_t bits,
+                      int64_t group_size, int64_t in_features, bool int16_activations) {
+  const auto x_dtype = x_in.scalar_type();
+  TORCH_CHECK((x_dtype == at::kFloat || x_dtype == at::kBFloat16 || x_dtype == at::kHalf) && x_in.dim() >= 1 &&
+              x_in.size(-1) == in_features, "x must be float32 / bfloat16 / float16 [..., in_features]");
+  TORCH_CHECK(scales_in.is_floating_point(), "scales must be float");
+  TORCH_CHECK(qweight.is_contiguous() && qweight.element_size() == 1, "qweight must be contiguous int8 / uint8");
+  TORCH_CHECK(group_size > 0, "group_size must be positive");
+  // (each ATen call costs about a microsecond even when it changes nothing: skipped when nothing would change)
+  const auto as = [](const at::Tensor& t, c10::ScalarType dtype) {
+    return t.scalar_type() == dtype && t.is_contiguous() ? t : t.to(dtype).contiguous();
+  };
+  const auto x = as(x_in.dim() == 2 ? x_in : x_in.reshape({-1, in_features}), at::kFloat);
+  // scales and zeros are read as stored when fp16 or fp32 (converted once per group inside the kernel)
+  const auto sdtype = scales_in.scalar_type() == at::kHalf ? at::kHalf : at::kFloat;
+  const auto scales = as(scales_in, sdtype);
+  c10::optional<at::Tensor> zeros, bias;
+  if (zeros_in.has_value()) zeros = as(*zeros_in, sdtype);
+  if (bias_in.has_value()) bias = as(*bias_in, at::kFloat);
+  const int64_t M = x.size(0), K = in_features, N = qweight.size(0);
+  const int64_t groups = (K + group_size - 1) / group_size;
+  TORCH_CHECK(scales.size(0) == N && scales.size(1) == groups, "shape mismatch");
+  TORCH_CHECK(bits == 8 || (bits == 4 && group_size % 2 == 0), "bits 8, or bits 4 with an even group size");
+  TORCH_CHECK(qweight.size(1) == (bits == 8 ? K : (K + 1) / 2), "qweight's row length does not match in_features");
+  if (zeros.has_value()) TORCH_CHECK(zeros->sizes() == scales.sizes(), "zeros must have the scales' shape");
+  QuantWeight w;
+  w.w = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
+  w.scales = scales.data_ptr();
+  w.zeros = zeros.has_value() ? zeros->data_ptr() : nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == N, "bias must be [N]");
+    w.bias = bias->data_ptr<float>();
+  }
+  w.half_scales = sdtype == at::kHalf;
+  w.N = N;
+  w.K = K;
+  w.bits = bits;
+  w.group_size = group_size;
+  w.groups = groups;
+  QuantActivations xa;
+  quant_prepare(x.data_ptr<float>(), M, K, bits, group_size, int16_activations, xa);
+  at::Tensor y = at::detail::empty_cpu({M, N}, at::kFloat, false, c10::nullopt);  // (no dispatcher: ~1 us less)
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) { quant_rows(w, xa, yp, begin, end); });
+  if (x_dtype != at::kFloat) y = y.to(x_dtype);
+  if (x_in.dim() == 2) return y;
+  auto out_sizes = x_in.sizes().vec();
+  out_sizes.back() = N;
+  return y.view(out_sizes);
+}
+
+}  // namespace hf_fastinfer

@@ -1,0 +1,44 @@
+// Weight-only quantized matrix-vector products for a few activation rows (hf_fastinfer.kernels.quant_matmul),
+// as two steps that the standalone op and the fused decoder layer share: prepare the activation rows once for
+// a weight format, then compute any range of output rows (each thread of a team takes its own range).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace hf_fastinfer {
+
+// A group-quantized weight as the kernels read it. Formats: hf_fastinfer.kernels.quant_format (int8 [N, K];
+// int4 nibbles q + 8, low nibble = even column, two columns per byte); scales and zeros [N, groups], float32 or
+// float16 (half_scales); bias float32 [N] or null.
+struct QuantWeight {
+  const uint8_t* w = nullptr;
+  const void* scales = nullptr;
+  const void* zeros = nullptr;
+  const float* bias = nullptr;
+  bool half_scales = true;
+  int64_t N = 0, K = 0, bits = 8, group_size = 32, groups = 0;
+};
+
+// Activation rows x [M, K] (float32) prepared for one weight format: per-group sums (zero points and the int4
+// offset), int4's even / odd column split, and for int4 against 16-bit activations x held as int16 per group.
+struct QuantActivations {
+  const float* x = nullptr;         // [M, K], not owned
+  int64_t M = 0, K = 0, groups = 0, group_size = 0, half = 0, half16 = 0;
+  std::vector<float> xsum;          // [M, groups]
+  std::vector<float> xe, xo;        // int4: [M, half] even / odd columns (zero-padded)
+  std::vector<int16_t> xe16, xo16;  // int4 x int16: [M, half16]
+  std::vector<float> xs, xsum16;    // int4 x int16: [M, groups + 1] scales, [M, groups] sums as held in int16
+  bool a16 = false;
+};
+
+// Prepare x for weights of `bits` and `group_size`. int16_activations: int4 against x held as int16 per group
+// (AVX-512 VNNI; callers ask for it with bf16 activations only, and it is used only for group sizes 32, 64,
+// 128 and 256 and finite x).
+void quant_prepare(const float* x, int64_t M, int64_t K, int64_t bits, int64_t group_size, bool int16_activations,
+                   QuantActivations& out);
+
+// y[m, n] for n in [begin, end) (y: [M, w.N], float32), on the calling thread.
+void quant_rows(const QuantWeight& w, const QuantActivations& x, float* y, int64_t begin, int64_t end);
+
+}  // namespace hf_fastinfer
