@@ -29,6 +29,8 @@ __all__ = [
     "FastInferConfig",
     "MoQLinear",
     "report",
+    "inject",
+    "uninject",
     "CACHE_IMPLEMENTATIONS",
     "build_cache",
     "enable",
@@ -43,11 +45,16 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # MoQLinear / report live in quant/, which imports the kernel library (and Triton): loaded on first use
+    # MoQLinear / report live in quant/, inject / uninject in injection/ (a package name apart from the function
+    # `inject`); both import the kernel library (and Triton): loaded on first use
     if name in ("MoQLinear", "report"):
         from . import quant
 
         return getattr(quant, name)
+    if name in ("inject", "uninject"):
+        from . import injection
+
+        return getattr(injection, name)
     raise AttributeError(f"module 'hf_fastinfer' has no attribute {name!r}")
 
 

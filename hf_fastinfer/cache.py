@@ -221,6 +221,17 @@ class FastInferLayer(CacheLayerMixin):
         self.cumulative_length += new
         return self._read(self.capacity if self.static_shapes else self.length)
 
+    def reserve_decode_slot(self, batch: int) -> int | None:
+        """For a one-token append (per sequence of ``batch``) that needs neither compaction nor growth: count the
+        position as stored and return its buffer index, where the caller writes K/V itself (the fused decode
+        layer does, in its compiled call); None when :meth:`update` must handle the call."""
+        if not self.is_initialized or self.keys.shape[0] != batch or self.length >= self.capacity:
+            return None
+        slot = self.length
+        self.length += 1
+        self.cumulative_length += 1
+        return slot
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Called before `update` with the incoming query length. The offset is the absolute position of
         # buffer index 0 (non-zero once a sliding layer has dropped positions); masks use absolute positions.

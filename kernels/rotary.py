@@ -176,10 +176,14 @@ def _rotary_inplace_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin:
         rotary_cpu(q, k, cos, sin, positions, interleaved, True)
 
 
-def rotary(q, k, cos, sin, positions, *, interleaved: bool = False, inplace: bool = False):
-    """Rotate q and k by their tokens' positions; returns (q_out, k_out). See the module docstring."""
-    # the range check reads the positions (a device sync): skipped while tracing for torch.compile
-    _check_inputs(q, k, cos, sin, positions, check_range=not torch.compiler.is_compiling())
+def rotary(q, k, cos, sin, positions, *, interleaved: bool = False, inplace: bool = False, check_range: bool = True):
+    """Rotate q and k by their tokens' positions; returns (q_out, k_out). See the module docstring.
+
+    ``check_range=False`` skips checking that every position indexes the tables, which reads the positions
+    back (a device sync on a GPU); for callers that build the positions themselves. It is skipped anyway while
+    torch.compile traces.
+    """
+    _check_inputs(q, k, cos, sin, positions, check_range=check_range and not torch.compiler.is_compiling())
     if _backend.eager_cpu(q):
         return rotary_cpu(q, k, cos, sin, positions, interleaved, inplace)
     if inplace:

@@ -22,6 +22,7 @@
 
 #include "dense_gemv.h"
 #include "gated_act.h"
+#include "kv_quant.h"
 #include "ops.h"
 #include "quant_gemv.h"
 #include "rms_norm.h"
@@ -192,13 +193,6 @@ void attend_one(const float* q, const KT* k, const KT* v, int64_t stride_kl, int
   for (int64_t d = 0; d < D; ++d) out[d] = round_to<T>(out[d] * inv);
 }
 
-// y (float, [M, N]) rounded to T in place: what the model's projection returns
-template <typename T>
-void round_span(float* y, int64_t n) {
-  if constexpr (!std::is_same<T, float>::value)
-    for (int64_t i = 0; i < n; ++i) y[i] = round_to<T>(y[i]);
-}
-
 }  // namespace
 
 DecoderLayer::DecoderLayer(at::Tensor input_norm, c10::optional<at::Tensor> post_attention_norm, double eps,
@@ -248,98 +242,115 @@ int64_t DecoderLayer::weight_bytes() const {
   return total;
 }
 
+
 // ----------------------------------------------------------------------------------------------------------
-// attn_in
+// attn_in: norm, q/k/v projections, q/k norms, rotary
 // ----------------------------------------------------------------------------------------------------------
 
+// Run by every thread of a team (inside a parallel region): hidden [M, H] (T) -> q [M, Hq, D], k, v [M, Hkv, D]
+// (T). cos / sin rows: cp + m * stride_c (T, >= R values). ys: one float buffer [M, N_i] per projection,
+// allocated by the caller before the region. Ends without a barrier (each thread writes its own heads).
 template <typename T>
-std::vector<at::Tensor> DecoderLayer::attn_in_impl(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin) {
-  const int64_t M = hidden.size(0), H = hidden_, D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_;
-  const int64_t Nq = Hq * D, Nk = Hkv * D, total = Nq + 2 * Nk;
-  const T* hp = hidden.data_ptr<T>();
-  // the normalised input, T values held as float
+void DecoderLayer::attn_in_team(const T* hp, int64_t M, const T* cp, int64_t stride_c, const T* sp, int64_t stride_s,
+                                T* qp, T* kp, T* vp, std::vector<std::vector<float>>& ys, int tid, int nt) const {
+  const int64_t H = hidden_, D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_;
+  const bool bf16 = std::is_same<T, c10::BFloat16>::value;
+  // 1. the normalised input (T values held as float): every thread its own copy, a few hundred values
   std::vector<float> xn(M * H), row(H);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t d = 0; d < H; ++d) row[d] = static_cast<float>(hp[m * H + d]);
     rms_norm_row<T>(row.data(), norm1_.data_ptr<float>(), xn.data() + m * H, H, eps_, gemma_norm_);
   }
-  const bool bf16 = std::is_same<T, c10::BFloat16>::value;
-  std::vector<QuantActivations> prepared(qkv_.size());
-  for (size_t i = 0; i < qkv_.size(); ++i) qkv_[i].prepare(xn.data(), M, bf16, prepared[i]);
-  // each projection's rows split across the team; outputs side by side in y [M, total] via per-projection buffers
-  std::vector<std::vector<float>> ys(qkv_.size());
-  for (size_t i = 0; i < qkv_.size(); ++i) ys[i].resize(M * qkv_[i].out_features());
-  const int nt = team_size();
-#pragma omp parallel num_threads(nt)
-  {
-    const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-    for (size_t i = 0; i < qkv_.size(); ++i) {
-      int64_t begin, end;
-      thread_share(qkv_[i].out_features(), 4, tid, n, begin, end);
-      qkv_[i].rows(xn.data(), prepared[i], M, ys[i].data(), begin, end);
-    }
+  // 2. each projection's rows split across the team
+  for (size_t i = 0; i < qkv_.size(); ++i) {
+    QuantActivations qa;
+    qkv_[i].prepare(xn.data(), M, bf16, qa);
+    int64_t begin, end;
+    thread_share(qkv_[i].out_features(), 4, tid, nt, begin, end);
+    qkv_[i].rows(xn.data(), qa, M, ys[i].data(), begin, end);
   }
-  // y[m, :] = q | k | v, each projection's output rounded to T
-  std::vector<float> y(M * total);
-  for (int64_t m = 0; m < M; ++m) {
-    int64_t offset = 0;
-    for (size_t i = 0; i < qkv_.size(); ++i) {
-      const int64_t N = qkv_[i].out_features();
-      std::copy(ys[i].begin() + m * N, ys[i].begin() + (m + 1) * N, y.begin() + m * total + offset);
-      offset += N;
-    }
-  }
-  round_span<T>(y.data(), y.size());
-
-  at::Tensor q = at::detail::empty_cpu({M, Hq, 1, D}, dtype_, false, c10::nullopt);
-  at::Tensor k = at::detail::empty_cpu({M, Hkv, 1, D}, dtype_, false, c10::nullopt);
-  at::Tensor v = at::detail::empty_cpu({M, Hkv, 1, D}, dtype_, false, c10::nullopt);
-  T* qp = q.data_ptr<T>();
-  T* kp = k.data_ptr<T>();
-  T* vp = v.data_ptr<T>();
-  const int64_t R = rotary_dim_, half = R / 2;
-  // cos, sin: [M, R] as the model's rotary module gives them (its dtype, one row per token)
-  const T* cp = cos.data_ptr<T>();
-  const T* sp = sin.data_ptr<T>();
-  const int64_t stride_c = cos.stride(0), stride_s = sin.stride(0);
+#pragma omp barrier
+  // 3. per (sequence, head): the projection's output rounded to T, q/k norm, rotary; v copied
+  const int64_t total = (Hq + 2 * Hkv) * D, R = rotary_dim_, half = R / 2;
+  // column c of row m of the q | k | v output: one fused projection, or q, k, v apart
+  const auto part = [&](int64_t m, int64_t c) -> const float* {
+    if (ys.size() == 1) return ys[0].data() + m * total + c;
+    const int64_t which = c < Hq * D ? 0 : (c < (Hq + Hkv) * D ? 1 : 2);
+    const int64_t start = which == 0 ? 0 : (which == 1 ? Hq * D : (Hq + Hkv) * D);
+    return ys[which].data() + m * qkv_[which].out_features() + (c - start);
+  };
   std::vector<float> head(D);
-  for (int64_t m = 0; m < M; ++m) {
-    float* ym = y.data() + m * total;
-    for (int64_t h = 0; h < Hq + Hkv; ++h) {  // q heads, then k heads
-      const bool is_q = h < Hq;
-      const float* src = is_q ? ym + h * D : ym + Nq + (h - Hq) * D;
-      const at::Tensor& qk_norm = is_q ? q_norm_ : k_norm_;
-      if (qk_norm.defined())
-        rms_norm_row<T>(src, qk_norm.data_ptr<float>(), head.data(), D, qk_eps_, gemma_norm_);
-      else
-        std::copy(src, src + D, head.begin());
-      T* dst = is_q ? qp + (m * Hq + h) * D : kp + (m * Hkv + h - Hq) * D;
-      // q * cos + rotate_half(q) * sin, elementwise in T as the model computes it: each product rounded to T,
-      // then their sum (rotate_half(q)[j] = -q[j + R/2] for j < R/2, q[j - R/2] after)
-      for (int64_t j = 0; j < R; ++j) {
-        const float c = static_cast<float>(cp[m * stride_c + j]), s = static_cast<float>(sp[m * stride_s + j]);
-        const float rotated = j < half ? -head[j + half] : head[j - half];
-        dst[j] = static_cast<T>(round_to<T>(head[j] * c) + round_to<T>(rotated * s));
-      }
-      for (int64_t j = R; j < D; ++j) dst[j] = static_cast<T>(head[j]);
+  int64_t begin, end;
+  thread_share(M * (Hq + 2 * Hkv), 1, tid, nt, begin, end);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t m = item / (Hq + 2 * Hkv), h = item % (Hq + 2 * Hkv);
+    const float* src = part(m, h * D);
+    for (int64_t d = 0; d < D; ++d) head[d] = round_to<T>(src[d]);
+    if (h >= Hq + Hkv) {  // v
+      T* dst = vp + (m * Hkv + h - Hq - Hkv) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(head[d]);
+      continue;
     }
-    for (int64_t j = 0; j < Nk; ++j) vp[m * Nk + j] = static_cast<T>(ym[Nq + Nk + j]);
+    const bool is_q = h < Hq;
+    const at::Tensor& qk_norm = is_q ? q_norm_ : k_norm_;
+    if (qk_norm.defined()) rms_norm_row<T>(head.data(), qk_norm.data_ptr<float>(), head.data(), D, qk_eps_, gemma_norm_);
+    T* dst = is_q ? qp + (m * Hq + h) * D : kp + (m * Hkv + h - Hq) * D;
+    // q * cos + rotate_half(q) * sin, elementwise in T as the model computes it: each product rounded to T,
+    // then their sum (rotate_half(q)[j] = -q[j + R/2] for j < R/2, q[j - R/2] after)
+    const T* c = cp + m * stride_c;
+    const T* s = sp + m * stride_s;
+    for (int64_t j = 0; j < R; ++j) {
+      const float rotated = j < half ? -head[j + half] : head[j - half];
+      dst[j] = static_cast<T>(round_to<T>(head[j] * static_cast<float>(c[j])) +
+                              round_to<T>(rotated * static_cast<float>(s[j])));
+    }
+    for (int64_t j = R; j < D; ++j) dst[j] = static_cast<T>(head[j]);
   }
-  return {q, k, v};
 }
 
-std::vector<at::Tensor> DecoderLayer::attn_in(const at::Tensor& hidden_in, const at::Tensor& cos_in,
-                                              const at::Tensor& sin_in) {
+// the per-projection output buffers attn_in_team writes
+std::vector<std::vector<float>> DecoderLayer::qkv_buffers(int64_t M) const {
+  std::vector<std::vector<float>> ys(qkv_.size());
+  for (size_t i = 0; i < qkv_.size(); ++i) ys[i].resize(M * qkv_[i].out_features());
+  return ys;
+}
+
+// cos / sin [B or 1, 1, >= R] of the layer's dtype as rows: (pointer, stride between sequences)
+std::pair<const void*, int64_t> DecoderLayer::rotary_rows(const at::Tensor& t, int64_t M, const char* name) const {
+  TORCH_CHECK(t.scalar_type() == dtype_ && t.size(-1) >= rotary_dim_ && t.stride(-1) == 1,
+              name, " must be [B, 1, >= rotary_dim] of the layer's dtype, contiguous along the last dim");
+  const int64_t rows = t.numel() / t.size(-1);
+  TORCH_CHECK(rows == 1 || rows == M, name, " must have one row per sequence (or one for all)");
+  TORCH_CHECK(t.dim() < 2 || rows == 1 || t.size(-2) == 1, name, " must have one token per sequence");
+  return {t.data_ptr(), rows == 1 ? 0 : t.stride(0)};
+}
+
+std::vector<at::Tensor> DecoderLayer::new_qkv(int64_t M) const {
+  return {at::detail::empty_cpu({M, num_heads_, 1, head_dim_}, dtype_, false, c10::nullopt),
+          at::detail::empty_cpu({M, num_kv_heads_, 1, head_dim_}, dtype_, false, c10::nullopt),
+          at::detail::empty_cpu({M, num_kv_heads_, 1, head_dim_}, dtype_, false, c10::nullopt)};
+}
+
+template <typename T>
+std::vector<at::Tensor> DecoderLayer::attn_in_impl(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t M = hidden.size(0);
+  const auto [cp, stride_c] = rotary_rows(cos, M, "cos");
+  const auto [sp, stride_s] = rotary_rows(sin, M, "sin");
+  auto qkv = new_qkv(M);
+  auto ys = qkv_buffers(M);
+  const int nt = team_size();
+#pragma omp parallel num_threads(nt)
+  attn_in_team<T>(hidden.data_ptr<T>(), M, static_cast<const T*>(cp), stride_c, static_cast<const T*>(sp), stride_s,
+                  qkv[0].data_ptr<T>(), qkv[1].data_ptr<T>(), qkv[2].data_ptr<T>(), ys, omp_get_thread_num(),
+                  omp_get_num_threads());
+  return qkv;
+}
+
+std::vector<at::Tensor> DecoderLayer::attn_in(const at::Tensor& hidden_in, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(hidden_in.scalar_type() == dtype_ && hidden_in.size(-1) == hidden_,
               "attn_in: hidden states must be [B, 1, hidden] of the layer's dtype");
   const int64_t M = hidden_in.numel() / hidden_;
   const auto hidden = hidden_in.reshape({M, hidden_}).contiguous();
-  TORCH_CHECK(cos_in.scalar_type() == dtype_ && sin_in.scalar_type() == dtype_ && cos_in.size(-1) >= rotary_dim_,
-              "attn_in: cos / sin must be [B, 1, rotary_dim] of the layer's dtype");
-  // [B or 1, 1, R] -> [M, R] rows (a batch sharing positions broadcasts)
-  const auto cos = cos_in.reshape({-1, cos_in.size(-1)}).expand({M, cos_in.size(-1)});
-  const auto sin = sin_in.reshape({-1, sin_in.size(-1)}).expand({M, sin_in.size(-1)});
-  TORCH_CHECK(cos.stride(-1) == 1 && sin.stride(-1) == 1, "attn_in: cos / sin must be contiguous along the last dim");
   switch (dtype_) {
     case at::kFloat: return attn_in_impl<float>(hidden, cos, sin);
     case at::kBFloat16: return attn_in_impl<c10::BFloat16>(hidden, cos, sin);
@@ -348,24 +359,46 @@ std::vector<at::Tensor> DecoderLayer::attn_in(const at::Tensor& hidden_in, const
 }
 
 // ----------------------------------------------------------------------------------------------------------
-// attn_out_mlp
+// attn_out_mlp: (cache write,) attention, o_proj, residual, norm, gated MLP, residual (, next layer's attn_in)
 // ----------------------------------------------------------------------------------------------------------
 
 template <typename T, typename KT>
-std::vector<at::Tensor> DecoderLayer::attn_out_mlp_impl(const at::Tensor& hidden, const at::Tensor& q,
-                                                        const at::Tensor& keys, const at::Tensor& values,
-                                                        const at::Tensor& k_scale, const at::Tensor& v_scale,
-                                                        const at::Tensor& mask) {
+std::vector<at::Tensor> DecoderLayer::attn_out_mlp_impl(const AttnOutArgs& a) {
+  const at::Tensor &hidden = a.hidden, &q = a.q, &keys = a.keys, &values = a.values;
   const int64_t M = hidden.size(0), H = hidden_, D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_;
-  const int64_t G = Hq / Hkv, L = keys.size(2), I = intermediate_;
+  const int64_t G = Hq / Hkv, L = a.attend_len, I = intermediate_;
   const T* hp = hidden.data_ptr<T>();
   const T* qp = q.data_ptr<T>();
-  const KT* kp = keys.data_ptr<KT>();
-  const KT* vp = values.data_ptr<KT>();
+  KT* kp = keys.data_ptr<KT>();
+  KT* vp = values.data_ptr<KT>();
   constexpr bool quantized = std::is_same<KT, int8_t>::value;
-  const c10::Half* ksp = quantized ? k_scale.data_ptr<c10::Half>() : nullptr;
-  const c10::Half* vsp = quantized ? v_scale.data_ptr<c10::Half>() : nullptr;
+  c10::Half* ksp = quantized ? a.k_scale.data_ptr<c10::Half>() : nullptr;
+  c10::Half* vsp = quantized ? a.v_scale.data_ptr<c10::Half>() : nullptr;
+  const int64_t ks0 = quantized ? a.k_scale.stride(0) : 0, ks1 = quantized ? a.k_scale.stride(1) : 0,
+                ks2 = quantized ? a.k_scale.stride(2) : 0;
+  const int64_t vs0 = quantized ? a.v_scale.stride(0) : 0, vs1 = quantized ? a.v_scale.stride(1) : 0,
+                vs2 = quantized ? a.v_scale.stride(2) : 0;
+  // the new token's K/V into the cache's own buffers at `slot` (int8: quantized as kv_append does)
+  if (a.slot >= 0) {
+    const T* kn = a.k.data_ptr<T>();
+    const T* vn = a.v.data_ptr<T>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const T* ksrc = kn + (m * Hkv + h) * D;
+        const T* vsrc = vn + (m * Hkv + h) * D;
+        KT* kdst = kp + m * keys.stride(0) + h * keys.stride(1) + a.slot * keys.stride(2);
+        KT* vdst = vp + m * values.stride(0) + h * values.stride(1) + a.slot * values.stride(2);
+        if constexpr (quantized) {
+          quantize_kv_row<T>(ksrc, D, kdst, ksp + m * ks0 + h * ks1 + a.slot * ks2);
+          quantize_kv_row<T>(vsrc, D, vdst, vsp + m * vs0 + h * vs1 + a.slot * vs2);
+        } else {
+          std::copy(ksrc, ksrc + D, kdst);
+          std::copy(vsrc, vsrc + D, vdst);
+        }
+      }
+  }
   // mask [Bm, 1, 1, Lm] (Bm 1 or B, Lm >= L): bool, or additive float32 / T
+  const at::Tensor& mask = a.mask;
   const bool* mb = nullptr;
   const float* mf = nullptr;
   const T* mt = nullptr;
@@ -382,11 +415,23 @@ std::vector<at::Tensor> DecoderLayer::attn_out_mlp_impl(const at::Tensor& hidden
   }
   const bool bf16 = std::is_same<T, c10::BFloat16>::value;
   const bool mlp = !gate_up_.empty();
-  std::vector<float> attn(M * Hq * D), yo(M * H), act(mlp ? M * I : 0);
+  std::vector<float> attn(M * Hq * D), yo(M * H), act(mlp ? M * I : 0), yd(mlp ? M * H : 0);
+  std::vector<float> yg(mlp ? M * (gate_up_.size() == 1 ? 2 * I : I) : 0), yu(mlp && gate_up_.size() == 2 ? M * I : 0);
   at::Tensor out = at::detail::empty_cpu({M, 1, H}, dtype_, false, c10::nullopt);
   at::Tensor normed;  // no fused MLP: the post-attention norm's output goes back for the model's MLP module
   if (!mlp) normed = at::detail::empty_cpu({M, 1, H}, dtype_, false, c10::nullopt);
   T* op = out.data_ptr<T>();
+  // the next layer's attn_in on this layer's output, in the same parallel region
+  const DecoderLayer* next = a.next;
+  std::vector<at::Tensor> next_qkv;
+  std::vector<std::vector<float>> next_ys;
+  std::pair<const void*, int64_t> next_c{nullptr, 0}, next_s{nullptr, 0};
+  if (next != nullptr) {
+    next_qkv = next->new_qkv(M);
+    next_ys = next->qkv_buffers(M);
+    next_c = next->rotary_rows(a.next_cos, M, "next_cos");
+    next_s = next->rotary_rows(a.next_sin, M, "next_sin");
+  }
   const int nt = team_size();
 #pragma omp parallel num_threads(nt)
   {
@@ -401,12 +446,11 @@ std::vector<at::Tensor> DecoderLayer::attn_out_mlp_impl(const at::Tensor& hidden
         for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(qp[(m * Hq + h) * D + d]);
         const KT* kr = kp + m * keys.stride(0) + kvh * keys.stride(1);
         const KT* vr = vp + m * values.stride(0) + kvh * values.stride(1);
-        const c10::Half* ks = quantized ? ksp + m * k_scale.stride(0) + kvh * k_scale.stride(1) : nullptr;
-        const c10::Half* vs = quantized ? vsp + m * v_scale.stride(0) + kvh * v_scale.stride(1) : nullptr;
-        attend_one<T, KT>(qf.data(), kr, vr, keys.stride(2), values.stride(2), ks, vs,
-                          quantized ? k_scale.stride(2) : 0, quantized ? v_scale.stride(2) : 0, L, D, scaling_, softcap_,
-                          mb ? mb + m * stride_mb : nullptr, mf ? mf + m * stride_mb : nullptr,
-                          mt ? mt + m * stride_mb : nullptr, stride_ml, scores.data(), attn.data() + (m * Hq + h) * D);
+        attend_one<T, KT>(qf.data(), kr, vr, keys.stride(2), values.stride(2),
+                          quantized ? ksp + m * ks0 + kvh * ks1 : nullptr, quantized ? vsp + m * vs0 + kvh * vs1 : nullptr,
+                          ks2, vs2, L, D, scaling_, softcap_, mb ? mb + m * stride_mb : nullptr,
+                          mf ? mf + m * stride_mb : nullptr, mt ? mt + m * stride_mb : nullptr, stride_ml, scores.data(),
+                          attn.data() + (m * Hq + h) * D);
       }
     }
 #pragma omp barrier
@@ -437,10 +481,8 @@ std::vector<at::Tensor> DecoderLayer::attn_out_mlp_impl(const at::Tensor& hidden
       // 4. gate and up rows [begin, end) on this thread, then act(gate) * up for the same columns
       int64_t begin, end;
       thread_share(I, 16, tid, n, begin, end);
-      std::vector<float> yg(M * I), yu(gate_up_.size() == 1 ? 0 : M * I);
-      if (gate_up_.size() == 1) {
-        // fused [2I, H]: gate rows, then up rows; yg holds [M, 2I]
-        yg.resize(M * 2 * I);
+      const int64_t ldg = gate_up_.size() == 1 ? 2 * I : I;
+      if (gate_up_.size() == 1) {  // fused [2I, H]: gate rows, then up rows
         QuantActivations qa;
         gate_up_[0].prepare(n2.data(), M, bf16, qa);
         gate_up_[0].rows(n2.data(), qa, M, yg.data(), begin, end);
@@ -452,24 +494,23 @@ std::vector<at::Tensor> DecoderLayer::attn_out_mlp_impl(const at::Tensor& hidden
         gate_up_[0].rows(n2.data(), qg, M, yg.data(), begin, end);
         gate_up_[1].rows(n2.data(), qu, M, yu.data(), begin, end);
       }
-      const int64_t ldg = gate_up_.size() == 1 ? 2 * I : I;
       for (int64_t m = 0; m < M; ++m) {
         const float* g = yg.data() + m * ldg;
         const float* u = gate_up_.size() == 1 ? g + I : yu.data() + m * I;
-        float* a = act.data() + m * I;
+        float* av = act.data() + m * I;
 #ifdef HF_FASTINFER_AVX512
         const T* tag = nullptr;
         for (int64_t i = begin; i < end; i += 16) {
           const __mmask16 mk = tail_mask(end - i);
           const __m512 gv = round16(_mm512_maskz_loadu_ps(mk, g + i), tag);
           const __m512 uv = round16(_mm512_maskz_loadu_ps(mk, u + i), tag);
-          _mm512_mask_storeu_ps(a + i, mk, round16(gated16<T>(gv, uv, gelu_), tag));
+          _mm512_mask_storeu_ps(av + i, mk, round16(gated16<T>(gv, uv, gelu_), tag));
         }
 #else
         for (int64_t i = begin; i < end; ++i) {
           const float gv = round_to<T>(g[i]), uv = round_to<T>(u[i]);
           const float t = gelu_ ? 2.f * 0.7978845608028654f * (gv + 0.044715f * gv * gv * gv) : gv;
-          a[i] = round_to<T>(round_to<T>(gv / (1.f + std::exp(-t))) * uv);
+          av[i] = round_to<T>(round_to<T>(gv / (1.f + std::exp(-t))) * uv);
         }
 #endif
       }
@@ -478,27 +519,38 @@ std::vector<at::Tensor> DecoderLayer::attn_out_mlp_impl(const at::Tensor& hidden
       QuantActivations qa;
       down_->prepare(act.data(), M, bf16, qa);
       thread_share(H, 4, tid, n, begin, end);
-      std::vector<float> yd(M * H);
       down_->rows(act.data(), qa, M, yd.data(), begin, end);
       for (int64_t m = 0; m < M; ++m)
         for (int64_t j = begin; j < end; ++j) op[m * H + j] = static_cast<T>(h[m * H + j] + round_to<T>(yd[m * H + j]));
+      // 6. the next layer's attn_in on the finished output
+      if (next != nullptr) {
+#pragma omp barrier
+        next->attn_in_team<T>(op, M, static_cast<const T*>(next_c.first), next_c.second,
+                              static_cast<const T*>(next_s.first), next_s.second, next_qkv[0].data_ptr<T>(),
+                              next_qkv[1].data_ptr<T>(), next_qkv[2].data_ptr<T>(), next_ys, tid, n);
+      }
     }
   }
   if (!mlp) return {out, normed};
+  if (next != nullptr) return {out, next_qkv[0], next_qkv[1], next_qkv[2]};
   return {out};
 }
 
 std::vector<at::Tensor> DecoderLayer::attn_out_mlp(const at::Tensor& hidden_in, const at::Tensor& q_in,
-                                                   const at::Tensor& keys, const at::Tensor& values,
-                                                   const c10::optional<at::Tensor>& k_scale,
+                                                   const at::Tensor& k, const at::Tensor& v, const at::Tensor& keys,
+                                                   const at::Tensor& values, const c10::optional<at::Tensor>& k_scale,
                                                    const c10::optional<at::Tensor>& v_scale,
-                                                   const c10::optional<at::Tensor>& mask_in) {
+                                                   const c10::optional<at::Tensor>& mask_in, int64_t slot,
+                                                   int64_t attend_len, const DecoderLayer* next,
+                                                   const c10::optional<at::Tensor>& next_cos,
+                                                   const c10::optional<at::Tensor>& next_sin) {
   TORCH_CHECK(hidden_in.scalar_type() == dtype_ && hidden_in.size(-1) == hidden_,
               "attn_out_mlp: hidden states must be [B, 1, hidden] of the layer's dtype");
+  AttnOutArgs a;
   const int64_t M = hidden_in.numel() / hidden_;
-  const auto hidden = hidden_in.reshape({M, hidden_}).contiguous();
-  const auto q = q_in.contiguous();
-  TORCH_CHECK(q.scalar_type() == dtype_ && q.numel() == M * num_heads_ * head_dim_, "attn_out_mlp: q must be [B, Hq, 1, D]");
+  a.hidden = hidden_in.reshape({M, hidden_}).contiguous();
+  a.q = q_in.contiguous();
+  TORCH_CHECK(a.q.scalar_type() == dtype_ && a.q.numel() == M * num_heads_ * head_dim_, "attn_out_mlp: q must be [B, Hq, 1, D]");
   TORCH_CHECK(keys.dim() == 4 && values.dim() == 4 && keys.size(0) == M && keys.size(1) == num_kv_heads_ &&
               keys.size(3) == head_dim_ && values.sizes() == keys.sizes(),
               "attn_out_mlp: keys / values must be [B, Hkv, L, D]");
@@ -507,30 +559,52 @@ std::vector<at::Tensor> DecoderLayer::attn_out_mlp(const at::Tensor& hidden_in, 
   if (quantized) {
     TORCH_CHECK(values.scalar_type() == at::kChar && k_scale.has_value() && v_scale.has_value() &&
                 k_scale->scalar_type() == at::kHalf && v_scale->scalar_type() == at::kHalf &&
-                k_scale->dim() == 3 && v_scale->dim() == 3 && k_scale->size(2) >= keys.size(2),
+                k_scale->dim() == 3 && v_scale->dim() == 3 && k_scale->size(2) >= keys.size(2) &&
+                v_scale->size(2) >= keys.size(2),
                 "attn_out_mlp: int8 keys / values need float16 scales [B, Hkv, L]");
+    a.k_scale = *k_scale;
+    a.v_scale = *v_scale;
   } else {
     TORCH_CHECK(keys.scalar_type() == dtype_ && values.scalar_type() == dtype_, "attn_out_mlp: keys / values of the layer's dtype");
   }
-  at::Tensor mask;
+  a.keys = keys;
+  a.values = values;
+  a.slot = slot;
+  if (slot >= 0) {
+    // the cache's whole buffers: this token's K/V go to `slot`, attention reads [0, attend_len)
+    TORCH_CHECK(slot < keys.size(2) && attend_len > slot && attend_len <= keys.size(2),
+                "attn_out_mlp: slot / attend_len outside the cache buffers");
+    a.k = k.contiguous();
+    a.v = v.contiguous();
+    TORCH_CHECK(a.k.scalar_type() == dtype_ && a.v.scalar_type() == dtype_ &&
+                a.k.numel() == M * num_kv_heads_ * head_dim_ && a.v.numel() == a.k.numel(),
+                "attn_out_mlp: k / v must be [B, Hkv, 1, D] of the layer's dtype");
+    a.attend_len = attend_len;
+  } else {
+    a.attend_len = keys.size(2);
+  }
   if (mask_in.has_value()) {
-    mask = *mask_in;
-    TORCH_CHECK(mask.dim() == 4 && (mask.size(0) == 1 || mask.size(0) == M) && mask.size(2) == 1 &&
-                mask.size(3) >= keys.size(2), "attn_out_mlp: the mask must be [B or 1, 1, 1, >= L]");
-    TORCH_CHECK(mask.scalar_type() == at::kBool || mask.scalar_type() == at::kFloat || mask.scalar_type() == dtype_,
+    a.mask = *mask_in;
+    TORCH_CHECK(a.mask.dim() == 4 && (a.mask.size(0) == 1 || a.mask.size(0) == M) && a.mask.size(2) == 1 &&
+                a.mask.size(3) >= a.attend_len, "attn_out_mlp: the mask must be [B or 1, 1, 1, >= L]");
+    TORCH_CHECK(a.mask.scalar_type() == at::kBool || a.mask.scalar_type() == at::kFloat || a.mask.scalar_type() == dtype_,
                 "attn_out_mlp: a bool or additive float mask");
   }
-  const at::Tensor ks = quantized ? *k_scale : at::Tensor(), vs = quantized ? *v_scale : at::Tensor();
+  if (next != nullptr) {
+    TORCH_CHECK(!gate_up_.empty(), "attn_out_mlp: a next layer needs this layer's MLP fused (its output computed here)");
+    TORCH_CHECK(next->dtype_ == dtype_ && next->hidden_ == hidden_ && next_cos.has_value() && next_sin.has_value(),
+                "attn_out_mlp: the next layer must share dtype and hidden size, and needs cos / sin");
+    a.next = next;
+    a.next_cos = *next_cos;
+    a.next_sin = *next_sin;
+  }
   switch (dtype_) {
     case at::kFloat:
-      return quantized ? attn_out_mlp_impl<float, int8_t>(hidden, q, keys, values, ks, vs, mask)
-                       : attn_out_mlp_impl<float, float>(hidden, q, keys, values, ks, vs, mask);
+      return quantized ? attn_out_mlp_impl<float, int8_t>(a) : attn_out_mlp_impl<float, float>(a);
     case at::kBFloat16:
-      return quantized ? attn_out_mlp_impl<c10::BFloat16, int8_t>(hidden, q, keys, values, ks, vs, mask)
-                       : attn_out_mlp_impl<c10::BFloat16, c10::BFloat16>(hidden, q, keys, values, ks, vs, mask);
+      return quantized ? attn_out_mlp_impl<c10::BFloat16, int8_t>(a) : attn_out_mlp_impl<c10::BFloat16, c10::BFloat16>(a);
     default:
-      return quantized ? attn_out_mlp_impl<c10::Half, int8_t>(hidden, q, keys, values, ks, vs, mask)
-                       : attn_out_mlp_impl<c10::Half, c10::Half>(hidden, q, keys, values, ks, vs, mask);
+      return quantized ? attn_out_mlp_impl<c10::Half, int8_t>(a) : attn_out_mlp_impl<c10::Half, c10::Half>(a);
   }
 }
 

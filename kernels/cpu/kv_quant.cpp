@@ -1,12 +1,12 @@
 // hf_fastinfer.kernels.kv_quant, CPU path.
+#include "kv_quant.h"
 #include "ops.h"
-#include "simd.h"
 
 namespace hf_fastinfer {
 
 // KV-cache quantize-and-append (hf_fastinfer.kernels.kv_quant): x [B, H, S, D] float (unit stride along D),
-// cache int8 [B, H, L, D], scale float16 [B, H, L], slots int64 [B, S] contiguous. Per (b, h, token):
-// scale = fp16(max|x| / 127) >= 2^-24, q = round-half-even(x / scale) clamped to [-127, 127].
+// cache int8 [B, H, L, D], scale float16 [B, H, L], slots int64 [B, S] contiguous; each (b, h, token) row
+// quantized by quantize_kv_row (kv_quant.h).
 template <typename T>
 void kv_append_one(const at::Tensor& x, at::Tensor& cache, at::Tensor& scale, const int64_t* slots) {
   const int64_t B = x.size(0), H = x.size(1), S = x.size(2), D = x.size(3);
@@ -18,16 +18,8 @@ void kv_append_one(const at::Tensor& x, at::Tensor& cache, at::Tensor& scale, co
       const int64_t b = r / (H * S), h = (r / S) % H, s = r % S;
       const T* row = xp + b * x.stride(0) + h * x.stride(1) + s * x.stride(2);
       const int64_t slot = slots[b * S + s];
-      float absmax = 0.f;
-      for (int64_t d = 0; d < D; ++d) absmax = std::max(absmax, std::abs(static_cast<float>(row[d])));
-      const c10::Half stored = static_cast<c10::Half>(absmax / 127.0f);
-      const float sc = std::max(static_cast<float>(stored), 5.960464477539063e-08f);
-      int8_t* out = cp + b * cache.stride(0) + h * cache.stride(1) + slot * cache.stride(2);
-      for (int64_t d = 0; d < D; ++d) {
-        const float q = std::nearbyint(static_cast<float>(row[d]) / sc);  // default rounding: ties to even
-        out[d] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, q)));
-      }
-      sp[b * scale.stride(0) + h * scale.stride(1) + slot * scale.stride(2)] = static_cast<c10::Half>(sc);
+      quantize_kv_row<T>(row, D, cp + b * cache.stride(0) + h * cache.stride(1) + slot * cache.stride(2),
+                         sp + b * scale.stride(0) + h * scale.stride(1) + slot * scale.stride(2));
     }
   });
 }

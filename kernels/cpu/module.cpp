@@ -36,6 +36,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("rotary_dim"),
            py::arg("scaling"), py::arg("softcap"), py::arg("activation"), py::arg("dtype"))
       .def("attn_in", &DecoderLayer::attn_in, py::call_guard<py::gil_scoped_release>())
-      .def("attn_out_mlp", &DecoderLayer::attn_out_mlp, py::call_guard<py::gil_scoped_release>())
+      .def("attn_out_mlp", &DecoderLayer::attn_out_mlp, py::arg("hidden"), py::arg("q"), py::arg("k"), py::arg("v"),
+           py::arg("keys"), py::arg("values"), py::arg("k_scale"), py::arg("v_scale"), py::arg("mask"),
+           py::arg("slot") = -1, py::arg("attend_len") = 0, py::arg("next_layer") = nullptr,
+           py::arg("next_cos") = py::none(), py::arg("next_sin") = py::none(), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("weight_bytes", &DecoderLayer::weight_bytes);
 }

@@ -56,6 +56,15 @@ class Projection {
   int64_t bits_ = 0, in_features_ = 0, out_features_ = 0, group_size_ = 0;
 };
 
+class DecoderLayer;
+
+// The arguments of one attn_out_mlp call, checked (decoder_layer.cpp).
+struct AttnOutArgs {
+  at::Tensor hidden, q, k, v, keys, values, k_scale, v_scale, mask, next_cos, next_sin;
+  int64_t slot = -1, attend_len = 0;
+  const DecoderLayer* next = nullptr;
+};
+
 // A pre-norm decoder layer for decode tokens (one query token per sequence), in two calls around the KV-cache
 // update (decoder_layer.cpp has the steps and the numerics).
 class DecoderLayer {
@@ -70,13 +79,21 @@ class DecoderLayer {
   // k, v [B, Hkv, 1, D] in the layer's dtype.
   std::vector<at::Tensor> attn_in(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin);
 
-  // hidden [B, 1, H] (the layer's input, the residual); q from attn_in; keys, values [B, Hkv, L, D] as the cache
-  // returns them (the layer's dtype, or int8 with float16 scales [B, Hkv, L]); mask [B or 1, 1, 1, >= L] bool
-  // (True = attend) or additive float, or None. Returns {out [B, 1, H]}, or without a fused MLP
-  // {residual [B, 1, H], post-attention norm of it [B, 1, H]} for the model's own MLP module.
-  std::vector<at::Tensor> attn_out_mlp(const at::Tensor& hidden, const at::Tensor& q, const at::Tensor& keys,
-                                       const at::Tensor& values, const c10::optional<at::Tensor>& k_scale,
-                                       const c10::optional<at::Tensor>& v_scale, const c10::optional<at::Tensor>& mask);
+  // hidden [B, 1, H] (the layer's input, the residual); q, k, v from attn_in. The cache, one of:
+  //   slot < 0:  keys, values [B, Hkv, L, D] as the cache's update returned them (the new token included);
+  //   slot >= 0: the cache's whole buffers [B, Hkv, capacity, D]; k, v are written at `slot` here and attention
+  //              reads positions [0, attend_len).
+  // Keys / values are of the layer's dtype, or int8 with float16 scales [B, Hkv, L]. mask [B or 1, 1, 1, >= L]
+  // bool (True = attend) or additive float, or None. next: a following layer whose attn_in runs on this
+  // layer's output in the same parallel region (with next_cos / next_sin). Returns {out [B, 1, H]} (+ the next
+  // layer's {q, k, v}), or without a fused MLP {residual [B, 1, H], post-attention norm of it [B, 1, H]} for the
+  // model's own MLP module.
+  std::vector<at::Tensor> attn_out_mlp(const at::Tensor& hidden, const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, const at::Tensor& keys, const at::Tensor& values,
+                                       const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale,
+                                       const c10::optional<at::Tensor>& mask, int64_t slot, int64_t attend_len,
+                                       const DecoderLayer* next, const c10::optional<at::Tensor>& next_cos,
+                                       const c10::optional<at::Tensor>& next_sin);
 
   // bytes of the projection weights (and their scales) one decode step reads
   int64_t weight_bytes() const;
@@ -84,10 +101,14 @@ class DecoderLayer {
  private:
   template <typename T>
   std::vector<at::Tensor> attn_in_impl(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin);
+  template <typename T>
+  void attn_in_team(const T* hidden, int64_t M, const T* cos, int64_t stride_c, const T* sin, int64_t stride_s, T* q,
+                    T* k, T* v, std::vector<std::vector<float>>& ys, int tid, int nt) const;
   template <typename T, typename KT>
-  std::vector<at::Tensor> attn_out_mlp_impl(const at::Tensor& hidden, const at::Tensor& q, const at::Tensor& keys,
-                                            const at::Tensor& values, const at::Tensor& k_scale,
-                                            const at::Tensor& v_scale, const at::Tensor& mask);
+  std::vector<at::Tensor> attn_out_mlp_impl(const AttnOutArgs& a);
+  std::vector<std::vector<float>> qkv_buffers(int64_t M) const;
+  std::vector<at::Tensor> new_qkv(int64_t M) const;
+  std::pair<const void*, int64_t> rotary_rows(const at::Tensor& t, int64_t M, const char* name) const;
 
   std::vector<Projection> qkv_;
   Projection o_;

@@ -1,0 +1,263 @@
+"""Kernel injection: the fused decode path on the instances of one loaded model.
+
+``FastInferConfig(...)`` injects at load time (``kernel_injection=True``, the default); :func:`inject` does it for
+a model already loaded and :func:`uninject` undoes it. Nothing process-wide changes and no class is patched:
+
+1. :func:`~hf_fastinfer.injection.detect.find_blocks` finds the pre-norm decoder blocks by structure;
+2. a probe runs the model's own forward on a few tokens, records what each block receives for one decoded
+   token and what it returns, and runs the fused step on the same inputs: a block is injected only when the two
+   agree (so a block with another formula, e.g. extra norms, is recognised as such and left alone);
+3. q/k/v and gate/up become one tensor each, the model's modules keeping views of it (:mod:`.fuse`);
+4. each block's ``forward`` becomes a :class:`~hf_fastinfer.injection.layer.FusedDecoderLayer`; a float output
+   projection and the final norm get the kernel library's forwards.
+
+Blocks that are not recognised are left untouched and named in one log line; a mixture-of-experts block gets
+its attention fused and keeps its experts as transformers' module (logged too). A model with nothing to inject
+runs unchanged, with one warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+from .detect import BlockPlan, find_blocks, norm_kind
+from .fuse import fuse_projections, unfuse_projections
+from .layer import FastLinearForward, FastNormForward, FusedDecoderLayer
+
+__all__ = ["InjectionReport", "inject", "uninject", "is_injected", "injection_report"]
+
+logger = logging.getLogger("hf_fastinfer")
+
+_STATE_ATTR = "_hf_fastinfer_injection"
+
+#: how far the fused step may be from the block's own forward on the probe token, relative to the size of the
+#: block's update (output - input): fp32 differs by summation order only; bf16 / fp16 round at the same places
+#: with other summation orders. A block the fused step does not compute (a missing norm, another activation)
+#: is off by order 1.
+PROBE_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+@dataclasses.dataclass
+class InjectionReport:
+    """What :func:`inject` did: fused blocks, modules given a kernel-library forward, what it left alone."""
+
+    fused_blocks: list[str]
+    attention_only: dict[str, str]  # block -> why its MLP stays the model's module
+    left_alone: dict[str, str]  # module -> why it is not injected
+    forwards: list[str]  # other modules given a kernel-library forward (lm_head, final norm)
+    fused_projections: int  # q/k/v and gate/up groups now sharing one tensor
+
+    def __str__(self) -> str:
+        lines = [f"hf_fastinfer kernel injection: {len(self.fused_blocks)} decoder blocks fused"
+                 + (f" ({len(self.attention_only)} attention only)" if self.attention_only else "")
+                 + (f", {', '.join(self.forwards)} on kernel-library forwards" if self.forwards else "")]
+        for name, why in self.attention_only.items():
+            lines.append(f"  {name}: attention fused, MLP left to transformers ({why})")
+        for name, why in self.left_alone.items():
+            lines.append(f"  {name}: left to transformers ({why})")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class _State:
+    report: InjectionReport
+    layers: dict[str, FusedDecoderLayer]
+    fused_groups: list[list[nn.Module]]
+    forwards: list[nn.Module]
+
+
+def is_injected(model: nn.Module) -> bool:
+    return getattr(model, _STATE_ATTR, None) is not None
+
+
+def injection_report(model: nn.Module) -> InjectionReport | None:
+    state = getattr(model, _STATE_ATTR, None)
+    return None if state is None else state.report
+
+
+def _rotary_dim(captured_kwargs: dict) -> int | None:
+    pe = captured_kwargs.get("position_embeddings")
+    if not isinstance(pe, tuple) or len(pe) != 2 or not isinstance(pe[0], torch.Tensor):
+        return None
+    return int(pe[0].shape[-1])
+
+
+@torch.no_grad()
+def _probe(model: nn.Module, plans: list[BlockPlan]) -> dict[str, dict]:
+    """Run the model's own forward on 3 prompt tokens and 1 decoded token with a DynamicCache, recording each
+    block's call for the decoded token: {block name: {"args", "kwargs", "output"}}; the cache is cropped back
+    to the prompt afterwards, so each block's fused step can be run on the same inputs."""
+    from transformers.cache_utils import DynamicCache
+
+    embeddings = model.get_input_embeddings()
+    vocab = embeddings.num_embeddings
+    device = embeddings.weight.device
+    ids = (torch.arange(4, device=device) * 7919 + 17) % vocab
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids[None, :3], past_key_values=cache, use_cache=True)
+    calls = {}
+
+    def recorder(name):
+        def hook(module, args, kwargs, output):
+            calls[name] = {"args": args, "kwargs": dict(kwargs), "output": output}
+        return hook
+
+    handles = [p.layer.register_forward_hook(recorder(p.name), with_kwargs=True) for p in plans]
+    try:
+        model(input_ids=ids[None, 3:], past_key_values=cache, use_cache=True)
+    finally:
+        for h in handles:
+            h.remove()
+    cache.crop(-1)  # back to the 3 prompt tokens
+    return calls
+
+
+def _probe_error(fused_layer: FusedDecoderLayer, call: dict) -> str | None:
+    """None when the fused step reproduces the recorded call, else why not."""
+    args, kwargs, expected = call["args"], call["kwargs"], call["output"]
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    rest = args[1:] if args else ()
+    kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+    if not isinstance(expected, torch.Tensor):
+        return f"its forward returns {type(expected).__name__}, not a tensor"
+    try:
+        out = fused_layer.decode(hidden, rest, kwargs)
+    except Exception as exc:  # a shape or dtype the fused layer refuses
+        return f"the fused step failed on it ({type(exc).__name__}: {exc})"
+    if out is None:
+        return "its decode call is not one the fused step covers (positional arguments or no position embeddings)"
+    update = (expected.float() - hidden.float()).abs().max().clamp_min(1e-6)
+    error = float((out.float() - expected.float()).abs().max() / update)
+    tolerance = PROBE_TOLERANCE.get(hidden.dtype, 6e-2)
+    if not error <= tolerance:
+        return f"the fused step differs from its forward by {error:.2g} of the update (limit {tolerance:g})"
+    return None
+
+
+@torch.no_grad()
+def inject(model: nn.Module, *, verbose: bool = False) -> InjectionReport:
+    """Inject hf_fastinfer's fused decode path into ``model`` (in place; idempotent). Returns what was done.
+
+    Decode calls (one new token per sequence, no gradient) of each recognised block run the fused layer;
+    everything else runs the block's own forward. ``verbose`` prints the report.
+    """
+    if is_injected(model):
+        uninject(model)
+    plans, skipped = find_blocks(model)
+    report = InjectionReport([], {}, dict(skipped), [], 0)
+    state = _State(report, {}, [], [])
+    layers: dict[str, tuple[BlockPlan, int]] = {}  # block name -> (plan, rotary dims), probe passed
+    if plans:
+        was_training = model.training
+        model.eval()
+        try:
+            calls = _probe(model, plans)
+        except Exception as exc:
+            calls = {}
+            for p in plans:
+                report.left_alone[p.name] = f"the probe forward of the model failed ({type(exc).__name__}: {exc})"
+        finally:
+            model.train(was_training)
+        for plan in plans:
+            call = calls.get(plan.name)
+            if call is None:
+                report.left_alone.setdefault(plan.name, "the model's forward did not call it")
+                continue
+            rotary_dim = _rotary_dim(call["kwargs"])
+            if rotary_dim is None or rotary_dim > plan.head_dim or rotary_dim % 2:
+                report.left_alone[plan.name] = "it is not given rotary position embeddings (cos, sin)"
+                continue
+            layer = FusedDecoderLayer(plan.layer, plan.spec(rotary_dim), plan.layer_idx,
+                                      None if plan.gate_up else plan.mlp)
+            error = _probe_error(layer, call)
+            if error is not None:
+                report.left_alone[plan.name] = error
+                continue
+            layers[plan.name] = (plan, rotary_dim)
+        del calls  # the probe's cache and activations
+    for name, (plan, rotary_dim) in layers.items():
+        groups = [g for g in (plan.qkv, plan.gate_up) if len(g) > 1]
+        fused = {}
+        for group in groups:
+            joined = fuse_projections(group)
+            if joined is not None:
+                fused[id(group)] = joined
+                state.fused_groups.append(group)
+        spec = plan.spec(rotary_dim, fused.get(id(plan.qkv)), fused.get(id(plan.gate_up)))
+        fused_layer = FusedDecoderLayer(plan.layer, spec, plan.layer_idx, None if plan.gate_up else plan.mlp)
+        plan.layer.forward = fused_layer
+        state.layers[name] = fused_layer
+        report.fused_blocks.append(name)
+        if not plan.gate_up:
+            report.attention_only[name] = plan.mlp_note
+    # on CPU a block computes the next block's q/k/v at the end of its own compiled call (one call per block)
+    ordered = list(state.layers.values())
+    for this, following in zip(ordered, ordered[1:]):
+        if this.mlp is None and following.layer_idx == this.layer_idx + 1:
+            this.next = following
+    report.fused_projections = len(state.fused_groups)
+    if report.fused_blocks:
+        _inject_forwards(model, plans, state)
+    setattr(model, _STATE_ATTR, state)
+    _log(report)
+    if verbose:
+        print(report)
+    return report
+
+
+def _inject_forwards(model: nn.Module, plans: list[BlockPlan], state: _State) -> None:
+    """The output projection (float nn.Linear) and the norms beside the blocks (the final norm)."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {id(m): n for n, m in model.named_modules()}
+    if type(output) is nn.Linear and output.weight.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        output.forward = FastLinearForward(output)
+        state.forwards.append(output)
+        state.report.forwards.append(names.get(id(output), "output projection"))
+    block_ids = {id(p.layer) for p in plans}
+    for parent in model.modules():
+        kids = list(parent.children())
+        if not any(isinstance(k, nn.ModuleList) and any(id(b) in block_ids for b in k) for k in kids):
+            continue
+        for kid in kids:
+            kind = norm_kind(kid)
+            if kind is not None:
+                eps = getattr(kid, "variance_epsilon", getattr(kid, "eps", None))
+                kid.forward = FastNormForward(kid, eps, kind == "gemma")
+                state.forwards.append(kid)
+                state.report.forwards.append(names.get(id(kid), "norm"))
+
+
+def _log(report: InjectionReport) -> None:
+    if not report.fused_blocks:
+        warnings.warn("hf_fastinfer kernel injection found no decoder block it can fuse in this model; it runs "
+                      "unchanged" + (f" ({len(report.left_alone)} modules left alone: "
+                                     f"{next(iter(report.left_alone.values()))})" if report.left_alone else ""),
+                      stacklevel=3)
+        return
+    logger.info(str(report).splitlines()[0])
+    if report.attention_only:
+        logger.info("hf_fastinfer: attention fused, MLP left to transformers in %d blocks (%s): %s",
+                    len(report.attention_only), next(iter(report.attention_only.values())),
+                    ", ".join(report.attention_only))
+    if report.left_alone:
+        logger.warning("hf_fastinfer: not injected, left to transformers: %s",
+                       "; ".join(f"{n} ({why})" for n, why in report.left_alone.items()))
+
+
+@torch.no_grad()
+def uninject(model: nn.Module) -> None:
+    """Undo :func:`inject`: original forwards, and each projection its own tensors again (idempotent)."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return
+    for module in model.modules():
+        if isinstance(module.__dict__.get("forward"), (FusedDecoderLayer, FastLinearForward, FastNormForward)):
+            del module.forward
+    for group in state.fused_groups:
+        unfuse_projections(group)
+    delattr(model, _STATE_ATTR)

@@ -1,0 +1,140 @@
+"""The forward that kernel injection installs on a recognised decoder block (and on the output projection and
+the final norm).
+
+:class:`FusedDecoderLayer` is set as the block instance's ``forward`` (the class is untouched; deleting the
+attribute undoes it). For a decode call (one new token per sequence, no gradient, the model's own position
+embeddings) it runs the fused layer of :mod:`hf_fastinfer.kernels.decoder_layer` around the cache's own
+``update``; every other call (prefill, training, attention weights requested, an unusual mask or cache) takes
+the block's own forward, unchanged.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from ..cache import FastInferCache
+from ..kernels import decoder_layer as fused
+from ..kernels.linear import CPU_GEMV_MAX_ROWS, linear
+from ..kernels.rms_norm import rms_norm
+
+__all__ = ["FusedDecoderLayer", "FastLinearForward", "FastNormForward"]
+
+
+class FusedDecoderLayer:
+    """``layer.forward`` for an injected block. ``spec`` names the block's tensors (no copies); ``mlp`` is the
+    block's MLP module when the spec does not fuse it (mixture of experts)."""
+
+    def __init__(self, layer: nn.Module, spec: fused.DecoderLayerSpec, layer_idx: int, mlp: nn.Module | None):
+        self._layer = weakref.ref(layer)
+        self._original = type(layer).forward
+        self.spec = spec
+        self.layer_idx = layer_idx
+        self.mlp = mlp
+        self.device = spec.input_norm.device
+        self.dtype = spec.dtype
+        # on CPU the compiled layer takes up to this many sequences; GPU kernels take any batch
+        self.max_batch = CPU_GEMV_MAX_ROWS if self.device.type == "cpu" else 1 << 30
+        #: the block the model calls after this one (set by inject): on CPU its q/k/v are computed at the end of
+        #: this block's compiled call, and used only if it is then called with exactly this block's output
+        self.next: FusedDecoderLayer | None = None
+        self._stash = None  # (hidden it was computed from, cos, sin, (q, k, v)) from the block before
+        self.decode_calls = 0  # how many calls took the fused path (tests and report() read it)
+
+    def __call__(self, hidden_states, *args, **kwargs):
+        out = self.decode(hidden_states, args, kwargs)
+        if out is None:
+            return self._original(self._layer(), hidden_states, *args, **kwargs)
+        return out
+
+    def decode(self, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The fused decode step, or None when this call is not one it covers (the caller runs the original)."""
+        stash, self._stash = self._stash, None
+        if args or hidden.dim() != 3 or hidden.shape[1] != 1 or hidden.shape[0] > self.max_batch:
+            return None
+        if hidden.dtype != self.dtype or hidden.device != self.device or self._layer().training:
+            return None
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            return None  # the fused step has no backward: autograd gets the model's own forward
+        position_embeddings = kwargs.get("position_embeddings")
+        if position_embeddings is None or kwargs.get("output_attentions"):
+            return None
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[2] != 1:
+                return None
+            if mask.dtype != torch.bool and (hidden.device.type != "cpu" or mask.dtype not in (torch.float32, self.dtype)):
+                return None
+        cos, sin = position_embeddings
+        if stash is not None and stash[0] is hidden and stash[1] is cos and stash[2] is sin:
+            q, k, v = stash[3]  # computed by the block before, in its own call
+        else:
+            q, k, v = fused.attn_in(self.spec, hidden, cos, sin)
+        cache = kwargs.get("past_key_values")
+        eager_cpu = hidden.device.type == "cpu" and not torch.compiler.is_compiling()
+        slot, attend_len, k_scale, v_scale = -1, 0, None, None
+        own = cache.layers[self.layer_idx] if eager_cpu and isinstance(cache, FastInferCache) else None
+        if own is not None:
+            slot = own.reserve_decode_slot(hidden.shape[0])
+        if slot is not None and slot >= 0:
+            # hf_fastinfer's own cache: K/V are written into its buffers inside the compiled call
+            keys, values = own.keys, own.values
+            k_scale, v_scale = own.key_scales, own.value_scales
+            attend_len = own.capacity if own.static_shapes else own.length
+        else:
+            slot = -1
+            if cache is not None:
+                keys, values = cache.update(k, v, self.layer_idx)
+            else:
+                keys, values = k, v  # no cache: the token attends to itself
+            k_scale = getattr(keys, "_hf_fastinfer_scale", None)  # int8 K/V handed over as stored (fastinfer_int8)
+            v_scale = getattr(values, "_hf_fastinfer_scale", None)
+            if keys.dtype == torch.int8 and (k_scale is None or v_scale is None):
+                raise RuntimeError("the KV cache returned int8 keys without their scales")
+        if not torch.compiler.is_compiling():
+            self.decode_calls += 1
+        following = self.next if eager_cpu and self.mlp is None else None
+        out = fused.attn_out_mlp(self.spec, hidden, q, keys, values, k_scale, v_scale, mask, new_kv=(k, v), slot=slot,
+                                 attend_len=attend_len, next_spec=following.spec if following is not None else None,
+                                 next_cos=cos, next_sin=sin)
+        if following is not None:
+            out, next_qkv = out
+            following._stash = (out, cos, sin, next_qkv)
+        if self.mlp is None:
+            return out
+        residual, normed = out
+        mlp_out = self.mlp(normed)
+        if isinstance(mlp_out, tuple):  # MoE blocks that also return router logits
+            mlp_out = mlp_out[0]
+        return residual + mlp_out
+
+
+class FastLinearForward:
+    """``forward`` of a float ``nn.Linear`` (the output projection): the kernel library's linear op, which on CPU
+    reads the weight at the memory bandwidth for a few rows."""
+
+    def __init__(self, module: nn.Linear):
+        self._module = weakref.ref(module)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        module = self._module()
+        if x.dtype != module.weight.dtype:
+            return nn.functional.linear(x, module.weight, module.bias)
+        return linear(x, module.weight, module.bias)
+
+
+class FastNormForward:
+    """``forward`` of an RMSNorm module outside the fused blocks (the final norm): the kernel library's op."""
+
+    def __init__(self, module: nn.Module, eps: float, gemma: bool):
+        self._module = weakref.ref(module)
+        self.eps = eps
+        self.gemma = gemma
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        module = self._module()
+        if x.dtype != module.weight.dtype or x.stride(-1) != 1 or (torch.is_grad_enabled() and x.requires_grad):
+            return type(module).forward(module, x)
+        return rms_norm(x, module.weight, None, self.eps, self.gemma)[0]

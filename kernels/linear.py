@@ -1,0 +1,60 @@
+"""Float linear layer for decode: y = x @ W.T + b with a float32 / bfloat16 / float16 weight.
+
+x: [..., K] of the weight's dtype; weight: [N, K]; bias: [N] or None. Returns [..., N] in x's dtype,
+accumulated in fp32 and rounded once (as ``F.linear`` does).
+
+GPU: ``F.linear`` (cuBLAS already reads the weight at the memory bandwidth for a few rows, so there is no Triton
+kernel here). CPU: up to :data:`CPU_GEMV_MAX_ROWS` rows run the compiled GEMV in ``kernels/cpu/dense_gemv.cpp``,
+which moves the machine's read bandwidth where eager ``F.linear`` moves about half of it in bf16 (BENCHMARKS.md);
+more rows go to ``F.linear`` (BLAS), where the arithmetic dominates. kernel injection gives the output projection
+(lm_head) of a float model this forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _backend
+from ._cpu_ext import cpu_extension
+
+__all__ = ["CPU_GEMV_MAX_ROWS", "linear", "linear_cpu", "linear_ref"]
+
+#: up to this many activation rows the compiled GEMV runs on CPU; above it, F.linear
+CPU_GEMV_MAX_ROWS = 8
+
+
+def _check_inputs(x, weight, bias) -> None:
+    _backend.check_float("x", x)
+    if weight.dim() != 2 or weight.dtype != x.dtype:
+        raise ValueError(f"weight must be a 2-D tensor of x's dtype ({x.dtype}), got {weight.dtype} {tuple(weight.shape)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {weight.shape[1]}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ weight.T + bias. See the module docstring."""
+    _check_inputs(x, weight, bias)
+    if _backend.eager_cpu(x) and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return linear_cpu(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def linear_cpu(x, weight, bias=None):
+    """CPU path: the compiled GEMV for a few rows of a contiguous weight, else F.linear."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if 0 < rows <= CPU_GEMV_MAX_ROWS and weight.is_contiguous():
+        ext = cpu_extension()
+        if ext is not None:
+            return ext.dense_gemv(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def linear_ref(x, weight, bias=None):
+    """Pure PyTorch: the product in fp32 (float64 for fp32 inputs' reference), rounded to x's dtype."""
+    compute = torch.float64 if x.dtype == torch.float32 else torch.float32
+    y = x.to(compute) @ weight.to(compute).T
+    if bias is not None:
+        y = y + bias.to(compute)
+    return y.to(x.dtype)
