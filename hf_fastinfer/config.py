@@ -36,7 +36,9 @@ class FastInferConfig(QuantizationConfigMixin):
         target_bits: average weight bits for ``bits="auto"``.
         layer_bits: the per-layer bits chosen for ``bits="auto"``; written at quantization time, reapplied on reload.
         tp_size: tensor-parallel degree (1: no tensor parallelism).
-        kernel_injection: replace norms, rotary and gated MLPs with hf_fastinfer's fused modules.
+        kernel_injection: inject the fused decode path after loading (default): each recognised decoder block's
+            decode step runs as one fused layer (:mod:`hf_fastinfer.injection`), q/k/v and gate/up become one
+            projection each. ``bits=None`` with injection: no weight quantization, fused kernels only.
         version: format version of a saved checkpoint (set automatically).
     """
 

@@ -2,7 +2,10 @@
 
 transformers calls it while ``from_pretrained`` builds and loads a model; the work lives in ``quant/``.
 
-* ``bits=None``: nothing is converted; the config is recorded (and saved) so the model reloads the same way.
+* ``bits=None``: no weight is converted; the config is recorded (and saved) so the model reloads the same way.
+* ``kernel_injection=True`` (the default): after loading (and quantizing), the fused decode path is injected
+  into the model's decoder blocks (:mod:`hf_fastinfer.injection`); ``False`` leaves the model's forwards as
+  transformers wrote them.
 * ``bits`` 8 / 4: before loading, every ``nn.Linear`` to convert becomes an empty :class:`MoQLinear` on
   the meta device; each float weight is quantized by :class:`MoQQuantize` as it streams in. A checkpoint
   saved from such a model already holds the quantized tensors and loads them as they are.
@@ -200,29 +203,36 @@ class FastInferQuantizer(HfQuantizer):
     # -- after loading ----------------------------------------------------------------------------------------
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from .quant.moq_linear import MoQLinear
-
         config = self.quantization_config
         try:
-            if not config.quantizes_weights:
-                return model
-            if self.pre_quantized:
-                self._check_loaded_scales(model)
-            if self._tied_output is not None:
-                self._quantize_tied_output(model)
-            if self.collect_alternatives:
-                self._choose_bits(model)
-            for module in model.modules():
-                if isinstance(module, MoQLinear):
-                    module.alternative = None
-                    module.weight.requires_grad_(False)
-                    if module.bias is not None:
-                        module.bias.requires_grad_(False)
+            if config.quantizes_weights:
+                self._finish_quantization(model)
         finally:
             if self._progress is not None:
                 self._progress.close()
                 self._progress = None
+        if config.kernel_injection:
+            from .injection import inject
+
+            inject(model)
         return model
+
+    def _finish_quantization(self, model) -> None:
+        """Checks of a saved checkpoint's scales, the tied output projection, bits="auto"'s choice."""
+        from .quant.moq_linear import MoQLinear
+
+        if self.pre_quantized:
+            self._check_loaded_scales(model)
+        if self._tied_output is not None:
+            self._quantize_tied_output(model)
+        if self.collect_alternatives:
+            self._choose_bits(model)
+        for module in model.modules():
+            if isinstance(module, MoQLinear):
+                module.alternative = None
+                module.weight.requires_grad_(False)
+                if module.bias is not None:
+                    module.bias.requires_grad_(False)
 
     def _quantize_tied_output(self, model) -> None:
         from .quant.moq_linear import MoQLinear

@@ -170,7 +170,8 @@ def test_save_and_reload_is_bit_identical_and_loads_in_a_fresh_process(tmp_path,
         "import json, torch, hf_fastinfer\n"
         "from transformers import AutoModelForCausalLM\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(saved)!r})\n"
-        f"print(json.dumps(m(torch.tensor({IDS.tolist()})).logits.flatten().tolist()))\n"
+        "with torch.no_grad():  # as above: with autograd on, injected modules run the model's own forwards\n"
+        f"    print(json.dumps(m(torch.tensor({IDS.tolist()})).logits.flatten().tolist()))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
