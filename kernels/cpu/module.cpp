@@ -8,6 +8,7 @@ namespace py = pybind11;
 using namespace hf_fastinfer;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("team_size", &team_size, "threads the compiled kernels' parallel regions use (torch.get_num_threads())");
   m.def("quant_gemv", &quant_gemv, "weight-only quantized GEMV for a few activation rows");
   m.def("dense_gemv", &dense_gemv, "float-weight GEMV for a few activation rows");
   m.def("rms_norm", &rms_norm, "RMSNorm with an optional fused residual add");

@@ -1,0 +1,328 @@
+"""Kernel injection (hf_fastinfer.injection) on tiny models of every family: the same tokens as transformers'
+own path, in every generation mode, with every cache; what is fused and what is left alone; undo; compile.
+
+fp32 greedy tokens are compared for equality: the fused layer differs from transformers' forward only by
+summation order (about 1e-7 relative), far below the gap between the top two logits of these models.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM, BertConfig, BertModel, DynamicCache
+from transformers.generation.streamers import BaseStreamer
+
+import hf_fastinfer
+from hf_fastinfer import models
+from hf_fastinfer.injection import injection_report, is_injected
+from hf_fastinfer.kernels._cpu_ext import cpu_extension
+
+torch.manual_seed(0)
+PROMPTS = torch.randint(3, 500, (3, 12), generator=torch.Generator().manual_seed(1))
+MASK = torch.ones_like(PROMPTS)
+MASK[0, :4] = 0  # left padding
+MASK[1, :2] = 0
+
+
+def pair(family, **kwargs):
+    """(transformers' model, the same model injected)."""
+    reference = models.tiny(family, attn_implementation="sdpa", **kwargs)
+    fast = models.tiny(family, attn_implementation="fastinfer", **kwargs)
+    hf_fastinfer.inject(fast)
+    return reference, fast
+
+
+def decode_calls(model) -> int:
+    return sum(layer.decode_calls for layer in model._hf_fastinfer_injection.layers.values())
+
+
+@pytest.mark.parametrize("cache", [None, "fastinfer", "fastinfer_int8"])
+@pytest.mark.parametrize("family", models.TINY_FAMILIES)
+def test_greedy_tokens_match_transformers(family, cache):
+    reference, fast = pair(family)
+    kwargs = dict(attention_mask=MASK, max_new_tokens=24, do_sample=False)
+    if cache == "fastinfer_int8":
+        # the int8 cache changes the numbers; compare with transformers' model on the same cache
+        reference = models.tiny(family, attn_implementation="fastinfer")
+    expected = reference.generate(PROMPTS, **kwargs, **({"cache_implementation": cache} if cache else {}))
+    got = fast.generate(PROMPTS, **kwargs, **({"cache_implementation": cache} if cache else {}))
+    assert torch.equal(got, expected)
+    assert decode_calls(fast) >= 2 * 20  # the fused path ran for (nearly) every decoded token of both layers
+
+
+def test_fused_layer_output_matches_transformers_layer_by_layer():
+    """Logits of a decode step, and every block's output (hidden states), against transformers' forward."""
+    reference, fast = pair("qwen3")
+    ids = PROMPTS[:1]
+    outs = []
+    for model in (reference, fast):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            first = model(ids, past_key_values=cache, use_cache=True)
+            nxt = first.logits[:, -1:].argmax(-1)
+            outs.append(model(nxt, past_key_values=cache, use_cache=True, output_hidden_states=True))
+    for a, b in zip(outs[0].hidden_states, outs[1].hidden_states):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[1].logits, outs[0].logits, rtol=1e-5, atol=1e-5)
+
+
+class _Collect(BaseStreamer):
+    def __init__(self):
+        self.pieces = []
+
+    def put(self, value):
+        self.pieces.append(value.clone())
+
+    def end(self):
+        self.pieces.append(None)
+
+
+def test_generation_modes_keep_working():
+    reference, fast = pair("llama")
+    ids, mask = PROMPTS[:1], MASK[:1]
+    for kwargs in (dict(num_beams=3, num_return_sequences=2), dict(num_beams=2, cache_implementation="fastinfer"),
+                   dict(prompt_lookup_num_tokens=3), dict(cache_implementation="fastinfer", prompt_lookup_num_tokens=2)):
+        expected = reference.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, **kwargs)
+        got = fast.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, **kwargs)
+        assert torch.equal(got, expected), kwargs
+    # sampling: the same seed draws the same tokens from the same distributions
+    torch.manual_seed(7)
+    sampled_ref = reference.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=True, top_k=20)
+    torch.manual_seed(7)
+    sampled_fast = fast.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=True, top_k=20)
+    assert torch.equal(sampled_fast, sampled_ref)
+    # assisted decoding, the assistant injected too
+    assistant_ref = models.tiny("llama", num_hidden_layers=1, attn_implementation="sdpa")
+    assistant = models.tiny("llama", num_hidden_layers=1, attn_implementation="fastinfer")
+    hf_fastinfer.inject(assistant)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                                  assistant_model=assistant_ref)
+    got = fast.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, assistant_model=assistant)
+    assert torch.equal(got, expected)
+    # streaming: the streamer sees every token as it is made
+    streamer = _Collect()
+    got = fast.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, streamer=streamer)
+    streamed = torch.cat([p.reshape(-1) for p in streamer.pieces[1:-1]])
+    assert torch.equal(streamed, got[0, ids.shape[1]:]) and streamer.pieces[-1] is None
+
+
+def test_forward_called_directly_with_and_without_autograd():
+    reference, fast = pair("gemma")
+    ids = PROMPTS[:2]
+    expected = reference(ids, attention_mask=MASK[:2]).logits
+    torch.testing.assert_close(fast(ids, attention_mask=MASK[:2]).logits, expected, rtol=1e-5, atol=1e-5)
+    # one decode step with autograd on takes the model's own forward and is differentiable
+    cache = DynamicCache(config=fast.config)
+    fast(ids, attention_mask=MASK[:2], past_key_values=cache, use_cache=True)
+    out = fast(ids[:, -1:], past_key_values=cache, use_cache=True).logits
+    assert out.requires_grad
+    out.sum().backward()
+    assert fast.model.embed_tokens.weight.grad is not None
+
+
+def test_report_and_the_moe_blocks_log(caplog):
+    _, fast = pair("mixtral")
+    report = injection_report(fast)
+    assert report.fused_blocks == ["model.layers.0", "model.layers.1"]
+    assert set(report.attention_only) == {"model.layers.0", "model.layers.1"}
+    assert "lm_head" in report.forwards and "model.norm" in report.forwards
+    with caplog.at_level(logging.INFO, logger="hf_fastinfer"):
+        hf_fastinfer.inject(fast)
+    assert "MLP left to transformers" in caplog.text and "MixtralSparseMoeBlock" in caplog.text
+    assert "attention only" in str(report)
+
+
+def test_unrecognised_blocks_are_left_alone_and_named(caplog):
+    """Gemma 2's blocks have four norms (sandwich norms): not the pre-norm block the fused layer computes."""
+    config = models.tiny_config("gemma")
+    from transformers import Gemma2Config
+
+    config = Gemma2Config(**{k: v for k, v in config.to_dict().items() if k in Gemma2Config().to_dict()})
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    ids = PROMPTS[:1]
+    expected = model.generate(ids, max_new_tokens=8, do_sample=False)
+    with caplog.at_level(logging.WARNING), pytest.warns(UserWarning, match="no decoder block"):
+        report = hf_fastinfer.inject(model)
+    assert report.fused_blocks == []
+    assert "model.layers.0" in report.left_alone and "4 norm modules" in report.left_alone["model.layers.0"]
+    assert "forward" not in model.model.layers[0].__dict__
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), expected)
+
+
+def test_a_block_whose_forward_differs_is_left_alone(caplog):
+    """The probe catches a block that looks right but computes something else (here: an extra scale)."""
+    reference, _ = pair("llama")
+    model = models.tiny("llama", attn_implementation="sdpa")
+    layer = model.model.layers[1]
+    original = type(layer).forward
+    layer.forward = lambda *a, **k: original(layer, *a, **k) * 1.5  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="hf_fastinfer"):
+        report = hf_fastinfer.inject(model)
+    assert report.fused_blocks == ["model.layers.0"]
+    assert "differs from its forward" in report.left_alone["model.layers.1"]
+    assert "model.layers.1" in caplog.text
+
+
+def test_encoder_has_nothing_to_inject():
+    config = BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=96, max_position_embeddings=64)
+    model = BertModel(config).eval()
+    ids = torch.randint(0, 300, (1, 6))
+    expected = model(ids).last_hidden_state
+    with pytest.warns(UserWarning, match="no decoder block it can fuse"):
+        hf_fastinfer.inject(model)
+    torch.testing.assert_close(model(ids).last_hidden_state, expected, rtol=0, atol=0)
+
+
+def _storages(model) -> dict[int, int]:
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
+
+
+def test_fused_projections_share_memory_and_uninject_restores():
+    model = models.tiny("llama", attn_implementation="fastinfer")
+    ids = PROMPTS[:1]
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False)
+    before = sum(_storages(model).values())
+    hf_fastinfer.inject(model)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    # q, k, v (and gate, up) are consecutive views of one tensor: no second copy of any weight
+    base = attn.q_proj.weight.untyped_storage().data_ptr()
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == base == attn.v_proj.weight.untyped_storage().data_ptr()
+    assert mlp.gate_proj.weight.untyped_storage().data_ptr() == mlp.up_proj.weight.untyped_storage().data_ptr()
+    assert sum(_storages(model).values()) == before
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), expected)
+    hf_fastinfer.uninject(model)
+    assert not is_injected(model)
+    assert "forward" not in model.model.layers[0].__dict__ and "forward" not in model.lm_head.__dict__
+    assert attn.q_proj.weight.untyped_storage().data_ptr() != attn.k_proj.weight.untyped_storage().data_ptr()
+    assert sum(_storages(model).values()) == before
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), expected)
+    hf_fastinfer.uninject(model)  # idempotent
+
+
+def test_inject_twice_and_dtype_change_fall_back_safely():
+    model = models.tiny("qwen2", attn_implementation="fastinfer")
+    ids = PROMPTS[:1]
+    hf_fastinfer.inject(model)
+    hf_fastinfer.inject(model)  # again: re-detects, reuses the fused tensors
+    assert len(injection_report(model).fused_blocks) == 2
+    model.to(torch.bfloat16)  # the fused layers were built for fp32: they step aside
+    reference = models.tiny("qwen2", attn_implementation="fastinfer").to(torch.bfloat16)
+    expected = reference.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), expected)
+    hf_fastinfer.inject(model)  # rebuilt for bf16
+    calls = decode_calls(model)
+    model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert decode_calls(model) > calls
+
+
+def test_config_injects_at_load_and_can_turn_it_off(tmp_path):
+    models.tiny("phi3").save_pretrained(tmp_path)
+    on = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=hf_fastinfer.FastInferConfig(bits=None))
+    off = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=hf_fastinfer.FastInferConfig(bits=None, kernel_injection=False))
+    assert is_injected(on) and not is_injected(off)
+    quantized = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=hf_fastinfer.FastInferConfig(bits=4))
+    assert len(injection_report(quantized).fused_blocks) == 2
+    ids = PROMPTS[:1]
+    assert torch.equal(on.generate(ids, max_new_tokens=8, do_sample=False),
+                       off.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def aten_ops_per_decoded_token(model, cache) -> int:
+    """aten ops one decode step of ``model.forward`` dispatches (after a prefill and one warm step)."""
+    ids = PROMPTS[:1]
+    with torch.inference_mode():
+        out = model(ids, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        model(nxt, past_key_values=cache, use_cache=True)
+        with _CountOps() as counter:
+            model(nxt, past_key_values=cache, use_cache=True)
+    return sum(counter.counts.values())
+
+
+@pytest.mark.skipif(cpu_extension() is None, reason="needs the compiled CPU kernels (a C++ compiler)")
+def test_aten_ops_per_decoded_token_are_a_tenth_of_transformers():
+    reference, fast = pair("llama", num_hidden_layers=30)
+    baseline = aten_ops_per_decoded_token(reference, DynamicCache(config=reference.config))
+    for cache in (DynamicCache(config=fast.config), hf_fastinfer.build_cache("fastinfer", config=fast.config)):
+        ops = aten_ops_per_decoded_token(fast, cache)
+        assert ops * 10 <= baseline, (ops, baseline)
+
+
+def test_injected_decode_step_compiles_fullgraph():
+    """torch.compile(fullgraph=True) traces the injected decode step (the kernel-library composition the GPU
+    runs, each op a torch.library op) with the static-shape cache: what a CUDA graph captures on a GPU."""
+    _, fast = pair("qwen3")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    ids = PROMPTS[:1]
+    cache = hf_fastinfer.build_cache("fastinfer", config=fast.config, max_cache_len=64, growth=False,
+                                     static_shapes=True)
+    eager_cache = hf_fastinfer.build_cache("fastinfer", config=fast.config, max_cache_len=64, growth=False,
+                                           static_shapes=True)
+    with torch.no_grad():
+        nxt = fast(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        fast(ids, past_key_values=eager_cache, use_cache=True)
+        expected = fast(nxt, past_key_values=eager_cache, use_cache=True).logits
+        compiled = torch.compile(fast.forward, fullgraph=True, backend=backend)
+        got = compiled(input_ids=nxt, past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    for op in ("hf_fastinfer.rotary", "hf_fastinfer.decode_attention", "hf_fastinfer.gated_act", "hf_fastinfer.rms_norm"):
+        assert any(op in t for t in targets), (op, sorted(targets))
+
+
+def test_inject_changes_nothing_process_wide():
+    """Injecting and decoding leave torch's, the compilers' and the environment's settings as they were."""
+    from test_import_side_effects import SNAPSHOT
+
+    code = SNAPSHOT + textwrap.dedent(
+        """
+        import hf_fastinfer
+        from hf_fastinfer import models
+        model = models.tiny("llama")
+        before = snapshot()
+        hf_fastinfer.inject(model)
+        model.generate(torch.tensor([[5, 9, 13]]), max_new_tokens=4, do_sample=False)
+        after = snapshot()
+        print(json.dumps(sorted(k for k in before if before[k] != after[k])))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.mark.skipif(cpu_extension() is None, reason="needs the compiled CPU kernels (a C++ compiler)")
+def test_compiled_kernels_use_torchs_thread_count():
+    ext = cpu_extension()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert ext.team_size() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert ext.team_size() == before
