@@ -279,3 +279,28 @@ def test_composed_layer_slot_and_next_match_the_compiled_contract():
     assert_close(out, expected, torch.float32, "output")
     for a, b in zip(next_qkv, dl.attn_in_ref(following, out, cos, sin)):
         assert_close(a, b, torch.float32, "next layer's q / k / v")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [0, 8, 4])
+def test_composed_layer_on_gpu_matches_reference(dtype, bits):
+    """The Triton composition on a GPU against the reference (run on the GPU as well)."""
+    spec = make_spec(dtype, bits, qk_norm=True)
+    cuda = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    spec = dataclasses.replace(
+        spec, input_norm=cuda(spec.input_norm), post_attention_norm=cuda(spec.post_attention_norm),
+        q_norm=cuda(spec.q_norm), k_norm=cuda(spec.k_norm),
+        qkv=[dataclasses.replace(p, weight=cuda(p.weight), scales=cuda(p.scales), zeros=cuda(p.zeros)) for p in spec.qkv],
+        o=dataclasses.replace(spec.o, weight=cuda(spec.o.weight), scales=cuda(spec.o.scales), zeros=cuda(spec.o.zeros)),
+        gate_up=[dataclasses.replace(p, weight=cuda(p.weight), scales=cuda(p.scales), zeros=cuda(p.zeros))
+                 for p in spec.gate_up],
+        down=dataclasses.replace(spec.down, weight=cuda(spec.down.weight), scales=cuda(spec.down.scales),
+                                 zeros=cuda(spec.down.zeros)))
+    inputs = tuple(cuda(t) for t in make_inputs(spec))
+    (q, k, v), out = run("compiled", spec, inputs)  # on CUDA tensors: the composition of Triton kernels
+    (rq, rk, rv), ref = run("ref", spec, inputs)
+    tolerance = 2.0**-6 if dtype == torch.bfloat16 else 1e-4  # fp32 through tensor-core-free Triton dots
+    for a, b in ((q, rq), (k, rk), (v, rv), (out, ref)):
+        err = (a.float() - b.float()).abs().max() / b.float().abs().max()
+        assert err <= tolerance, err
