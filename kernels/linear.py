@@ -6,8 +6,9 @@ accumulated in fp32 and rounded once (as ``F.linear`` does).
 GPU: ``F.linear`` (cuBLAS already reads the weight at the memory bandwidth for a few rows, so there is no Triton
 kernel here). CPU: up to :data:`CPU_GEMV_MAX_ROWS` rows run the compiled GEMV in ``kernels/cpu/dense_gemv.cpp``,
 which moves the machine's read bandwidth where eager ``F.linear`` moves about half of it in bf16 (BENCHMARKS.md);
-more rows go to ``F.linear`` (BLAS), where the arithmetic dominates. kernel injection gives the output projection
-(lm_head) of a float model this forward.
+more rows go to BLAS, where the arithmetic dominates: ``F.linear``, or for bf16 / fp16 weights on a CPU without
+native half-precision products, the weight converted to fp32 for the call (``kernels/cpu/prefill_linear.cpp``).
+Kernel injection gives the projections of injected blocks and a float model's output projection this forward.
 """
 
 from __future__ import annotations
@@ -41,13 +42,33 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.nn.functional.linear(x, weight, bias)
 
 
+_NATIVE_HALF: dict[torch.dtype, bool] = {}
+
+
+def native_half_gemm(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` (bf16 / fp16) natively (AVX512-BF16 or AMX tiles). Without it oneDNN
+    converts inside every F.linear call, and converting the weight to fp32 once per call for BLAS is several
+    times faster (BENCHMARKS.md)."""
+    if dtype not in _NATIVE_HALF:
+        cpu = getattr(torch, "cpu", None)
+        probe = {torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+                 torch.float16: ("_is_amx_fp16_supported",)}.get(dtype, ())
+        _NATIVE_HALF[dtype] = any(bool(getattr(cpu, name, lambda: False)()) for name in probe)
+    return _NATIVE_HALF[dtype]
+
+
 def linear_cpu(x, weight, bias=None):
-    """CPU path: the compiled GEMV for a few rows of a contiguous weight, else F.linear."""
+    """CPU path: the compiled GEMV for a few rows of a contiguous weight; for more rows of a bf16 / fp16 weight
+    on a CPU without native half-precision products, the weight in fp32 and BLAS (``kernels/cpu/prefill_linear.cpp``);
+    else F.linear."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if 0 < rows <= CPU_GEMV_MAX_ROWS and weight.is_contiguous():
+    if rows > 0 and weight.is_contiguous():
         ext = cpu_extension()
         if ext is not None:
-            return ext.dense_gemv(x, weight, bias)
+            if rows <= CPU_GEMV_MAX_ROWS:
+                return ext.dense_gemv(x, weight, bias)
+            if weight.dtype != torch.float32 and not native_half_gemm(weight.dtype):
+                return ext.prefill_linear(x, weight, None, None, bias, 0, 0, weight.shape[1])
     return torch.nn.functional.linear(x, weight, bias)
 
 

@@ -304,13 +304,16 @@ def quant_matmul_cpu(x, qweight, scales, zeros, bias, bits, group_size, in_featu
     folds dequantization into the dot product (AVX-512 where the CPU has it). int4 weights against bf16
     activations run on AVX-512 VNNI integer dot products, with x held as int16 per weight group (an error of
     at most max|x_g| / 65534 per element, about a tenth of a bf16 output's own rounding); fp16 and fp32
-    activations stay float throughout. More rows (prefill): dequantize with in-place group ops and run one
-    BLAS matmul, where the arithmetic dominates. Without a compiler the dequantize path serves every size.
+    activations stay float throughout. More rows (prefill): the compiled kernel dequantizes the weight to fp32
+    (vectorised, across the threads) and one BLAS product follows, where the arithmetic dominates (bf16 / fp16
+    activations are multiplied in fp32 and rounded once). Without a compiler, in-place group ops dequantize and
+    F.linear multiplies, for every size.
     """
     rows = x.numel() // in_features if in_features else 0
-    if 0 < rows <= CPU_GEMV_MAX_ROWS and (bits == 8 or group_size % 2 == 0):
-        ext = cpu_extension()
-        if ext is not None:  # dtype conversions and reshapes happen inside: cheaper there than from Python
+    ext = cpu_extension() if rows > 0 and (bits == 8 or group_size % 2 == 0) else None
+    if ext is not None:  # dtype conversions and reshapes happen inside: cheaper there than from Python
+        if rows <= CPU_GEMV_MAX_ROWS:
             return ext.quant_gemv(x, qweight, scales, zeros, bias, bits, group_size, in_features, x.dtype is torch.bfloat16)
+        return ext.prefill_linear(x, qweight, scales, zeros, bias, bits, group_size, in_features)
     w = _dequantize_fast(qweight, scales, zeros, bits, group_size, in_features, x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))

@@ -357,3 +357,18 @@ def test_injected_model_on_gpu_matches_transformers(family, dtype):
             err = (step[1] - step[0]).abs().max() / step[0].abs().max()
             assert err < 0.03, (kwargs, err)
     assert decode_calls(fast) > 0
+
+
+@pytest.mark.parametrize("family", models.TINY_FAMILIES)
+def test_fused_prefill_matches_transformers(family):
+    """A prompt (several tokens, a padded batch) through the fused prefill step: logits and the cache it fills."""
+    reference, fast = pair(family)
+    caches = [DynamicCache(config=reference.config), DynamicCache(config=fast.config)]
+    with torch.no_grad():
+        expected = reference(PROMPTS, attention_mask=MASK, past_key_values=caches[0], use_cache=True).logits
+        got = fast(PROMPTS, attention_mask=MASK, past_key_values=caches[1], use_cache=True).logits
+    valid = MASK.bool()
+    torch.testing.assert_close(got[valid], expected[valid], rtol=1e-5, atol=1e-5)
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        torch.testing.assert_close(b.keys, a.keys, rtol=1e-5, atol=1e-5)
+    assert all(layer.prefill_checked for layer in fast._hf_fastinfer_injection.layers.values())

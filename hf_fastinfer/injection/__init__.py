@@ -51,6 +51,7 @@ class InjectionReport:
     left_alone: dict[str, str]  # module -> why it is not injected
     forwards: list[str]  # other modules given a kernel-library forward (lm_head, final norm)
     fused_projections: int  # q/k/v and gate/up groups now sharing one tensor
+    prefill_left: dict[str, str] = dataclasses.field(default_factory=dict)  # fused block -> why its prefill is not
 
     def __str__(self) -> str:
         lines = [f"hf_fastinfer kernel injection: {len(self.fused_blocks)} decoder blocks fused"
@@ -60,6 +61,8 @@ class InjectionReport:
             lines.append(f"  {name}: attention fused, MLP left to transformers ({why})")
         for name, why in self.left_alone.items():
             lines.append(f"  {name}: left to transformers ({why})")
+        for name, why in self.prefill_left.items():
+            lines.append(f"  {name}: decode fused, prefill left to transformers ({why})")
         return "\n".join(lines)
 
 
@@ -90,8 +93,9 @@ def _rotary_dim(captured_kwargs: dict) -> int | None:
 @torch.no_grad()
 def _probe(model: nn.Module, plans: list[BlockPlan]) -> dict[str, dict]:
     """Run the model's own forward on 3 prompt tokens and 1 decoded token with a DynamicCache, recording each
-    block's call for the decoded token: {block name: {"args", "kwargs", "output"}}; the cache is cropped back
-    to the prompt afterwards, so each block's fused step can be run on the same inputs."""
+    block's two calls: {block name: {"prefill": call, "decode": call}}, a call being {"args", "kwargs", "output"}.
+    The cache is cropped back to the prompt afterwards and the prefill call gets an empty cache of its own, so
+    each block's fused steps can be run on the same inputs."""
     from transformers.cache_utils import DynamicCache
 
     embeddings = model.get_input_embeddings()
@@ -99,26 +103,30 @@ def _probe(model: nn.Module, plans: list[BlockPlan]) -> dict[str, dict]:
     device = embeddings.weight.device
     ids = (torch.arange(4, device=device) * 7919 + 17) % vocab
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids[None, :3], past_key_values=cache, use_cache=True)
     calls = {}
 
     def recorder(name):
         def hook(module, args, kwargs, output):
-            calls[name] = {"args": args, "kwargs": dict(kwargs), "output": output}
+            calls.setdefault(name, []).append({"args": args, "kwargs": dict(kwargs), "output": output})
         return hook
 
     handles = [p.layer.register_forward_hook(recorder(p.name), with_kwargs=True) for p in plans]
     try:
+        model(input_ids=ids[None, :3], past_key_values=cache, use_cache=True)
         model(input_ids=ids[None, 3:], past_key_values=cache, use_cache=True)
     finally:
         for h in handles:
             h.remove()
-    cache.crop(-1)  # back to the 3 prompt tokens
-    return calls
+    cache.crop(-1)  # back to the 3 prompt tokens, for the decode calls
+    for records in calls.values():
+        # the prompt's call again on an empty cache of its own
+        records[0]["kwargs"]["past_key_values"] = DynamicCache(config=model.config)
+    return {name: {"prefill": records[0], "decode": records[-1]} for name, records in calls.items()
+            if len(records) == 2}
 
 
-def _probe_error(fused_layer: FusedDecoderLayer, call: dict) -> str | None:
-    """None when the fused step reproduces the recorded call, else why not."""
+def _probe_error(fused_layer: FusedDecoderLayer, call: dict, step: str = "decode") -> str | None:
+    """None when the fused ``step`` (decode / prefill) reproduces the recorded call, else why not."""
     args, kwargs, expected = call["args"], call["kwargs"], call["output"]
     hidden = args[0] if args else kwargs.get("hidden_states")
     rest = args[1:] if args else ()
@@ -126,16 +134,16 @@ def _probe_error(fused_layer: FusedDecoderLayer, call: dict) -> str | None:
     if not isinstance(expected, torch.Tensor):
         return f"its forward returns {type(expected).__name__}, not a tensor"
     try:
-        out = fused_layer.decode(hidden, rest, kwargs)
+        out = (fused_layer.decode if step == "decode" else fused_layer.prefill)(hidden, rest, kwargs)
     except Exception as exc:  # a shape or dtype the fused layer refuses
-        return f"the fused step failed on it ({type(exc).__name__}: {exc})"
+        return f"the fused {step} step failed on it ({type(exc).__name__}: {exc})"
     if out is None:
-        return "its decode call is not one the fused step covers (positional arguments or no position embeddings)"
+        return f"its {step} call is not one the fused step covers (positional arguments or no position embeddings)"
     update = (expected.float() - hidden.float()).abs().max().clamp_min(1e-6)
     error = float((out.float() - expected.float()).abs().max() / update)
     tolerance = PROBE_TOLERANCE.get(hidden.dtype, 6e-2)
     if not error <= tolerance:
-        return f"the fused step differs from its forward by {error:.2g} of the update (limit {tolerance:g})"
+        return f"the fused {step} step differs from its forward by {error:.2g} of the update (limit {tolerance:g})"
     return None
 
 
@@ -149,7 +157,7 @@ def inject(model: nn.Module, *, verbose: bool = False) -> InjectionReport:
     if is_injected(model):
         uninject(model)
     plans, skipped = find_blocks(model)
-    report = InjectionReport([], {}, dict(skipped), [], 0)
+    report = InjectionReport([], {}, dict(skipped), [], 0, {})
     state = _State(report, {}, [], [])
     layers: dict[str, tuple[BlockPlan, int]] = {}  # block name -> (plan, rotary dims), probe passed
     if plans:
@@ -168,19 +176,25 @@ def inject(model: nn.Module, *, verbose: bool = False) -> InjectionReport:
             if call is None:
                 report.left_alone.setdefault(plan.name, "the model's forward did not call it")
                 continue
-            rotary_dim = _rotary_dim(call["kwargs"])
+            rotary_dim = _rotary_dim(call["decode"]["kwargs"])
             if rotary_dim is None or rotary_dim > plan.head_dim or rotary_dim % 2:
                 report.left_alone[plan.name] = "it is not given rotary position embeddings (cos, sin)"
                 continue
             layer = FusedDecoderLayer(plan.layer, plan.spec(rotary_dim), plan.layer_idx,
-                                      None if plan.gate_up else plan.mlp)
-            error = _probe_error(layer, call)
+                                      None if plan.gate_up else plan.mlp, plan.attention)
+            error = _probe_error(layer, call["decode"])
             if error is not None:
                 report.left_alone[plan.name] = error
                 continue
-            layers[plan.name] = (plan, rotary_dim)
+            prefill_error = None
+            if call["prefill"]["args"] and call["prefill"]["args"][0].device.type == "cpu":
+                layer.prefill_checked = True
+                prefill_error = _probe_error(layer, call["prefill"], "prefill")
+                if prefill_error is not None:
+                    report.prefill_left[plan.name] = prefill_error
+            layers[plan.name] = (plan, rotary_dim, prefill_error is None)
         del calls  # the probe's cache and activations
-    for name, (plan, rotary_dim) in layers.items():
+    for name, (plan, rotary_dim, prefill) in layers.items():
         groups = [g for g in (plan.qkv, plan.gate_up) if len(g) > 1]
         fused = {}
         for group in groups:
@@ -189,7 +203,9 @@ def inject(model: nn.Module, *, verbose: bool = False) -> InjectionReport:
                 fused[id(group)] = joined
                 state.fused_groups.append(group)
         spec = plan.spec(rotary_dim, fused.get(id(plan.qkv)), fused.get(id(plan.gate_up)))
-        fused_layer = FusedDecoderLayer(plan.layer, spec, plan.layer_idx, None if plan.gate_up else plan.mlp)
+        fused_layer = FusedDecoderLayer(plan.layer, spec, plan.layer_idx, None if plan.gate_up else plan.mlp,
+                                        plan.attention)
+        fused_layer.prefill_checked = prefill and spec.input_norm.device.type == "cpu"
         plan.layer.forward = fused_layer
         state.layers[name] = fused_layer
         report.fused_blocks.append(name)
@@ -211,9 +227,17 @@ def inject(model: nn.Module, *, verbose: bool = False) -> InjectionReport:
 
 
 def _inject_forwards(model: nn.Module, plans: list[BlockPlan], state: _State) -> None:
-    """The output projection (float nn.Linear) and the norms beside the blocks (the final norm)."""
+    """Kernel-library forwards for the float projections of the fused blocks (their prefill), the output
+    projection (float nn.Linear) and the norms beside the blocks (the final norm)."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {id(m): n for n, m in model.named_modules()}
+    fused = {id(layer._layer()) for layer in state.layers.values()}
+    for plan in plans:
+        if id(plan.layer) in fused:
+            for module in plan.qkv + [plan.o] + plan.gate_up + ([plan.down] if plan.gate_up else []):
+                if type(module) is nn.Linear:
+                    module.forward = FastLinearForward(module)
+                    state.forwards.append(module)
     if type(output) is nn.Linear and output.weight.dtype in (torch.float32, torch.bfloat16, torch.float16):
         output.forward = FastLinearForward(output)
         state.forwards.append(output)

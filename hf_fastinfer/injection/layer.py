@@ -4,12 +4,14 @@ the final norm).
 :class:`FusedDecoderLayer` is set as the block instance's ``forward`` (the class is untouched; deleting the
 attribute undoes it). For a decode call (one new token per sequence, no gradient, the model's own position
 embeddings) it runs the fused layer of :mod:`hf_fastinfer.kernels.decoder_layer` around the cache's own
-``update``; every other call (prefill, training, attention weights requested, an unusual mask or cache) takes
-the block's own forward, unchanged.
+``update``; on CPU a prefill call (several tokens) runs the same math through the kernel library's fused ops
+with the model's own attention function. Every other call (training, attention weights requested, an unusual
+mask or cache, a GPU prefill) takes the block's own forward, unchanged.
 """
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
@@ -17,18 +19,37 @@ from torch import nn
 
 from ..cache import FastInferCache
 from ..kernels import decoder_layer as fused
+from ..kernels.gated_act import gated_act
 from ..kernels.linear import CPU_GEMV_MAX_ROWS, linear
 from ..kernels.rms_norm import rms_norm
+from ..kernels.rotary import rotary
 
 __all__ = ["FusedDecoderLayer", "FastLinearForward", "FastNormForward"]
+
+
+def attention_function(attention: nn.Module):
+    """The attention function ``attention`` calls: the model's ``attn_implementation`` from transformers'
+    registry, or the eager function of the model's own module; None when neither is found."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager = getattr(sys.modules.get(type(attention).__module__), "eager_attention_forward", None)
+    implementation = getattr(getattr(attention, "config", None), "_attn_implementation", None)
+    if implementation in (None, "eager"):
+        return eager
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
 
 
 class FusedDecoderLayer:
     """``layer.forward`` for an injected block. ``spec`` names the block's tensors (no copies); ``mlp`` is the
     block's MLP module when the spec does not fuse it (mixture of experts)."""
 
-    def __init__(self, layer: nn.Module, spec: fused.DecoderLayerSpec, layer_idx: int, mlp: nn.Module | None):
+    def __init__(self, layer: nn.Module, spec: fused.DecoderLayerSpec, layer_idx: int, mlp: nn.Module | None,
+                 attention: nn.Module | None = None):
         self._layer = weakref.ref(layer)
+        #: the block's attention module: the fused prefill step calls the model's attention function on it, as
+        #: the block would (set by inject once the probe has checked the prefill step; None: no fused prefill)
+        self.attention = attention
+        self.prefill_checked = False
         self._original = type(layer).forward
         self.spec = spec
         self.layer_idx = layer_idx
@@ -44,7 +65,10 @@ class FusedDecoderLayer:
         self.decode_calls = 0  # how many calls took the fused path (tests and report() read it)
 
     def __call__(self, hidden_states, *args, **kwargs):
-        out = self.decode(hidden_states, args, kwargs)
+        if hidden_states.dim() == 3 and hidden_states.shape[1] > 1:
+            out = self.prefill(hidden_states, args, kwargs)
+        else:
+            out = self.decode(hidden_states, args, kwargs)
         if out is None:
             return self._original(self._layer(), hidden_states, *args, **kwargs)
         return out
@@ -109,6 +133,56 @@ class FusedDecoderLayer:
         if isinstance(mlp_out, tuple):  # MoE blocks that also return router logits
             mlp_out = mlp_out[0]
         return residual + mlp_out
+
+
+    def prefill(self, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """Several tokens per sequence on CPU: the block's math through the kernel library's fused ops (RMSNorm,
+        one q/k/v product, rotary, residual add + norm, one gate/up product, gated activation), attention by the
+        model's own attention function with the model's mask; None when this call is not one it covers."""
+        if not self.prefill_checked or args or hidden.dim() != 3 or hidden.device.type != "cpu":
+            return None
+        attention_fn = attention_function(self.attention)
+        if attention_fn is None:
+            return None
+        if torch.compiler.is_compiling() or hidden.dtype != self.dtype or self._layer().training:
+            return None
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            return None
+        position_embeddings = kwargs.get("position_embeddings")
+        if position_embeddings is None or kwargs.get("output_attentions"):
+            return None
+        spec = self.spec
+        batch, length, _ = hidden.shape
+        d, hq, hkv = spec.head_dim, spec.num_heads, spec.num_kv_heads
+        normed, _ = rms_norm(hidden, spec.input_norm, None, spec.eps, spec.gemma_norm)
+        y = spec.qkv[0](normed) if len(spec.qkv) == 1 else torch.cat([p(normed) for p in spec.qkv], dim=-1)
+        q = y[..., : hq * d].reshape(batch, length, hq, d)
+        k = y[..., hq * d : (hq + hkv) * d].reshape(batch, length, hkv, d)
+        v = y[..., (hq + hkv) * d :].reshape(batch, length, hkv, d).transpose(1, 2)
+        if spec.q_norm is not None:
+            q = rms_norm(q, spec.q_norm, None, spec.qk_eps, spec.gemma_norm)[0]
+            k = rms_norm(k, spec.k_norm, None, spec.qk_eps, spec.gemma_norm)[0]
+        cos, sin = position_embeddings
+        half = spec.rotary_dim // 2
+        table_cos = cos.reshape(-1, cos.shape[-1])[:, :half].float().contiguous()  # one row per token
+        table_sin = sin.reshape(-1, sin.shape[-1])[:, :half].float().contiguous()
+        tokens = torch.arange(table_cos.shape[0], device=hidden.device)
+        positions = tokens.view(batch, length) if table_cos.shape[0] == batch * length else \
+            tokens.expand(batch, length).contiguous()
+        q, k = rotary(q.transpose(1, 2), k.transpose(1, 2), table_cos, table_sin, positions, check_range=False)
+        cache = kwargs.get("past_key_values")
+        keys, values = cache.update(k, v, self.layer_idx) if cache is not None else (k, v)
+        rest = {n: value for n, value in kwargs.items()
+                if n not in ("attention_mask", "position_embeddings", "past_key_values", "hidden_states")}
+        attn, _ = attention_fn(self.attention, q, keys, values, kwargs.get("attention_mask"), dropout=0.0,
+                               scaling=spec.scaling, **rest)
+        o = spec.o(attn.reshape(batch, length, hq * d))
+        normed, residual = rms_norm(o, spec.post_attention_norm, hidden, spec.eps, spec.gemma_norm)
+        if self.mlp is not None:
+            mlp_out = self.mlp(normed)
+            return residual + (mlp_out[0] if isinstance(mlp_out, tuple) else mlp_out)
+        gate_up = spec.gate_up[0](normed) if len(spec.gate_up) == 1 else torch.cat([p(normed) for p in spec.gate_up], -1)
+        return residual + spec.down(gated_act(gate_up, spec.activation))
 
 
 class FastLinearForward:

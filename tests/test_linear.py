@@ -1,0 +1,76 @@
+"""kernels/linear.py (float weights) and the many-row CPU path of quantized weights: the compiled GEMV for decode
+rows, the fp32-BLAS path for prefill rows, against the reference.
+
+Tolerances: fp32 agrees to summation order (1e-5 relative); bf16 / fp16 results are rounded once from an fp32
+accumulation, so they may sit one rounding step (2^-8 / 2^-11 relative) from the reference's rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_fastinfer.kernels import linear as lin
+from hf_fastinfer.kernels._cpu_ext import cpu_extension
+from hf_fastinfer.kernels.quant_format import quantize_weight
+from hf_fastinfer.kernels.quant_matmul import quant_matmul_cpu, quant_matmul_ref
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+needs_compiled = pytest.mark.skipif(cpu_extension() is None, reason="needs the compiled CPU kernels (a C++ compiler)")
+
+
+def _close(got, expected, dtype):
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    err = (got.float() - expected.float()).abs().max() / expected.float().abs().max()
+    assert err <= TOLERANCE[dtype], float(err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_reference(dtype, rows, bias):
+    gen = torch.Generator().manual_seed(rows)
+    n, k = 83, 70  # no multiple of 4 or 16: the tails run
+    w = (torch.randn(n, k, generator=gen) * 0.1).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    x = torch.randn(2, rows, k, generator=gen).to(dtype)[:1]  # [1, rows, k]
+    _close(lin.linear(x, w, b), lin.linear_ref(x, w, b), dtype)
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_prefill_linear_float_weights(dtype):
+    ext = cpu_extension()
+    gen = torch.Generator().manual_seed(0)
+    w, x, b = (torch.randn(130, 96, generator=gen) * 0.1).to(dtype), torch.randn(33, 96, generator=gen).to(dtype), \
+        torch.randn(130, generator=gen).to(dtype)
+    _close(ext.prefill_linear(x, w, None, None, b, 0, 0, 96), lin.linear_ref(x, w, b), dtype)
+
+
+@needs_compiled
+@pytest.mark.parametrize("bits, group_size, k", [(8, 32, 96), (8, 48, 100), (4, 32, 96), (4, 48, 101), (4, 64, 130)])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_prefill_rows_match_reference(bits, group_size, k, symmetric, dtype):
+    """More rows than the GEMV takes: the weight dequantized by the compiled kernel, then BLAS."""
+    gen = torch.Generator().manual_seed(k)
+    q = quantize_weight(torch.randn(70, k, generator=gen), bits, group_size, symmetric, scale_dtype=torch.float16)
+    x = torch.randn(3, 7, k, generator=gen).to(dtype)  # 21 rows
+    bias = torch.randn(70, generator=gen)
+    got = quant_matmul_cpu(x, q.qweight, q.scales, q.zeros, bias, bits, group_size, k)
+    _close(got, quant_matmul_ref(x, q.qweight, q.scales, q.zeros, bias, bits, group_size, k), dtype)
+
+
+def test_native_half_probe_is_cached_and_boolean():
+    first = lin.native_half_gemm(torch.bfloat16)
+    assert isinstance(first, bool) and lin.native_half_gemm(torch.bfloat16) is first
+    assert lin.native_half_gemm(torch.float32) is False
+
+
+def test_linear_rejects_bad_input():
+    with pytest.raises(ValueError, match="dtype"):
+        lin.linear(torch.randn(2, 4), torch.randn(3, 4).double())
+    with pytest.raises(ValueError, match="features"):
+        lin.linear(torch.randn(2, 5), torch.randn(3, 4))
+    with pytest.raises(ValueError, match="bias"):
+        lin.linear(torch.randn(2, 4), torch.randn(3, 4), torch.randn(4))
