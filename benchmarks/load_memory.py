@@ -1,6 +1,6 @@
 """Peak resident memory of ``from_pretrained`` with MoQ, in a fresh process (run this file directly).
 
-    python benchmarks/load_memory.py --bits 4 [--path FOLDER]
+    python benchmarks/load_memory.py --bits 4 [--injection off] [--path FOLDER]
 
 Prints one JSON line: RSS just before ``from_pretrained``, the peak during it (VmHWM, the kernel's own
 high-water mark, which also catches spikes between samples, and a 2 ms sampler for the anonymous part),
@@ -27,7 +27,10 @@ def _status() -> dict[str, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bits", default="4", help="8, 4 or none (float, for comparison)")
+    parser.add_argument("--bits", default="4", help="8, 4 or none (float)")
+    parser.add_argument("--injection", default="on", choices=("on", "off", "none"),
+                        help="kernel injection at load (FastInferConfig(kernel_injection=...)); none: no "
+                             "quantization_config at all (transformers' own loading, float only)")
     parser.add_argument("--path", default=None, help="model folder (default: the default model's safetensors)")
     args = parser.parse_args()
 
@@ -36,9 +39,12 @@ def main() -> None:
 
     import hf_fastinfer
     from hf_fastinfer import FastInferConfig, models
+    from hf_fastinfer.injection import is_injected
 
     path = args.path or str(models.default_model_path(progress=False))
-    kwargs = {} if args.bits == "none" else {"quantization_config": FastInferConfig(bits=int(args.bits))}
+    bits = None if args.bits == "none" else int(args.bits)
+    kwargs = {} if args.injection == "none" else {
+        "quantization_config": FastInferConfig(bits=bits, kernel_injection=args.injection == "on")}
 
 
     peak_anon = [0]
@@ -62,6 +68,7 @@ def main() -> None:
     tensors = list(model.parameters()) + list(model.buffers())
     print(json.dumps({
         "bits": args.bits,
+        "injection": args.injection,
         "seconds": seconds,
         "rss_before": before["VmRSS"],
         "hwm_before": before["VmHWM"],
@@ -70,7 +77,8 @@ def main() -> None:
         "anon_growth": peak_anon[0] - before["RssAnon"],
         "model_bytes": sum(t.numel() * t.element_size() for t in tensors),
         "largest_float_tensor": max(t.numel() * t.element_size() for t in tensors if t.is_floating_point()),
-        "report": hf_fastinfer.report(model).summary(),
+        "injected": is_injected(model),
+        "report": hf_fastinfer.report(model).summary() if bits is not None else "",
     }))
 
 

@@ -59,6 +59,7 @@ __all__ = [
     "attn_out_mlp",
     "attn_out_mlp_composed",
     "attn_out_mlp_ref",
+    "rotate_ref",
     "ACTIVATIONS",
 ]
 
@@ -284,7 +285,7 @@ def attn_out_mlp_composed(spec: DecoderLayerSpec, hidden, q, keys, values, k_sca
 # Reference: pure PyTorch, as transformers computes the layer in the model's dtype
 # ---------------------------------------------------------------------------------------------------------
 
-def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+def rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin on the first R dims, in x's dtype (transformers' apply_rotary_pos_emb)."""
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     half = rotary_dim // 2
@@ -302,7 +303,7 @@ def attn_in_ref(spec: DecoderLayerSpec, hidden, cos, sin):
         k = rms_norm_ref(k, spec.k_norm, None, spec.qk_eps, spec.gemma_norm)[0]
     c = cos.reshape(-1, 1, 1, cos.shape[-1])[..., : spec.rotary_dim].to(q.dtype)  # [B|1, 1, 1, R]
     s = sin.reshape(-1, 1, 1, sin.shape[-1])[..., : spec.rotary_dim].to(q.dtype)
-    return _rotate_ref(q, c, s, spec.rotary_dim), _rotate_ref(k, c, s, spec.rotary_dim), v.contiguous()
+    return rotate_ref(q, c, s, spec.rotary_dim), rotate_ref(k, c, s, spec.rotary_dim), v.contiguous()
 
 
 def attn_out_mlp_ref(spec: DecoderLayerSpec, hidden, q, keys, values, k_scale=None, v_scale=None, mask=None, *,

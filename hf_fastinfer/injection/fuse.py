@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..kernels.decoder_layer import LayerProjection
+from ..quant._pages import mapped_checkpoints, release_tensor_pages
 from .detect import projection, projection_format
 
 __all__ = ["fuse_projections", "unfuse_projections", "is_fused"]
@@ -65,12 +66,20 @@ def fuse_projections(modules: list[nn.Module]) -> LayerProjection | None:
     if len({tuple(p) for p in parts}) != 1:
         return None
     fused = {name: _joined([p[name] for p in parts]) for name in parts[0]}
+    copied = not _consecutive([p["weight"] for p in parts])
     for name, whole in fused.items():
         start = 0
         for module, part in zip(modules, parts):
             rows = part[name].shape[0]
             _assign(module, name, whole[start : start + rows])  # a view; the old tensor is released
             start += rows
+    if copied:
+        # a checkpoint read in place (an fp32 safetensors file, memory-mapped): the copied tensors' pages go back,
+        # so the fused tensor does not sit in memory beside them (the file is unchanged)
+        checkpoints = mapped_checkpoints()
+        for part in parts:
+            for tensor in part.values():
+                release_tensor_pages(tensor, checkpoints)
     first = projection(modules[0])
     return LayerProjection(fused["weight"], fused.get("bias"), first.bits, first.group_size, fused.get("weight_scale"),
                            fused.get("weight_zero"), first.in_features)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..cache import FastInferCache
 from ..kernels import decoder_layer as fused
+from ..kernels.decoder_layer import rotate_ref
 from ..kernels.gated_act import gated_act
 from ..kernels.linear import CPU_GEMV_MAX_ROWS, linear
 from ..kernels.rms_norm import rms_norm
@@ -163,13 +164,21 @@ class FusedDecoderLayer:
             q = rms_norm(q, spec.q_norm, None, spec.qk_eps, spec.gemma_norm)[0]
             k = rms_norm(k, spec.k_norm, None, spec.qk_eps, spec.gemma_norm)[0]
         cos, sin = position_embeddings
-        half = spec.rotary_dim // 2
-        table_cos = cos.reshape(-1, cos.shape[-1])[:, :half].float().contiguous()  # one row per token
-        table_sin = sin.reshape(-1, sin.shape[-1])[:, :half].float().contiguous()
-        tokens = torch.arange(table_cos.shape[0], device=hidden.device)
-        positions = tokens.view(batch, length) if table_cos.shape[0] == batch * length else \
-            tokens.expand(batch, length).contiguous()
-        q, k = rotary(q.transpose(1, 2), k.transpose(1, 2), table_cos, table_sin, positions, check_range=False)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, L, D]
+        if hidden.dtype == torch.float32:
+            # the rotary kernel: each product and the sum rounded in fp32, as the model's own ops round them
+            half = spec.rotary_dim // 2
+            table_cos = cos.reshape(-1, cos.shape[-1])[:, :half].float().contiguous()  # one row per token
+            table_sin = sin.reshape(-1, sin.shape[-1])[:, :half].float().contiguous()
+            tokens = torch.arange(table_cos.shape[0], device=hidden.device)
+            positions = tokens.view(batch, length) if table_cos.shape[0] == batch * length else \
+                tokens.expand(batch, length).contiguous()
+            q, k = rotary(q, k, table_cos, table_sin, positions, check_range=False)
+        else:
+            # bf16 / fp16: the model rounds each product to its dtype before the sum, which the kernel (one
+            # rounding from fp32) does not; a prompt's rotary is a few elementwise ops, so they are the model's
+            c, s = cos[:, None, :, : spec.rotary_dim], sin[:, None, :, : spec.rotary_dim]
+            q, k = rotate_ref(q, c, s, spec.rotary_dim), rotate_ref(k, c, s, spec.rotary_dim)
         cache = kwargs.get("past_key_values")
         keys, values = cache.update(k, v, self.layer_idx) if cache is not None else (k, v)
         rest = {n: value for n, value in kwargs.items()

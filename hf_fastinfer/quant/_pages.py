@@ -1,4 +1,5 @@
-"""Give back the pages of a checkpoint tensor once it has been quantized.
+"""Give back the pages of a checkpoint tensor once it has been quantized (or, for kernel injection, copied
+into a fused projection).
 
 transformers reads safetensors through a memory map, and the float tensors it hands to MoQ are views of
 that map. Every page read stays resident in this process until loading ends, so without help the resident
@@ -19,7 +20,7 @@ import sys
 
 import torch
 
-__all__ = ["release_tensor_pages"]
+__all__ = ["release_tensor_pages", "mapped_checkpoints"]
 
 _MADV_DONTNEED = 4
 _state: dict = {}
@@ -42,6 +43,18 @@ def _file_mappings(paths: set[str]) -> list[tuple[int, int]]:
                 start, end = (int(x, 16) for x in fields[0].split("-"))
                 ranges.append((start, end))
     return ranges
+
+
+def mapped_checkpoints() -> set[str]:
+    """The safetensors files this process has mapped (a loaded model's checkpoint, read in place)."""
+    if not sys.platform.startswith("linux"):
+        return set()
+    try:
+        with open("/proc/self/maps") as maps:
+            names = {line.split(maxsplit=5)[5].strip() for line in maps if len(line.split(maxsplit=5)) == 6}
+    except OSError:
+        return set()
+    return {os.path.realpath(n) for n in names if n.endswith(".safetensors")}
 
 
 def release_tensor_pages(tensor: torch.Tensor, paths: set[str]) -> int:

@@ -171,7 +171,9 @@ void attend_one(const float* q, const KT* k, const KT* v, int64_t stride_kl, int
 #endif
   const float inv = 1.f / total;
   for (int64_t j = 0; j < L; ++j) {
-    float p = scores[j];
+    // the probabilities meet V rounded to T, as PyTorch's CPU SDPA kernels (transformers' path) round them
+    // before their P·V product; the sum above is of the unrounded values, as there
+    float p = round_to<T>(scores[j]);
     if (p == 0.f) continue;  // masked (or underflowed) positions add nothing
     if constexpr (quantized) p *= to_f32(vs[j * stride_vsl]);
     const KT* vr = v + j * stride_vl;
