@@ -1,14 +1,17 @@
-"""Generation speed of hf_fastinfer's paths against transformers' own, side by side in one process.
+"""Generation speed: transformers' own path and hf_fastinfer's, side by side in one process.
 
-Paths (all on the default model, greedy, batch 1):
-  transformers : attn "sdpa", DynamicCache            (transformers' defaults)
-  fastinfer    : attn "fastinfer", cache "fastinfer"
-  fastinfer_int8: attn "fastinfer", cache "fastinfer_int8"
+Paths (the default model, greedy, batch 1, ``--prompt`` prompt tokens, ``--new-tokens`` new tokens):
 
-For each dtype and prompt length, the paths run alternately (so drifting load hits all alike), ``--repeats``
-times; the table gives the median tokens/s, the range, and the ratio to transformers. Decode tokens/s is
-timed from the first to the last new token; prefill from the call to the first new token. The roofline is
-the measured read bandwidth divided by the bytes of weights read per decoded token.
+  transformers fp32 / bf16   : attn "sdpa", DynamicCache, no hf_fastinfer (transformers' defaults)
+  hf_fastinfer fp32 / bf16   : FastInferConfig(bits=None) (kernel injection), attn "fastinfer", cache "fastinfer"
+  hf_fastinfer int8 / int4   : FastInferConfig(bits=8 / 4), bf16 activations, same attention and cache
+
+The paths run one after the other in each of ``--repeats`` rounds, so drifting load hits all alike; the table
+gives medians and ranges. Decode tokens/s is timed from the first to the last new token, prefill from the call
+to the first new token. The read bandwidth (fp32 sum of 1 GiB) is measured before every round; the roofline
+of a path is that bandwidth (median over the rounds) divided by the bytes of its model's tensors of two or more
+dimensions (each storage once). Generation runs to exactly ``--new-tokens`` (no end-of-sequence token), without
+``min_new_tokens``, whose logits processors would cost every path ~0.3 ms a token.
 
     python benchmarks/bench_generation.py --repeats 5 --write
 """
@@ -21,12 +24,13 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, read_bandwidth_gbs, summarize, write_section  # noqa: E402
 
-import hf_fastinfer  # noqa: E402,F401
+import hf_fastinfer  # noqa: E402
 from hf_fastinfer import evaluation, models  # noqa: E402
 
 
@@ -43,83 +47,106 @@ class _Clock(BaseStreamer):
         pass
 
 
-def _run(model, inputs, new_tokens, cache):
+def weight_bytes(model) -> int:
+    """Bytes of the model's tensors of two or more dimensions, each storage once (a tied lm_head counts once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if t.dim() >= 2 and key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def run(model, inputs, new_tokens, cache):
     clock = _Clock()
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock)
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, streamer=clock, eos_token_id=None,
+                  pad_token_id=model.generation_config.pad_token_id)
     if cache:
         kwargs["cache_implementation"] = cache
     start = time.perf_counter()
     with torch.inference_mode():
-        model.generate(**inputs, **kwargs)
+        out = model.generate(**inputs, **kwargs)
+    assert out.shape[1] - inputs["input_ids"].shape[1] == new_tokens
     prompt_len = inputs["input_ids"].shape[1]
     return prompt_len / (clock.times[0] - start), (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+
+
+PATHS = {
+    # label: (dtype, quantization_config or None, attention, cache, the transformers path it is compared with)
+    "transformers fp32": (torch.float32, None, "sdpa", None, "transformers fp32"),
+    "hf_fastinfer fp32": (torch.float32, dict(bits=None), "fastinfer", "fastinfer", "transformers fp32"),
+    "transformers bf16": (torch.bfloat16, None, "sdpa", None, "transformers bf16"),
+    "hf_fastinfer bf16": (torch.bfloat16, dict(bits=None), "fastinfer", "fastinfer", "transformers bf16"),
+    "hf_fastinfer int8": (torch.bfloat16, dict(bits=8), "fastinfer", "fastinfer", "transformers bf16"),
+    "hf_fastinfer int4": (torch.bfloat16, dict(bits=4), "fastinfer", "fastinfer", "transformers bf16"),
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--prompt-lengths", default="chat,1024", help="'chat' (a short chat prompt) and/or token counts")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt", type=int, default=256, help="prompt tokens (from the built-in text)")
+    parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated labels of PATHS")
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = parser.parse_args()
 
-    bandwidth = summarize([read_bandwidth_gbs()[0] for _ in range(3)])
+    folder = models.default_model_path(progress=False)
+    _, tokenizer = models.load_default(progress=False)
+    ids = evaluation.reference_tokens(tokenizer, args.prompt)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    labels = args.paths.split(",")
+    loaded = {}
+    for label in labels:
+        dtype, config, attention, cache, _ = PATHS[label]
+        kwargs = {"quantization_config": hf_fastinfer.FastInferConfig(**config)} if config else {}
+        loaded[label] = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attention,
+                                                             **kwargs).eval()
+        run(loaded[label], inputs, 8, cache)  # warm-up
+    results = {label: ([], []) for label in labels}
+    bandwidths = []
+    for _ in range(args.repeats):
+        bandwidths.append(read_bandwidth_gbs()[0])
+        for label in labels:
+            prefill, decode = run(loaded[label], inputs, args.new_tokens, PATHS[label][3])
+            results[label][0].append(prefill)
+            results[label][1].append(decode)
+            print(label, round(prefill), round(decode, 1), flush=True)
+    bandwidth = summarize(bandwidths)
     rows = []
-    for dtype_name in args.dtypes.split(","):
-        dtype = getattr(torch, dtype_name)
-        reference, tokenizer = models.load_default(dtype=dtype, attn_implementation="sdpa", progress=False)
-        fast, _ = models.load_default(dtype=dtype, attn_implementation="fastinfer", progress=False)
-        weight_bytes = sum(p.numel() * p.element_size() for p in fast.parameters())  # tied lm_head read once more
-        weight_bytes += fast.lm_head.weight.numel() * fast.lm_head.weight.element_size()
-        roofline = bandwidth[0] * 1e9 / weight_bytes
-        for length in args.prompt_lengths.split(","):
-            if length == "chat":
-                inputs = models.chat_inputs(tokenizer, "Write a short story about a robot who learns to paint.")
-            else:
-                ids = evaluation.reference_tokens(tokenizer, int(length))
-                inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-            paths = [("transformers (sdpa + DynamicCache)", reference, None),
-                     ("hf_fastinfer (fastinfer + fastinfer)", fast, "fastinfer"),
-                     ("hf_fastinfer (fastinfer + fastinfer_int8)", fast, "fastinfer_int8")]
-            for _, model, cache in paths:  # warm-up
-                _run(model, inputs, 4, cache)
-            results = {label: ([], []) for label, _, _ in paths}
-            for _ in range(args.repeats):
-                for label, model, cache in paths:
-                    prefill, decode = _run(model, inputs, args.new_tokens, cache)
-                    results[label][0].append(prefill)
-                    results[label][1].append(decode)
-            base_prefill = summarize(results[paths[0][0]][0])[0]
-            base_decode = summarize(results[paths[0][0]][1])[0]
-            for label, _, _ in paths:
-                p, d = summarize(results[label][0]), summarize(results[label][1])
-                rows.append((dtype_name, inputs["input_ids"].shape[1], label, p, d, p[0] / base_prefill,
-                             d[0] / base_decode, d[0] / roofline))
-                print(rows[-1], flush=True)
+    for label in labels:
+        base = PATHS[label][4]
+        prefill, decode = summarize(results[label][0]), summarize(results[label][1])
+        roofline = bandwidth[0] * 1e9 / weight_bytes(loaded[label])
+        ratio = (lambda i: summarize(results[label][i])[0] / summarize(results[base][i])[0]) if base in results else None
+        rows.append((label, prefill, decode, roofline, ratio(0) if ratio else None, ratio(1) if ratio else None, base))
 
     lines = [
-        "Command: `python benchmarks/bench_generation.py "
-        f"--repeats {args.repeats} --new-tokens {args.new_tokens} --dtypes {args.dtypes} "
-        f"--prompt-lengths {args.prompt_lengths} --write`",
+        f"Command: `python benchmarks/bench_generation.py --repeats {args.repeats} --new-tokens {args.new_tokens} "
+        f"--prompt {args.prompt}{'' if args.paths == ','.join(PATHS) else ' --paths ' + args.paths} --write`",
         "",
-        f"Machine: {machine()}. Read bandwidth (fp32 sum of 1 GiB, median of 3x7): {bandwidth[0]:.1f} GB/s "
-        f"(range {bandwidth[1]:.1f}-{bandwidth[2]:.1f}).",
+        f"Machine: {machine()}. Read bandwidth (fp32 sum of 1 GiB, median of 7, before each round): "
+        f"{bandwidth[0]:.1f} GB/s (rounds {bandwidth[1]:.1f}-{bandwidth[2]:.1f}).",
         "",
-        f"SmolLM2-135M-Instruct, batch 1, greedy, {args.new_tokens} new tokens, {args.repeats} alternating repeats; "
-        "tokens/s as median (min-max); ratios against transformers' own path in the same run; "
-        "roofline = bandwidth / weight bytes read per token.",
+        f"SmolLM2-135M-Instruct, batch 1, greedy, {args.prompt}-token prompt, {args.new_tokens} new tokens, "
+        f"{args.repeats} rounds; tokens/s as median (min-max). Ratios against the transformers path of the same "
+        "activation dtype in the same run; roofline = bandwidth / bytes of the model's tensors of two or more "
+        "dimensions.",
         "",
-        "| dtype | prompt | path | prefill tok/s | decode tok/s | prefill ratio | decode ratio | decode / roofline |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| path | prefill tok/s | decode tok/s | roofline tok/s | decode / roofline | prefill vs transformers | "
+        "decode vs transformers |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for dtype_name, prompt_len, label, p, d, pr, dr, roof in rows:
-        lines.append(f"| {dtype_name} | {prompt_len} | {label} | {p[0]:.0f} ({p[1]:.0f}-{p[2]:.0f}) | "
-                     f"{d[0]:.1f} ({d[1]:.1f}-{d[2]:.1f}) | {pr:.2f}x | {dr:.2f}x | {roof:.0%} |")
+    for label, p, d, roofline, pr, dr, base in rows:
+        versus = "" if label == base else f" ({base.split()[1]})"
+        lines.append(f"| {label} | {p[0]:.0f} ({p[1]:.0f}-{p[2]:.0f}) | {d[0]:.1f} ({d[1]:.1f}-{d[2]:.1f}) | "
+                     f"{roofline:.0f} | {d[0] / roofline:.0%} | "
+                     f"{'' if pr is None else f'{pr:.2f}x{versus}'} | {'' if dr is None else f'{dr:.2f}x{versus}'} |")
     table = "\n".join(lines)
     print(table)
     if args.write:
-        write_section("bench_generation", "## Generation: attention + KV cache\n\n" + table)
+        write_section("bench_generation", "## Generation: transformers and hf_fastinfer, batch 1 on CPU\n\n" + table)
 
 
 if __name__ == "__main__":
