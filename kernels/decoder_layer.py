@@ -6,10 +6,11 @@ KV-cache update, so that any cache's own ``update`` stays in charge of storage::
     out          = attn_out_mlp(spec, hidden, q, keys, values, k_scale, v_scale, mask)
                    # attention, o_proj, residual, norm, gate/up, act * up, down, residual
 
-Two shortcuts save the per-layer Python work where the caller can use them: ``new_kv=(k, v), slot=s`` hands
+Three shortcuts save the per-layer Python work where the caller can use them: ``new_kv=(k, v), slot=s`` hands
 over a cache's own buffers ([B, Hkv, capacity, D]) instead of an update's result, and the new token's K/V are
 written at ``s`` inside the call (attention then reads ``[0, attend_len)``); ``next_spec`` runs the following
-layer's ``attn_in`` on this layer's output in the same call, returning ``(out, (q, k, v))``.
+layer's ``attn_in`` on this layer's output in the same call, returning ``(out, (q, k, v))``; and
+:func:`decode_chain` runs several consecutive layers so, in one call.
 
 Shapes: hidden [B, 1, H]; cos, sin [B or 1, 1, >= R] as the model's rotary module returns them; q [B, Hq, 1, D],
 k, v [B, Hkv, 1, D]; keys, values [B, Hkv, L, D] in the model's dtype, or int8 with fp16 scales [B, Hkv, L];
@@ -51,8 +52,10 @@ from .rms_norm import rms_norm, rms_norm_ref
 from .rotary import rotary
 
 __all__ = [
+    "CacheSlot",
     "DecoderLayerSpec",
     "LayerProjection",
+    "decode_chain",
     "attn_in",
     "attn_in_composed",
     "attn_in_ref",
@@ -211,6 +214,48 @@ def attn_out_mlp(spec: DecoderLayerSpec, hidden, q, keys, values, k_scale=None, 
             return (outs[0], tuple(outs[1:])) if next_spec is not None else outs[0]
     return attn_out_mlp_composed(spec, hidden, q, keys, values, k_scale, v_scale, mask, new_kv=new_kv, slot=slot,
                                  attend_len=attend_len, next_spec=next_spec, next_cos=next_cos, next_sin=next_sin)
+
+
+@dataclasses.dataclass
+class CacheSlot:
+    """One layer's cache for a chained decode step: the cache's whole buffers ([B, Hkv, capacity, D], int8 with
+    fp16 scales [B, Hkv, capacity] or the model's dtype), the slot the new token's K/V go to, and how many
+    positions attention reads."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    k_scale: torch.Tensor | None
+    v_scale: torch.Tensor | None
+    slot: int
+    attend_len: int
+
+
+def decode_chain(specs: list[DecoderLayerSpec], hidden, q, k, v, caches: list[CacheSlot], mask, cos, sin,
+                 next_spec: DecoderLayerSpec | None = None):
+    """Several consecutive layers' attn_out_mlp in one call: layer 0 takes ``hidden`` and its q, k, v; each
+    later layer the output of the one before and its own q, k, v computed at the end of that one's step; each
+    writes its K/V at its cache slot. One mask and one cos / sin for all (layers of one attention type).
+    Returns ([each layer's output [B, 1, H]], q, k, v of ``next_spec`` or None). On CPU one compiled call (one
+    parallel region for all the layers); elsewhere the layers one at a time."""
+    if len(specs) != len(caches) or not specs or not all(s.fused_mlp for s in specs):
+        raise ValueError("decode_chain: one cache slot per layer, every layer's MLP fused")
+    compiled = [s.compiled() for s in specs] if _backend.eager_cpu(hidden) else None
+    after = next_spec.compiled() if (compiled and next_spec is not None) else None
+    if compiled and all(c is not None for c in compiled) and (next_spec is None or after is not None):
+        outs = compiled[0].decode_chain(compiled, hidden, q, k, v, [c.keys for c in caches], [c.values for c in caches],
+                                        [c.k_scale for c in caches], [c.v_scale for c in caches],
+                                        [c.slot for c in caches], [c.attend_len for c in caches], mask, cos, sin, after)
+        n = len(specs)
+        return outs[:n], (tuple(outs[n:]) if next_spec is not None else None)
+    outs, qkv = [], (q, k, v)
+    for j, (spec, cache) in enumerate(zip(specs, caches)):
+        following = specs[j + 1] if j + 1 < len(specs) else next_spec
+        result = attn_out_mlp(spec, hidden, qkv[0], cache.keys, cache.values, cache.k_scale, cache.v_scale, mask,
+                              new_kv=qkv[1:], slot=cache.slot, attend_len=cache.attend_len, next_spec=following,
+                              next_cos=cos, next_sin=sin)
+        hidden, qkv = result if following is not None else (result, None)
+        outs.append(hidden)
+    return outs, qkv
 
 
 def _write_slot(keys, values, k_scale, v_scale, new_kv, slot: int, attend_len: int):

@@ -304,3 +304,42 @@ def test_composed_layer_on_gpu_matches_reference(dtype, bits):
     for a, b in ((q, rq), (k, rk), (v, rv), (out, ref)):
         err = (a.float() - b.float()).abs().max() / b.float().abs().max()
         assert err <= tolerance, err
+
+
+@needs_compiled
+@pytest.mark.parametrize("int8_kv", [False, True])
+@pytest.mark.parametrize("dtype,bits", [(torch.float32, 0), (torch.bfloat16, 4)])
+def test_decode_chain_matches_layer_by_layer(int8_kv, dtype, bits):
+    """Three layers in one compiled call (and a fourth's q, k, v at the end) equal the layers run one by one,
+    bit for bit, and the reference within the tolerance; each layer's K/V land in its own cache's slot."""
+    specs = [make_spec(dtype, bits, seed=s, qk_norm=s == 1) for s in range(4)]
+    inputs = make_inputs(specs[0], batch=2, cached=6, int8_kv=int8_kv)
+    hidden, cos, sin, *_ = inputs
+    mask = inputs[5]
+    q, k, v = dl.attn_in(specs[0], hidden, cos, sin)
+
+    def caches():
+        return [dl.CacheSlot(*_buffers(s, make_inputs(s, batch=2, cached=6, int8_kv=int8_kv, seed=9), 12), 6, 7)
+                for s in specs[:3]]
+
+    chained, chained_caches = caches(), None
+    outs, next_qkv = dl.decode_chain(specs[:3], hidden, q, k, v, chained, mask, cos, sin, specs[3])
+    one_by_one = caches()
+    x, qkv = hidden, (q, k, v)
+    for j in range(3):
+        c = one_by_one[j]
+        x, qkv = dl.attn_out_mlp(specs[j], x, qkv[0], c.keys, c.values, c.k_scale, c.v_scale, mask, new_kv=qkv[1:],
+                                 slot=6, attend_len=7, next_spec=specs[j + 1], next_cos=cos, next_sin=sin)
+        assert torch.equal(outs[j], x)
+        assert torch.equal(chained[j].keys, c.keys) and torch.equal(chained[j].values, c.values)
+    for a, b in zip(next_qkv, qkv):
+        assert torch.equal(a, b)
+    reference = caches()
+    x = hidden
+    qkv = dl.attn_in_ref(specs[0], hidden, cos, sin)
+    for j in range(3):
+        c = reference[j]
+        x, qkv = dl.attn_out_mlp_ref(specs[j], x, qkv[0], c.keys, c.values, c.k_scale, c.v_scale, mask,
+                                     new_kv=qkv[1:], slot=6, attend_len=7, next_spec=specs[j + 1], next_cos=cos,
+                                     next_sin=sin)
+        assert_close(outs[j], x, dtype, f"layer {j}")

@@ -372,3 +372,33 @@ def test_fused_prefill_matches_transformers(family):
     for a, b in zip(caches[0].layers, caches[1].layers):
         torch.testing.assert_close(b.keys, a.keys, rtol=1e-5, atol=1e-5)
     assert all(layer.prefill_checked for layer in fast._hf_fastinfer_injection.layers.values())
+
+
+def test_chained_decode_steps_aside_when_a_hook_changes_a_blocks_output():
+    """On CPU a block runs the blocks after it in the same call; a block then called with anything but the
+    output the chain assumed (here a forward hook scales block 0's output) recomputes, and the cache positions
+    the chain took are given back: the tokens are those of transformers' model with the same hook."""
+    reference, fast = pair("llama", num_hidden_layers=4)
+    hook = lambda module, args, output: output * 1.01  # noqa: E731
+    for model in (reference, fast):
+        model.model.layers[1].register_forward_hook(hook)
+    ids, mask = PROMPTS[:2], MASK[:2]
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    got = fast.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, cache_implementation="fastinfer")
+    assert torch.equal(got, expected)
+    assert decode_calls(fast) >= 4 * 11
+
+
+def test_chained_decode_runs_every_block_of_the_model():
+    reference, fast = pair("qwen2", num_hidden_layers=5)
+    ids, mask = PROMPTS, MASK
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    layers = fast._hf_fastinfer_injection.layers
+    first = next(iter(layers.values()))
+    calls = []
+    original = first._decode_chain
+    first._decode_chain = lambda *a: calls.append(1) or original(*a)
+    got = fast.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, cache_implementation="fastinfer")
+    assert torch.equal(got, expected)
+    assert len(calls) >= 15  # the first block ran the chain at every decode step
+    assert decode_calls(fast) >= 5 * 15

@@ -63,6 +63,9 @@ class FusedDecoderLayer:
         #: this block's compiled call, and used only if it is then called with exactly this block's output
         self.next: FusedDecoderLayer | None = None
         self._stash = None  # (hidden it was computed from, cos, sin, (q, k, v)) from the block before
+        #: this block's whole decode step, computed in a chain started by an earlier block: (its input, cos, sin,
+        #: mask, cache, its output, its cache layer, that layer's length after the step)
+        self._chained = None
         self.decode_calls = 0  # how many calls took the fused path (tests and report() read it)
 
     def __call__(self, hidden_states, *args, **kwargs):
@@ -74,8 +77,30 @@ class FusedDecoderLayer:
             return self._original(self._layer(), hidden_states, *args, **kwargs)
         return out
 
+    def _discard_chain(self) -> None:
+        """A chained step that is not going to be used (its block was called with other inputs): give back the
+        cache positions it and the blocks after it in the chain took, if the cache has not moved since."""
+        layer = self
+        while layer is not None and layer._chained is not None:
+            cache_layer, length = layer._chained[6], layer._chained[7]
+            layer._chained = None
+            if cache_layer.length == length:
+                cache_layer.length -= 1
+                cache_layer.cumulative_length -= 1
+            layer = layer.next
+
     def decode(self, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
         """The fused decode step, or None when this call is not one it covers (the caller runs the original)."""
+        if self._chained is not None:
+            expected, c_cos, c_sin, c_mask, c_cache, out, _, _ = self._chained
+            position_embeddings = kwargs.get("position_embeddings") or (None, None)
+            if (not args and hidden is expected and position_embeddings[0] is c_cos and position_embeddings[1] is c_sin
+                    and kwargs.get("attention_mask") is c_mask and kwargs.get("past_key_values") is c_cache
+                    and not kwargs.get("output_attentions")):
+                self._chained = None
+                self.decode_calls += 1
+                return out
+            self._discard_chain()
         stash, self._stash = self._stash, None
         if args or hidden.dim() != 3 or hidden.shape[1] != 1 or hidden.shape[0] > self.max_batch:
             return None
@@ -108,6 +133,11 @@ class FusedDecoderLayer:
             keys, values = own.keys, own.values
             k_scale, v_scale = own.key_scales, own.value_scales
             attend_len = own.capacity if own.static_shapes else own.length
+            if self.mlp is None and self.next is not None and not own.is_sliding:
+                chained = self._decode_chain(hidden, q, k, v, cache, mask, cos, sin,
+                                             fused.CacheSlot(keys, values, k_scale, v_scale, slot, attend_len))
+                if chained is not None:
+                    return chained
         else:
             slot = -1
             if cache is not None:
@@ -135,6 +165,39 @@ class FusedDecoderLayer:
             mlp_out = mlp_out[0]
         return residual + mlp_out
 
+
+    def _decode_chain(self, hidden, q, k, v, cache, mask, cos, sin, first: fused.CacheSlot) -> torch.Tensor | None:
+        """This block and the blocks after it in one compiled call (each its slot reserved in hf_fastinfer's
+        cache): this block's output now, the later blocks' outputs kept for their own calls, which check that
+        they get exactly the inputs the chain assumed. None when no later block can join."""
+        chain, slots = [self], [first]
+        layer = self.next
+        while layer is not None and layer.mlp is None and layer._chained is None and layer.dtype == self.dtype:
+            own = cache.layers[layer.layer_idx]
+            if own.is_sliding:
+                break
+            slot = own.reserve_decode_slot(hidden.shape[0])
+            if slot is None:
+                break
+            chain.append(layer)
+            slots.append(fused.CacheSlot(own.keys, own.values, own.key_scales, own.value_scales, slot,
+                                         own.capacity if own.static_shapes else own.length))
+            if layer.next is None or layer.next.layer_idx != layer.layer_idx + 1:
+                break
+            layer = layer.next
+        if len(chain) == 1:
+            return None
+        after = chain[-1].next
+        after = after if after is not None and after.mlp is None and after.dtype == self.dtype else None
+        outs, next_qkv = fused.decode_chain([layer.spec for layer in chain], hidden, q, k, v, slots, mask, cos, sin,
+                                            after.spec if after is not None else None)
+        for j in range(1, len(chain)):
+            own = cache.layers[chain[j].layer_idx]
+            chain[j]._chained = (outs[j - 1], cos, sin, mask, cache, outs[j], own, own.length)
+        if after is not None:
+            after._stash = (outs[-1], cos, sin, next_qkv)
+        self.decode_calls += 1
+        return outs[0]
 
     def prefill(self, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
         """Several tokens per sequence on CPU: the block's math through the kernel library's fused ops (RMSNorm,

@@ -364,198 +364,271 @@ std::vector<at::Tensor> DecoderLayer::attn_in(const at::Tensor& hidden_in, const
 // attn_out_mlp: (cache write,) attention, o_proj, residual, norm, gated MLP, residual (, next layer's attn_in)
 // ----------------------------------------------------------------------------------------------------------
 
+// Everything one layer's attn_out_mlp step reads and writes, prepared before the parallel region (so that a
+// chain of layers runs in one region: decode_chain).
 template <typename T, typename KT>
-std::vector<at::Tensor> DecoderLayer::attn_out_mlp_impl(const AttnOutArgs& a) {
-  const at::Tensor &hidden = a.hidden, &q = a.q, &keys = a.keys, &values = a.values;
-  const int64_t M = hidden.size(0), H = hidden_, D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_;
-  const int64_t G = Hq / Hkv, L = a.attend_len, I = intermediate_;
-  const T* hp = hidden.data_ptr<T>();
-  const T* qp = q.data_ptr<T>();
-  KT* kp = keys.data_ptr<KT>();
-  KT* vp = values.data_ptr<KT>();
-  constexpr bool quantized = std::is_same<KT, int8_t>::value;
-  c10::Half* ksp = quantized ? a.k_scale.data_ptr<c10::Half>() : nullptr;
-  c10::Half* vsp = quantized ? a.v_scale.data_ptr<c10::Half>() : nullptr;
-  const int64_t ks0 = quantized ? a.k_scale.stride(0) : 0, ks1 = quantized ? a.k_scale.stride(1) : 0,
-                ks2 = quantized ? a.k_scale.stride(2) : 0;
-  const int64_t vs0 = quantized ? a.v_scale.stride(0) : 0, vs1 = quantized ? a.v_scale.stride(1) : 0,
-                vs2 = quantized ? a.v_scale.stride(2) : 0;
-  // the new token's K/V into the cache's own buffers at `slot` (int8: quantized as kv_append does)
-  if (a.slot >= 0) {
-    const T* kn = a.k.data_ptr<T>();
-    const T* vn = a.v.data_ptr<T>();
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t h = 0; h < Hkv; ++h) {
-        const T* ksrc = kn + (m * Hkv + h) * D;
-        const T* vsrc = vn + (m * Hkv + h) * D;
-        KT* kdst = kp + m * keys.stride(0) + h * keys.stride(1) + a.slot * keys.stride(2);
-        KT* vdst = vp + m * values.stride(0) + h * values.stride(1) + a.slot * values.stride(2);
-        if constexpr (quantized) {
-          quantize_kv_row<T>(ksrc, D, kdst, ksp + m * ks0 + h * ks1 + a.slot * ks2);
-          quantize_kv_row<T>(vsrc, D, vdst, vsp + m * vs0 + h * vs1 + a.slot * vs2);
-        } else {
-          std::copy(ksrc, ksrc + D, kdst);
-          std::copy(vsrc, vsrc + D, vdst);
-        }
-      }
-  }
-  // mask [Bm, 1, 1, Lm] (Bm 1 or B, Lm >= L): bool, or additive float32 / T
-  const at::Tensor& mask = a.mask;
+struct OutWork {
+  const DecoderLayer* layer = nullptr;
+  int64_t M = 0, L = 0, slot = -1;
+  const T* hp = nullptr;  // the layer's input [M, H]
+  const T* qp = nullptr;  // q [M, Hq, D]
+  const T* kn = nullptr;  // this token's k, v [M, Hkv, D] (written at `slot`)
+  const T* vn = nullptr;
+  KT* kp = nullptr;
+  KT* vp = nullptr;
+  int64_t k0 = 0, k1 = 0, k2 = 0, v0 = 0, v1 = 0, v2 = 0;  // keys / values strides
+  c10::Half* ksp = nullptr;
+  c10::Half* vsp = nullptr;
+  int64_t ks0 = 0, ks1 = 0, ks2 = 0, vs0 = 0, vs1 = 0, vs2 = 0;  // scales' strides
   const bool* mb = nullptr;
   const float* mf = nullptr;
   const T* mt = nullptr;
   int64_t stride_mb = 0, stride_ml = 0;
-  if (mask.defined()) {
-    stride_mb = mask.size(0) == 1 ? 0 : mask.stride(0);
-    stride_ml = mask.stride(3);
-    if (mask.scalar_type() == at::kBool)
-      mb = mask.data_ptr<bool>();
-    else if (mask.scalar_type() == at::kFloat)
-      mf = mask.data_ptr<float>();
-    else
-      mt = mask.data_ptr<T>();
-  }
-  const bool bf16 = std::is_same<T, c10::BFloat16>::value;
-  const bool mlp = !gate_up_.empty();
-  std::vector<float> attn(M * Hq * D), yo(M * H), act(mlp ? M * I : 0), yd(mlp ? M * H : 0);
-  std::vector<float> yg(mlp ? M * (gate_up_.size() == 1 ? 2 * I : I) : 0), yu(mlp && gate_up_.size() == 2 ? M * I : 0);
-  at::Tensor out = at::detail::empty_cpu({M, 1, H}, dtype_, false, c10::nullopt);
-  at::Tensor normed;  // no fused MLP: the post-attention norm's output goes back for the model's MLP module
-  if (!mlp) normed = at::detail::empty_cpu({M, 1, H}, dtype_, false, c10::nullopt);
-  T* op = out.data_ptr<T>();
-  // the next layer's attn_in on this layer's output, in the same parallel region
-  const DecoderLayer* next = a.next;
+  std::vector<float> attn, yo, act, yd, yg, yu;
+  at::Tensor out, normed;
+  // the next layer's attn_in on this layer's output
+  const DecoderLayer* next = nullptr;
   std::vector<at::Tensor> next_qkv;
   std::vector<std::vector<float>> next_ys;
   std::pair<const void*, int64_t> next_c{nullptr, 0}, next_s{nullptr, 0};
-  if (next != nullptr) {
-    next_qkv = next->new_qkv(M);
-    next_ys = next->qkv_buffers(M);
-    next_c = next->rotary_rows(a.next_cos, M, "next_cos");
-    next_s = next->rotary_rows(a.next_sin, M, "next_sin");
+};
+
+template <typename T, typename KT>
+void DecoderLayer::prepare_out(const AttnOutArgs& a, void* work_ptr) const {
+  auto& w = *static_cast<OutWork<T, KT>*>(work_ptr);
+  constexpr bool quantized = std::is_same<KT, int8_t>::value;
+  const int64_t M = a.hidden.size(0), H = hidden_, D = head_dim_, Hq = num_heads_, I = intermediate_;
+  w.layer = this;
+  w.M = M;
+  w.L = a.attend_len;
+  w.slot = a.slot;
+  w.hp = a.hidden.data_ptr<T>();
+  w.qp = a.q.data_ptr<T>();
+  if (a.slot >= 0) {
+    w.kn = a.k.data_ptr<T>();
+    w.vn = a.v.data_ptr<T>();
+  }
+  w.kp = a.keys.data_ptr<KT>();
+  w.vp = a.values.data_ptr<KT>();
+  w.k0 = a.keys.stride(0), w.k1 = a.keys.stride(1), w.k2 = a.keys.stride(2);
+  w.v0 = a.values.stride(0), w.v1 = a.values.stride(1), w.v2 = a.values.stride(2);
+  if constexpr (quantized) {
+    w.ksp = a.k_scale.data_ptr<c10::Half>();
+    w.vsp = a.v_scale.data_ptr<c10::Half>();
+    w.ks0 = a.k_scale.stride(0), w.ks1 = a.k_scale.stride(1), w.ks2 = a.k_scale.stride(2);
+    w.vs0 = a.v_scale.stride(0), w.vs1 = a.v_scale.stride(1), w.vs2 = a.v_scale.stride(2);
+  }
+  // mask [Bm, 1, 1, Lm] (Bm 1 or B, Lm >= L): bool, or additive float32 / T
+  if (a.mask.defined()) {
+    w.stride_mb = a.mask.size(0) == 1 ? 0 : a.mask.stride(0);
+    w.stride_ml = a.mask.stride(3);
+    if (a.mask.scalar_type() == at::kBool)
+      w.mb = a.mask.data_ptr<bool>();
+    else if (a.mask.scalar_type() == at::kFloat)
+      w.mf = a.mask.data_ptr<float>();
+    else
+      w.mt = a.mask.data_ptr<T>();
+  }
+  const bool mlp = !gate_up_.empty();
+  w.attn.resize(M * Hq * D);
+  w.yo.resize(M * H);
+  if (mlp) {
+    w.act.resize(M * I);
+    w.yd.resize(M * H);
+    w.yg.resize(M * (gate_up_.size() == 1 ? 2 * I : I));
+    if (gate_up_.size() == 2) w.yu.resize(M * I);
+  }
+  w.out = at::detail::empty_cpu({M, 1, H}, dtype_, false, c10::nullopt);
+  if (!mlp) w.normed = at::detail::empty_cpu({M, 1, H}, dtype_, false, c10::nullopt);
+  w.next = a.next;
+  if (a.next != nullptr) {
+    w.next_qkv = a.next->new_qkv(M);
+    w.next_ys = a.next->qkv_buffers(M);
+    w.next_c = a.next->rotary_rows(a.next_cos, M, "next_cos");
+    w.next_s = a.next->rotary_rows(a.next_sin, M, "next_sin");
+  }
+}
+
+// Run by every thread of a team. Ends without a barrier when there is a next layer's attn_in (each thread
+// writes its own heads), else after the last thread's rows.
+template <typename T, typename KT>
+void DecoderLayer::run_out_team(void* work_ptr, int tid, int n) const {
+  auto& w = *static_cast<OutWork<T, KT>*>(work_ptr);
+  constexpr bool quantized = std::is_same<KT, int8_t>::value;
+  const int64_t M = w.M, H = hidden_, D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_;
+  const int64_t G = Hq / Hkv, L = w.L, I = intermediate_;
+  const bool bf16 = std::is_same<T, c10::BFloat16>::value;
+  const bool mlp = !gate_up_.empty();
+  T* op = w.out.template data_ptr<T>();
+  // 0. the new token's K/V into the cache's own buffers at `slot` (int8: quantized as kv_append does)
+  if (w.slot >= 0) {
+    int64_t begin, end;
+    thread_share(M * Hkv, 1, tid, n, begin, end);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t m = item / Hkv, h = item % Hkv;
+      const T* ksrc = w.kn + (m * Hkv + h) * D;
+      const T* vsrc = w.vn + (m * Hkv + h) * D;
+      KT* kdst = w.kp + m * w.k0 + h * w.k1 + w.slot * w.k2;
+      KT* vdst = w.vp + m * w.v0 + h * w.v1 + w.slot * w.v2;
+      if constexpr (quantized) {
+        quantize_kv_row<T>(ksrc, D, kdst, w.ksp + m * w.ks0 + h * w.ks1 + w.slot * w.ks2);
+        quantize_kv_row<T>(vsrc, D, vdst, w.vsp + m * w.vs0 + h * w.vs1 + w.slot * w.vs2);
+      } else {
+        std::copy(ksrc, ksrc + D, kdst);
+        std::copy(vsrc, vsrc + D, vdst);
+      }
+    }
+#pragma omp barrier
+  }
+  // 1. attention, one (sequence, query head) per item
+  {
+    std::vector<float> scores(L), qf(D);
+    int64_t begin, end;
+    thread_share(M * Hq, 1, tid, n, begin, end);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t m = item / Hq, h = item % Hq, kvh = h / G;
+      for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(w.qp[(m * Hq + h) * D + d]);
+      attend_one<T, KT>(qf.data(), w.kp + m * w.k0 + kvh * w.k1, w.vp + m * w.v0 + kvh * w.v1, w.k2, w.v2,
+                        quantized ? w.ksp + m * w.ks0 + kvh * w.ks1 : nullptr,
+                        quantized ? w.vsp + m * w.vs0 + kvh * w.vs1 : nullptr, w.ks2, w.vs2, L, D, scaling_, softcap_,
+                        w.mb ? w.mb + m * w.stride_mb : nullptr, w.mf ? w.mf + m * w.stride_mb : nullptr,
+                        w.mt ? w.mt + m * w.stride_mb : nullptr, w.stride_ml, scores.data(),
+                        w.attn.data() + (m * Hq + h) * D);
+    }
+  }
+#pragma omp barrier
+  // 2. o_proj, rows split across the team
+  {
+    QuantActivations qa;
+    o_.prepare(w.attn.data(), M, bf16, qa);
+    int64_t begin, end;
+    thread_share(H, 4, tid, n, begin, end);
+    o_.rows(w.attn.data(), qa, M, w.yo.data(), begin, end);
+  }
+#pragma omp barrier
+  // 3. residual add and post-attention norm; every thread computes them whole (a few hundred values: cheaper
+  // than another barrier)
+  std::vector<float> h(M * H), n2(M * H);
+  for (int64_t i = 0; i < M * H; ++i) h[i] = round_to<T>(static_cast<float>(w.hp[i]) + round_to<T>(w.yo[i]));
+  for (int64_t m = 0; m < M; ++m)
+    rms_norm_row<T>(h.data() + m * H, norm2_.data_ptr<float>(), n2.data() + m * H, H, eps_, gemma_norm_);
+  if (!mlp) {
+    if (tid == 0) {
+      T* np = w.normed.template data_ptr<T>();
+      for (int64_t i = 0; i < M * H; ++i) {
+        op[i] = static_cast<T>(h[i]);
+        np[i] = static_cast<T>(n2[i]);
+      }
+    }
+    return;
+  }
+  // 4. gate and up rows [begin, end) on this thread, then act(gate) * up for the same columns
+  int64_t begin, end;
+  thread_share(I, 16, tid, n, begin, end);
+  const int64_t ldg = gate_up_.size() == 1 ? 2 * I : I;
+  if (gate_up_.size() == 1) {  // fused [2I, H]: gate rows, then up rows
+    QuantActivations qa;
+    gate_up_[0].prepare(n2.data(), M, bf16, qa);
+    gate_up_[0].rows(n2.data(), qa, M, w.yg.data(), begin, end);
+    gate_up_[0].rows(n2.data(), qa, M, w.yg.data(), I + begin, I + end);
+  } else {
+    QuantActivations qg, qu;
+    gate_up_[0].prepare(n2.data(), M, bf16, qg);
+    gate_up_[1].prepare(n2.data(), M, bf16, qu);
+    gate_up_[0].rows(n2.data(), qg, M, w.yg.data(), begin, end);
+    gate_up_[1].rows(n2.data(), qu, M, w.yu.data(), begin, end);
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const float* g = w.yg.data() + m * ldg;
+    const float* u = gate_up_.size() == 1 ? g + I : w.yu.data() + m * I;
+    float* av = w.act.data() + m * I;
+#ifdef HF_FASTINFER_AVX512
+    const T* tag = nullptr;
+    for (int64_t i = begin; i < end; i += 16) {
+      const __mmask16 mk = tail_mask(end - i);
+      const __m512 gv = round16(_mm512_maskz_loadu_ps(mk, g + i), tag);
+      const __m512 uv = round16(_mm512_maskz_loadu_ps(mk, u + i), tag);
+      _mm512_mask_storeu_ps(av + i, mk, round16(gated16<T>(gv, uv, gelu_), tag));
+    }
+#else
+    for (int64_t i = begin; i < end; ++i) {
+      const float gv = round_to<T>(g[i]), uv = round_to<T>(u[i]);
+      const float t = gelu_ ? 2.f * 0.7978845608028654f * (gv + 0.044715f * gv * gv * gv) : gv;
+      av[i] = round_to<T>(round_to<T>(gv / (1.f + std::exp(-t))) * uv);
+    }
+#endif
+  }
+#pragma omp barrier
+  // 5. down projection and the second residual add, rows split across the team
+  QuantActivations qa;
+  down_->prepare(w.act.data(), M, bf16, qa);
+  thread_share(H, 4, tid, n, begin, end);
+  down_->rows(w.act.data(), qa, M, w.yd.data(), begin, end);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = begin; j < end; ++j) op[m * H + j] = static_cast<T>(h[m * H + j] + round_to<T>(w.yd[m * H + j]));
+  // 6. the next layer's attn_in on the finished output
+  if (w.next != nullptr) {
+#pragma omp barrier
+    w.next->template attn_in_team<T>(op, M, static_cast<const T*>(w.next_c.first), w.next_c.second,
+                            static_cast<const T*>(w.next_s.first), w.next_s.second, w.next_qkv[0].template data_ptr<T>(),
+                            w.next_qkv[1].template data_ptr<T>(), w.next_qkv[2].template data_ptr<T>(), w.next_ys, tid, n);
+  }
+}
+
+// A chain of layers in one parallel region: layer j's input is layer j - 1's output and its q / k / v come from
+// layer j - 1's step 6. args[0] holds the first layer's inputs; args[j > 0] its cache and mask (the rest is
+// wired here). Returns every layer's output, then (if the last step has a next layer) that layer's q, k, v;
+// a single layer without a fused MLP returns {residual, normed}.
+template <typename T, typename KT>
+std::vector<at::Tensor> run_chain(const std::vector<const DecoderLayer*>& layers, std::vector<AttnOutArgs>& args) {
+  std::vector<OutWork<T, KT>> works(layers.size());
+  for (size_t j = 0; j < layers.size(); ++j) {
+    if (j > 0) {
+      args[j].hidden = works[j - 1].out.view({works[j - 1].M, -1});
+      args[j].q = works[j - 1].next_qkv[0];
+      args[j].k = works[j - 1].next_qkv[1];
+      args[j].v = works[j - 1].next_qkv[2];
+    }
+    layers[j]->template prepare_out<T, KT>(args[j], &works[j]);
   }
   const int nt = team_size();
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-    // 1. attention, one (sequence, query head) per item
-    {
-      std::vector<float> scores(L), qf(D);
-      int64_t begin, end;
-      thread_share(M * Hq, 1, tid, n, begin, end);
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t m = item / Hq, h = item % Hq, kvh = h / G;
-        for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(qp[(m * Hq + h) * D + d]);
-        const KT* kr = kp + m * keys.stride(0) + kvh * keys.stride(1);
-        const KT* vr = vp + m * values.stride(0) + kvh * values.stride(1);
-        attend_one<T, KT>(qf.data(), kr, vr, keys.stride(2), values.stride(2),
-                          quantized ? ksp + m * ks0 + kvh * ks1 : nullptr, quantized ? vsp + m * vs0 + kvh * vs1 : nullptr,
-                          ks2, vs2, L, D, scaling_, softcap_, mb ? mb + m * stride_mb : nullptr,
-                          mf ? mf + m * stride_mb : nullptr, mt ? mt + m * stride_mb : nullptr, stride_ml, scores.data(),
-                          attn.data() + (m * Hq + h) * D);
-      }
-    }
+    for (size_t j = 0; j < layers.size(); ++j) {
+      if (j > 0) {
 #pragma omp barrier
-    // 2. o_proj, rows split across the team
-    {
-      QuantActivations qa;
-      o_.prepare(attn.data(), M, bf16, qa);
-      int64_t begin, end;
-      thread_share(H, 4, tid, n, begin, end);
-      o_.rows(attn.data(), qa, M, yo.data(), begin, end);
-    }
-#pragma omp barrier
-    // 3. residual add and post-attention norm; every thread computes them whole (a few hundred values: cheaper
-    // than another barrier)
-    std::vector<float> h(M * H), n2(M * H);
-    for (int64_t i = 0; i < M * H; ++i) h[i] = round_to<T>(static_cast<float>(hp[i]) + round_to<T>(yo[i]));
-    for (int64_t m = 0; m < M; ++m)
-      rms_norm_row<T>(h.data() + m * H, norm2_.data_ptr<float>(), n2.data() + m * H, H, eps_, gemma_norm_);
-    if (!mlp) {
-      if (tid == 0) {
-        T* np = normed.data_ptr<T>();
-        for (int64_t i = 0; i < M * H; ++i) {
-          op[i] = static_cast<T>(h[i]);
-          np[i] = static_cast<T>(n2[i]);
-        }
       }
-    } else {
-      // 4. gate and up rows [begin, end) on this thread, then act(gate) * up for the same columns
-      int64_t begin, end;
-      thread_share(I, 16, tid, n, begin, end);
-      const int64_t ldg = gate_up_.size() == 1 ? 2 * I : I;
-      if (gate_up_.size() == 1) {  // fused [2I, H]: gate rows, then up rows
-        QuantActivations qa;
-        gate_up_[0].prepare(n2.data(), M, bf16, qa);
-        gate_up_[0].rows(n2.data(), qa, M, yg.data(), begin, end);
-        gate_up_[0].rows(n2.data(), qa, M, yg.data(), I + begin, I + end);
-      } else {
-        QuantActivations qg, qu;
-        gate_up_[0].prepare(n2.data(), M, bf16, qg);
-        gate_up_[1].prepare(n2.data(), M, bf16, qu);
-        gate_up_[0].rows(n2.data(), qg, M, yg.data(), begin, end);
-        gate_up_[1].rows(n2.data(), qu, M, yu.data(), begin, end);
-      }
-      for (int64_t m = 0; m < M; ++m) {
-        const float* g = yg.data() + m * ldg;
-        const float* u = gate_up_.size() == 1 ? g + I : yu.data() + m * I;
-        float* av = act.data() + m * I;
-#ifdef HF_FASTINFER_AVX512
-        const T* tag = nullptr;
-        for (int64_t i = begin; i < end; i += 16) {
-          const __mmask16 mk = tail_mask(end - i);
-          const __m512 gv = round16(_mm512_maskz_loadu_ps(mk, g + i), tag);
-          const __m512 uv = round16(_mm512_maskz_loadu_ps(mk, u + i), tag);
-          _mm512_mask_storeu_ps(av + i, mk, round16(gated16<T>(gv, uv, gelu_), tag));
-        }
-#else
-        for (int64_t i = begin; i < end; ++i) {
-          const float gv = round_to<T>(g[i]), uv = round_to<T>(u[i]);
-          const float t = gelu_ ? 2.f * 0.7978845608028654f * (gv + 0.044715f * gv * gv * gv) : gv;
-          av[i] = round_to<T>(round_to<T>(gv / (1.f + std::exp(-t))) * uv);
-        }
-#endif
-      }
-#pragma omp barrier
-      // 5. down projection and the second residual add, rows split across the team
-      QuantActivations qa;
-      down_->prepare(act.data(), M, bf16, qa);
-      thread_share(H, 4, tid, n, begin, end);
-      down_->rows(act.data(), qa, M, yd.data(), begin, end);
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t j = begin; j < end; ++j) op[m * H + j] = static_cast<T>(h[m * H + j] + round_to<T>(yd[m * H + j]));
-      // 6. the next layer's attn_in on the finished output
-      if (next != nullptr) {
-#pragma omp barrier
-        next->attn_in_team<T>(op, M, static_cast<const T*>(next_c.first), next_c.second,
-                              static_cast<const T*>(next_s.first), next_s.second, next_qkv[0].data_ptr<T>(),
-                              next_qkv[1].data_ptr<T>(), next_qkv[2].data_ptr<T>(), next_ys, tid, n);
-      }
+      layers[j]->template run_out_team<T, KT>(&works[j], tid, n);
     }
   }
-  if (!mlp) return {out, normed};
-  if (next != nullptr) return {out, next_qkv[0], next_qkv[1], next_qkv[2]};
-  return {out};
+  if (works.back().normed.defined()) return {works.back().out, works.back().normed};  // (a single layer)
+  std::vector<at::Tensor> outs;
+  for (auto& w : works) outs.push_back(w.out);
+  if (works.back().next != nullptr)
+    for (auto& t : works.back().next_qkv) outs.push_back(t);
+  return outs;
 }
 
-std::vector<at::Tensor> DecoderLayer::attn_out_mlp(const at::Tensor& hidden_in, const at::Tensor& q_in,
-                                                   const at::Tensor& k, const at::Tensor& v, const at::Tensor& keys,
-                                                   const at::Tensor& values, const c10::optional<at::Tensor>& k_scale,
-                                                   const c10::optional<at::Tensor>& v_scale,
-                                                   const c10::optional<at::Tensor>& mask_in, int64_t slot,
-                                                   int64_t attend_len, const DecoderLayer* next,
-                                                   const c10::optional<at::Tensor>& next_cos,
-                                                   const c10::optional<at::Tensor>& next_sin) {
-  TORCH_CHECK(hidden_in.scalar_type() == dtype_ && hidden_in.size(-1) == hidden_,
-              "attn_out_mlp: hidden states must be [B, 1, hidden] of the layer's dtype");
+AttnOutArgs DecoderLayer::make_args(const at::Tensor& hidden_in, const at::Tensor& q_in, const at::Tensor& k,
+                                    const at::Tensor& v, const at::Tensor& keys, const at::Tensor& values,
+                                    const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale,
+                                    const c10::optional<at::Tensor>& mask_in, int64_t slot, int64_t attend_len,
+                                    const DecoderLayer* next, const c10::optional<at::Tensor>& next_cos,
+                                    const c10::optional<at::Tensor>& next_sin, bool inputs) const {
   AttnOutArgs a;
-  const int64_t M = hidden_in.numel() / hidden_;
-  a.hidden = hidden_in.reshape({M, hidden_}).contiguous();
-  a.q = q_in.contiguous();
-  TORCH_CHECK(a.q.scalar_type() == dtype_ && a.q.numel() == M * num_heads_ * head_dim_, "attn_out_mlp: q must be [B, Hq, 1, D]");
-  TORCH_CHECK(keys.dim() == 4 && values.dim() == 4 && keys.size(0) == M && keys.size(1) == num_kv_heads_ &&
-              keys.size(3) == head_dim_ && values.sizes() == keys.sizes(),
-              "attn_out_mlp: keys / values must be [B, Hkv, L, D]");
+  const int64_t M = keys.dim() == 4 ? keys.size(0) : 0;
+  if (inputs) {
+    TORCH_CHECK(hidden_in.scalar_type() == dtype_ && hidden_in.size(-1) == hidden_,
+                "attn_out_mlp: hidden states must be [B, 1, hidden] of the layer's dtype");
+    a.hidden = hidden_in.reshape({hidden_in.numel() / hidden_, hidden_}).contiguous();
+    a.q = q_in.contiguous();
+    TORCH_CHECK(a.hidden.size(0) == M, "attn_out_mlp: hidden states and keys disagree on the batch");
+    TORCH_CHECK(a.q.scalar_type() == dtype_ && a.q.numel() == M * num_heads_ * head_dim_,
+                "attn_out_mlp: q must be [B, Hq, 1, D]");
+  }
+  TORCH_CHECK(keys.dim() == 4 && values.dim() == 4 && keys.size(1) == num_kv_heads_ && keys.size(3) == head_dim_ &&
+              values.sizes() == keys.sizes(), "attn_out_mlp: keys / values must be [B, Hkv, L, D]");
   TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1, "attn_out_mlp: keys / values contiguous along D");
   const bool quantized = keys.scalar_type() == at::kChar;
   if (quantized) {
@@ -576,13 +649,16 @@ std::vector<at::Tensor> DecoderLayer::attn_out_mlp(const at::Tensor& hidden_in, 
     // the cache's whole buffers: this token's K/V go to `slot`, attention reads [0, attend_len)
     TORCH_CHECK(slot < keys.size(2) && attend_len > slot && attend_len <= keys.size(2),
                 "attn_out_mlp: slot / attend_len outside the cache buffers");
-    a.k = k.contiguous();
-    a.v = v.contiguous();
-    TORCH_CHECK(a.k.scalar_type() == dtype_ && a.v.scalar_type() == dtype_ &&
-                a.k.numel() == M * num_kv_heads_ * head_dim_ && a.v.numel() == a.k.numel(),
-                "attn_out_mlp: k / v must be [B, Hkv, 1, D] of the layer's dtype");
+    if (inputs) {
+      a.k = k.contiguous();
+      a.v = v.contiguous();
+      TORCH_CHECK(a.k.scalar_type() == dtype_ && a.v.scalar_type() == dtype_ &&
+                  a.k.numel() == M * num_kv_heads_ * head_dim_ && a.v.numel() == a.k.numel(),
+                  "attn_out_mlp: k / v must be [B, Hkv, 1, D] of the layer's dtype");
+    }
     a.attend_len = attend_len;
   } else {
+    TORCH_CHECK(inputs, "attn_out_mlp: a chained layer writes its K/V into the cache's buffers (slot >= 0)");
     a.attend_len = keys.size(2);
   }
   if (mask_in.has_value()) {
@@ -600,14 +676,58 @@ std::vector<at::Tensor> DecoderLayer::attn_out_mlp(const at::Tensor& hidden_in, 
     a.next_cos = *next_cos;
     a.next_sin = *next_sin;
   }
+  return a;
+}
+
+template <typename T>
+std::vector<at::Tensor> dispatch_kv(const std::vector<const DecoderLayer*>& layers, std::vector<AttnOutArgs>& args) {
+  if (args[0].keys.scalar_type() == at::kChar) return run_chain<T, int8_t>(layers, args);
+  return run_chain<T, T>(layers, args);
+}
+
+std::vector<at::Tensor> DecoderLayer::run(const std::vector<const DecoderLayer*>& layers, std::vector<AttnOutArgs>& args) const {
   switch (dtype_) {
-    case at::kFloat:
-      return quantized ? attn_out_mlp_impl<float, int8_t>(a) : attn_out_mlp_impl<float, float>(a);
-    case at::kBFloat16:
-      return quantized ? attn_out_mlp_impl<c10::BFloat16, int8_t>(a) : attn_out_mlp_impl<c10::BFloat16, c10::BFloat16>(a);
-    default:
-      return quantized ? attn_out_mlp_impl<c10::Half, int8_t>(a) : attn_out_mlp_impl<c10::Half, c10::Half>(a);
+    case at::kFloat: return dispatch_kv<float>(layers, args);
+    case at::kBFloat16: return dispatch_kv<c10::BFloat16>(layers, args);
+    default: return dispatch_kv<c10::Half>(layers, args);
   }
+}
+
+std::vector<at::Tensor> DecoderLayer::attn_out_mlp(const at::Tensor& hidden_in, const at::Tensor& q_in,
+                                                   const at::Tensor& k, const at::Tensor& v, const at::Tensor& keys,
+                                                   const at::Tensor& values, const c10::optional<at::Tensor>& k_scale,
+                                                   const c10::optional<at::Tensor>& v_scale,
+                                                   const c10::optional<at::Tensor>& mask_in, int64_t slot,
+                                                   int64_t attend_len, const DecoderLayer* next,
+                                                   const c10::optional<at::Tensor>& next_cos,
+                                                   const c10::optional<at::Tensor>& next_sin) {
+  std::vector<AttnOutArgs> args{make_args(hidden_in, q_in, k, v, keys, values, k_scale, v_scale, mask_in, slot, attend_len,
+                                          next, next_cos, next_sin, true)};
+  return run({this}, args);
+}
+
+std::vector<at::Tensor> DecoderLayer::decode_chain(const std::vector<const DecoderLayer*>& chain,
+                                                   const at::Tensor& hidden, const at::Tensor& q, const at::Tensor& k,
+                                                   const at::Tensor& v, const std::vector<at::Tensor>& keys,
+                                                   const std::vector<at::Tensor>& values,
+                                                   const std::vector<c10::optional<at::Tensor>>& k_scales,
+                                                   const std::vector<c10::optional<at::Tensor>>& v_scales,
+                                                   const std::vector<int64_t>& slots,
+                                                   const std::vector<int64_t>& attend_lens,
+                                                   const c10::optional<at::Tensor>& mask, const at::Tensor& cos,
+                                                   const at::Tensor& sin, const DecoderLayer* next) {
+  const size_t n = chain.size();
+  TORCH_CHECK(n >= 1 && chain[0] == this && keys.size() == n && values.size() == n && k_scales.size() == n &&
+              v_scales.size() == n && slots.size() == n && attend_lens.size() == n,
+              "decode_chain: one cache entry per layer, starting with this layer");
+  for (size_t j = 0; j < n; ++j) TORCH_CHECK(chain[j] != nullptr && slots[j] >= 0, "decode_chain: layers and slots");
+  std::vector<AttnOutArgs> args;
+  for (size_t j = 0; j < n; ++j) {
+    const DecoderLayer* following = j + 1 < n ? chain[j + 1] : next;
+    args.push_back(chain[j]->make_args(hidden, q, k, v, keys[j], values[j], k_scales[j], v_scales[j], mask, slots[j],
+                                       attend_lens[j], following, cos, sin, j == 0));
+  }
+  return run(chain, args);
 }
 
 }  // namespace hf_fastinfer

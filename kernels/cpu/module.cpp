@@ -43,5 +43,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("keys"), py::arg("values"), py::arg("k_scale"), py::arg("v_scale"), py::arg("mask"),
            py::arg("slot") = -1, py::arg("attend_len") = 0, py::arg("next_layer") = nullptr,
            py::arg("next_cos") = py::none(), py::arg("next_sin") = py::none(), py::call_guard<py::gil_scoped_release>())
+      .def("decode_chain", &DecoderLayer::decode_chain, py::arg("chain"), py::arg("hidden"), py::arg("q"), py::arg("k"),
+           py::arg("v"), py::arg("keys"), py::arg("values"), py::arg("k_scales"), py::arg("v_scales"), py::arg("slots"),
+           py::arg("attend_lens"), py::arg("mask"), py::arg("cos"), py::arg("sin"), py::arg("next_layer") = nullptr,
+           py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("weight_bytes", &DecoderLayer::weight_bytes);
 }

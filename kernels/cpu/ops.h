@@ -104,20 +104,46 @@ class DecoderLayer {
                                        const DecoderLayer* next, const c10::optional<at::Tensor>& next_cos,
                                        const c10::optional<at::Tensor>& next_sin);
 
+  // attn_out_mlp for a chain of layers in one parallel region: `chain` starts with this layer, whose inputs are
+  // hidden, q, k, v; each later layer takes the one before's output and its q, k, v (computed by the one before),
+  // and every layer writes its K/V into its cache's buffers at its slot (one entry per layer in keys ...
+  // attend_lens). One mask and one cos / sin for all (layers of one attention type, one rotary table); next: a
+  // layer after the chain whose q, k, v are computed at the end. Returns every layer's output [B, 1, H], then
+  // next's q, k, v.
+  std::vector<at::Tensor> decode_chain(const std::vector<const DecoderLayer*>& chain, const at::Tensor& hidden,
+                                       const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values,
+                                       const std::vector<c10::optional<at::Tensor>>& k_scales,
+                                       const std::vector<c10::optional<at::Tensor>>& v_scales,
+                                       const std::vector<int64_t>& slots, const std::vector<int64_t>& attend_lens,
+                                       const c10::optional<at::Tensor>& mask, const at::Tensor& cos,
+                                       const at::Tensor& sin, const DecoderLayer* next);
+
   // bytes of the projection weights (and their scales) one decode step reads
   int64_t weight_bytes() const;
+
+  // the steps of attn_out_mlp (decoder_layer.cpp): checked arguments (`inputs`: hidden, q, k, v too), the
+  // buffers of one call, and the part every thread of the team runs
+  AttnOutArgs make_args(const at::Tensor& hidden, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& keys, const at::Tensor& values, const c10::optional<at::Tensor>& k_scale,
+                        const c10::optional<at::Tensor>& v_scale, const c10::optional<at::Tensor>& mask, int64_t slot,
+                        int64_t attend_len, const DecoderLayer* next, const c10::optional<at::Tensor>& next_cos,
+                        const c10::optional<at::Tensor>& next_sin, bool inputs) const;
+  template <typename T, typename KT>
+  void prepare_out(const AttnOutArgs& a, void* work) const;
+  template <typename T, typename KT>
+  void run_out_team(void* work, int tid, int nt) const;
+  template <typename T>
+  void attn_in_team(const T* hidden, int64_t M, const T* cos, int64_t stride_c, const T* sin, int64_t stride_s, T* q,
+                    T* k, T* v, std::vector<std::vector<float>>& ys, int tid, int nt) const;
+  std::vector<std::vector<float>> qkv_buffers(int64_t M) const;
+  std::vector<at::Tensor> new_qkv(int64_t M) const;
+  std::pair<const void*, int64_t> rotary_rows(const at::Tensor& t, int64_t M, const char* name) const;
 
  private:
   template <typename T>
   std::vector<at::Tensor> attn_in_impl(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin);
-  template <typename T>
-  void attn_in_team(const T* hidden, int64_t M, const T* cos, int64_t stride_c, const T* sin, int64_t stride_s, T* q,
-                    T* k, T* v, std::vector<std::vector<float>>& ys, int tid, int nt) const;
-  template <typename T, typename KT>
-  std::vector<at::Tensor> attn_out_mlp_impl(const AttnOutArgs& a);
-  std::vector<std::vector<float>> qkv_buffers(int64_t M) const;
-  std::vector<at::Tensor> new_qkv(int64_t M) const;
-  std::pair<const void*, int64_t> rotary_rows(const at::Tensor& t, int64_t M, const char* name) const;
+  std::vector<at::Tensor> run(const std::vector<const DecoderLayer*>& layers, std::vector<AttnOutArgs>& args) const;
 
   std::vector<Projection> qkv_;
   Projection o_;
