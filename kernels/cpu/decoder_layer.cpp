@@ -108,6 +108,32 @@ at::Tensor float_copy(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->to(at::kFloat).contiguous() : at::Tensor();
 }
 
+#ifdef HF_FASTINFER_AVX512
+// the 16 lanes of each of v[0..15] summed, as one vector (lane i: the sum of v[i]): a transposing tree of
+// shuffles and adds, a quarter of the instructions of 16 horizontal reductions
+inline __m512 reduce16(const __m512* v) {
+  __m512 s1[8];
+  for (int i = 0; i < 8; ++i)
+    s1[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  __m512 s2[4];
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(s1[2 * i]), b = _mm512_castps_pd(s1[2 * i + 1]);
+    s2[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 u0 = _mm512_add_ps(_mm512_shuffle_f32x4(s2[0], s2[1], 0x88), _mm512_shuffle_f32x4(s2[0], s2[1], 0xDD));
+  const __m512 u1 = _mm512_add_ps(_mm512_shuffle_f32x4(s2[2], s2[3], 0x88), _mm512_shuffle_f32x4(s2[2], s2[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xDD));
+}
+
+template <typename KT>
+inline __m512 load_key16(const KT* p, __mmask16 m) {
+  if constexpr (std::is_same<KT, int8_t>::value)
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+  else
+    return load16(p, m);
+}
+#endif
+
 // Attention of one query head against its KV head's keys: scores in fp32, softmax, weighted values; the
 // result rounded to T. K/V element type KT: T, or int8 with a float16 scale per position (the int8 cache).
 // mask: bool (True = attend) or additive float, read through strides; None attends to every key.
@@ -117,30 +143,43 @@ void attend_one(const float* q, const KT* k, const KT* v, int64_t stride_kl, int
                 float softcap, const bool* mask_b, const float* maskf, const T* maskt, int64_t stride_ml, float* scores,
                 float* out) {
   constexpr bool quantized = std::is_same<KT, int8_t>::value;
+  // raw dot products q . k_l (masked positions too: cheaper than branching on them)
+  int64_t l = 0;
+  const int64_t chunks = (D + 15) / 16;
+#ifdef HF_FASTINFER_AVX512
+  if (chunks <= 8) {
+    __m512 qv[8];
+    __mmask16 qm[8];
+    for (int64_t c = 0; c < chunks; ++c) {
+      qm[c] = tail_mask(D - 16 * c);
+      qv[c] = _mm512_maskz_loadu_ps(qm[c], q + 16 * c);
+    }
+    for (; l + 16 <= L; l += 16) {  // 16 keys, their sums reduced together
+      __m512 acc[16];
+      for (int j = 0; j < 16; ++j) {
+        const KT* kr = k + (l + j) * stride_kl;
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; ++c) a = _mm512_fmadd_ps(qv[c], load_key16(kr + 16 * c, qm[c]), a);
+        acc[j] = a;
+      }
+      _mm512_storeu_ps(scores + l, reduce16(acc));
+    }
+  }
+#endif
+  for (; l < L; ++l) {
+    const KT* kr = k + l * stride_kl;
+    float s = 0.f;
+    for (int64_t d = 0; d < D; ++d) s += q[d] * static_cast<float>(kr[d]);
+    scores[l] = s;
+  }
+  // scaling, the int8 keys' scales, softcap, the mask; the maximum for the softmax
   float best = -std::numeric_limits<float>::infinity();
-  for (int64_t l = 0; l < L; ++l) {
+  for (l = 0; l < L; ++l) {
     if (mask_b != nullptr && !mask_b[l * stride_ml]) {
       scores[l] = -std::numeric_limits<float>::infinity();
       continue;
     }
-    const KT* kr = k + l * stride_kl;
-    float s;
-#ifdef HF_FASTINFER_AVX512
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 16) {
-      const __mmask16 m = tail_mask(D - d);
-      __m512 kv;
-      if constexpr (quantized)
-        kv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, kr + d)));
-      else
-        kv = load16(kr + d, m);
-      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), kv, acc);
-    }
-    s = _mm512_reduce_add_ps(acc);
-#else
-    s = 0.f;
-    for (int64_t d = 0; d < D; ++d) s += q[d] * static_cast<float>(kr[d]);
-#endif
+    float s = scores[l];
     if constexpr (quantized) s *= to_f32(ks[l * stride_ksl]);
     s *= scaling;
     if (softcap > 0.f) s = std::tanh(s / softcap) * softcap;
@@ -152,7 +191,7 @@ void attend_one(const float* q, const KT* k, const KT* v, int64_t stride_kl, int
   std::fill(out, out + D, 0.f);
   if (best == -std::numeric_limits<float>::infinity()) return;  // nothing to attend to: zeros, not NaN
   float total = 0.f;
-  int64_t l = 0;
+  l = 0;
 #ifdef HF_FASTINFER_AVX512
   const __m512 shift = _mm512_set1_ps(best);
   __m512 sum = _mm512_setzero_ps();
@@ -170,27 +209,35 @@ void attend_one(const float* q, const KT* k, const KT* v, int64_t stride_kl, int
   }
 #endif
   const float inv = 1.f / total;
-  for (int64_t j = 0; j < L; ++j) {
-    // the probabilities meet V rounded to T, as PyTorch's CPU SDPA kernels (transformers' path) round them
-    // before their P·V product; the sum above is of the unrounded values, as there
-    float p = round_to<T>(scores[j]);
-    if (p == 0.f) continue;  // masked (or underflowed) positions add nothing
-    if constexpr (quantized) p *= to_f32(vs[j * stride_vsl]);
-    const KT* vr = v + j * stride_vl;
+  // the probabilities meet V rounded to T, as PyTorch's CPU SDPA kernels (transformers' path) round them before
+  // their P·V product; the sum above is of the unrounded values, as there
 #ifdef HF_FASTINFER_AVX512
-    const __m512 pv = _mm512_set1_ps(p);
-    for (int64_t d = 0; d < D; d += 16) {
-      const __mmask16 m = tail_mask(D - d);
-      __m512 vv;
-      if constexpr (quantized)
-        vv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, vr + d)));
-      else
-        vv = load16(vr + d, m);
-      _mm512_mask_storeu_ps(out + d, m, _mm512_fmadd_ps(pv, vv, _mm512_maskz_loadu_ps(m, out + d)));
+  if (chunks <= 8) {  // the output row in registers
+    __m512 o[8];
+    __mmask16 om[8];
+    for (int64_t c = 0; c < chunks; ++c) {
+      o[c] = _mm512_setzero_ps();
+      om[c] = tail_mask(D - 16 * c);
     }
-#else
-    for (int64_t d = 0; d < D; ++d) out[d] += p * static_cast<float>(vr[d]);
+    for (int64_t j = 0; j < L; ++j) {
+      float p = round_to<T>(scores[j]);
+      if (p == 0.f) continue;  // masked (or underflowed) positions add nothing
+      if constexpr (quantized) p *= to_f32(vs[j * stride_vsl]);
+      const KT* vr = v + j * stride_vl;
+      const __m512 pv = _mm512_set1_ps(p);
+      for (int64_t c = 0; c < chunks; ++c) o[c] = _mm512_fmadd_ps(pv, load_key16(vr + 16 * c, om[c]), o[c]);
+    }
+    for (int64_t c = 0; c < chunks; ++c) _mm512_mask_storeu_ps(out + 16 * c, om[c], o[c]);
+  } else
 #endif
+  {
+    for (int64_t j = 0; j < L; ++j) {
+      float p = round_to<T>(scores[j]);
+      if (p == 0.f) continue;
+      if constexpr (quantized) p *= to_f32(vs[j * stride_vsl]);
+      const KT* vr = v + j * stride_vl;
+      for (int64_t d = 0; d < D; ++d) out[d] += p * static_cast<float>(vr[d]);
+    }
   }
   for (int64_t d = 0; d < D; ++d) out[d] = round_to<T>(out[d] * inv);
 }
