@@ -194,9 +194,10 @@ class FastInferQuantizer(HfQuantizer):
 
     def record_quantized(self, module_name: str, weight: torch.Tensor) -> None:
         """Called by MoQQuantize after each weight: progress, and the checkpoint pages read so far go back."""
-        from .quant._pages import release_tensor_pages
+        from .quant._pages import release_free_heap, release_tensor_pages
 
         release_tensor_pages(weight, self._checkpoint_paths)
+        release_free_heap()
         if self._progress is not None:
             self._progress.update(1)
 
@@ -257,6 +258,9 @@ class FastInferQuantizer(HfQuantizer):
             if hasattr(sub, "config") and hasattr(sub.config, "get_text_config"):
                 sub.config.get_text_config(decoder=True).tie_word_embeddings = False
                 sub.config.tie_word_embeddings = False
+        from .quant._pages import release_free_heap
+
+        release_free_heap()
         if self._progress is not None:
             self._progress.update(1)
 

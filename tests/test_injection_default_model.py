@@ -145,6 +145,7 @@ def test_peak_memory_with_injection_is_within_a_tenth_of_without(bits):
     the first forward pages them all in; injection's probe runs that forward during loading. The fair point of
     comparison is therefore through the first generated tokens; a quantized model is read in full while loading,
     so there the loading peaks are compared too."""
+    models.default_model_path(progress=False)  # converted here, not inside the processes whose peaks are measured
     peaks = {}
     for injection in ("on", "off"):
         proc = subprocess.run([sys.executable, "-c", _PEAK, bits, injection], capture_output=True, text=True,

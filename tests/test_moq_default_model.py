@@ -83,6 +83,7 @@ def test_auto_mixed_precision_perplexity_and_saved_map(reference, tmp_path):
 
 
 def test_int4_loading_memory_stays_near_the_quantized_size():
+    models.default_model_path(progress=False)  # converted here, not inside the process whose peak is measured
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "load_memory.py"), "--bits", "4"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -25,6 +25,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..quant._pages import release_free_heap
 from .detect import BlockPlan, find_blocks, norm_kind
 from .fuse import fuse_projections, unfuse_projections
 from .layer import FastLinearForward, FastNormForward, FusedDecoderLayer
@@ -217,6 +218,7 @@ def inject(model: nn.Module, *, verbose: bool = False) -> InjectionReport:
         if this.mlp is None and following.layer_idx == this.layer_idx + 1:
             this.next = following
     report.fused_projections = len(state.fused_groups)
+    release_free_heap()  # the replaced q/k/v and gate/up tensors and the probe's temporaries (quant/_pages.py)
     if report.fused_blocks:
         _inject_forwards(model, plans, state)
     setattr(model, _STATE_ATTR, state)

@@ -25,6 +25,8 @@ import torch
 
 from hf_fastinfer.kernels.quant_format import QuantizedWeight, dequantize_weight, num_groups, quantize_weight
 
+from ._pages import release_free_heap
+
 __all__ = ["quantize_linear_weight", "sqnr_db", "SHRINK_GRID", "SCALE_DTYPE"]
 
 #: fractions of the round-to-nearest range tried per group by the int4 search (1.0 = plain rounding)
@@ -35,6 +37,8 @@ SCALE_DTYPE = torch.float16
 #: made glibc move its mmap threshold up and keep the freed blocks in its heap: peak RSS while loading int4
 #: grew by 490 MiB instead of 245 MiB in one environment (benchmarks/load_memory.py)
 _ROW_CHUNK = 256
+#: row blocks between two returns of the heap's free pages to the kernel (quant/_pages.py)
+_TRIM_EVERY = 32
 
 
 def _grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,21 +102,37 @@ def quantize_linear_weight(
     """
     w = weight.detach()
     # Row blocks: the temporaries (float copies, grouped views) stay a few times _ROW_CHUNK rows, not a few
-    # times the weight, which keeps peak memory low while a large model streams in.
-    parts = []
-    for start in range(0, w.shape[0], _ROW_CHUNK):
+    # times the weight, which keeps peak memory low while a large model streams in. Each block's result is
+    # written into the output tensors allocated after the first block (no list of parts and no concatenation:
+    # that held the quantized weight twice), and every _TRIM_EVERY blocks the heap's free pages go back (a tied
+    # output projection of 49,152 rows is 192 blocks; without it their freed temporaries piled up by up to 90
+    # MiB in some runs, see quant/_pages.py).
+    out = None
+    for index, start in enumerate(range(0, w.shape[0], _ROW_CHUNK)):
         block = w[start : start + _ROW_CHUNK]
         if search:
             s, z = _search_chunk(block.float(), bits, group_size, symmetric, importance)
-            parts.append(quantize_weight(block, bits, group_size, symmetric, scale_dtype=SCALE_DTYPE, scales=s, zeros=z))
+            part = quantize_weight(block, bits, group_size, symmetric, scale_dtype=SCALE_DTYPE, scales=s, zeros=z)
         else:
-            parts.append(quantize_weight(block, bits, group_size, symmetric, scale_dtype=SCALE_DTYPE))
-    if len(parts) == 1:
-        return parts[0]
-    return QuantizedWeight(
-        torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
-        None if symmetric else torch.cat([p.zeros for p in parts]), bits, group_size, w.shape[1],
-    )
+            part = quantize_weight(block, bits, group_size, symmetric, scale_dtype=SCALE_DTYPE)
+        if start == 0 and block.shape[0] == w.shape[0]:
+            return part
+        if out is None:
+            rows = w.shape[0]
+            out = QuantizedWeight(
+                part.qweight.new_empty((rows, *part.qweight.shape[1:])),
+                part.scales.new_empty((rows, *part.scales.shape[1:])),
+                None if part.zeros is None else part.zeros.new_empty((rows, *part.zeros.shape[1:])),
+                bits, group_size, w.shape[1],
+            )
+        stop = start + block.shape[0]
+        out.qweight[start:stop] = part.qweight
+        out.scales[start:stop] = part.scales
+        if part.zeros is not None:
+            out.zeros[start:stop] = part.zeros
+        if index % _TRIM_EVERY == _TRIM_EVERY - 1:
+            release_free_heap()
+    return out
 
 
 def sqnr_db(weight: torch.Tensor, quantized: QuantizedWeight) -> float:
