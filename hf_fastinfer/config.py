@@ -36,6 +36,10 @@ class FastInferConfig(QuantizationConfigMixin):
         target_bits: average weight bits for ``bits="auto"``.
         layer_bits: the per-layer bits chosen for ``bits="auto"``; written at quantization time, reapplied on reload.
         tp_size: tensor-parallel degree (1: no tensor parallelism).
+        calibration: error-compensating (GPTQ) quantization on calibration text instead of round-to-nearest:
+            ``"builtin"`` (built-in English text) or token ids (a 2-D integer tensor [sequences, length] or a list
+            of equally long lists). Needs ``bits``. After loading it holds a record of how the weights were
+            calibrated (saved in config.json); a saved checkpoint reloads without calibrating again.
         kernel_injection: inject the fused decode path after loading (default): each recognised decoder block's
             decode step runs as one fused layer (:mod:`hf_fastinfer.injection`), q/k/v and gate/up become one
             projection each. ``bits=None`` with injection: no weight quantization, fused kernels only.
@@ -52,6 +56,7 @@ class FastInferConfig(QuantizationConfigMixin):
         target_bits: float | None = None,
         layer_bits: dict[str, int] | None = None,
         tp_size: int = 1,
+        calibration: Any = None,
         kernel_injection: bool = True,
         version: int = CONFIG_VERSION,
         **kwargs: Any,
@@ -67,6 +72,17 @@ class FastInferConfig(QuantizationConfigMixin):
         self.target_bits = target_bits
         self.layer_bits = dict(layer_bits) if layer_bits else None
         self.tp_size = tp_size
+        #: the user's calibration token ids (not saved: config.json keeps only the record below)
+        self.calibration_ids = None
+        if calibration is None or isinstance(calibration, dict):
+            self.calibration = dict(calibration) if calibration else None
+        elif calibration is True or (isinstance(calibration, str) and calibration == "builtin"):
+            self.calibration = {"method": "gptq", "source": "builtin"}
+        elif isinstance(calibration, str):
+            raise ValueError(f"FastInferConfig: calibration must be 'builtin', token ids or None, got {calibration!r}")
+        else:
+            self.calibration_ids = calibration
+            self.calibration = {"method": "gptq", "source": "token_ids"}
         self.kernel_injection = kernel_injection
         self.version = version
         # transformers passes quant_method back in from config.json; anything else unknown is an error
@@ -95,6 +111,13 @@ class FastInferConfig(QuantizationConfigMixin):
                 )
         elif self.target_bits is not None:
             raise ValueError("FastInferConfig: target_bits is only used with bits='auto'")
+        if self.calibration is not None:
+            if self.bits is None:
+                raise ValueError("FastInferConfig: calibration chooses quantized weights; set bits=8, 4 or 'auto' "
+                                 "with it (bits=None keeps the float weights)")
+            if self.calibration.get("method") != "gptq":
+                raise ValueError(f"FastInferConfig: unknown calibration method {self.calibration.get('method')!r} "
+                                 "(this version knows 'gptq')")
         if not isinstance(self.tp_size, int) or self.tp_size < 1:
             raise ValueError(f"FastInferConfig: tp_size must be an integer >= 1, got {self.tp_size!r}")
         if not isinstance(self.version, int) or self.version < 1:
@@ -124,6 +147,7 @@ class FastInferConfig(QuantizationConfigMixin):
             "target_bits": self.target_bits,
             "layer_bits": self.layer_bits,
             "tp_size": self.tp_size,
+            "calibration": self.calibration,
             "kernel_injection": self.kernel_injection,
             "version": self.version,
         }

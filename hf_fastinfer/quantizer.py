@@ -15,6 +15,8 @@ transformers calls it while ``from_pretrained`` builds and loads a model; the wo
 * A tied output projection (``lm_head`` sharing the input embedding): the checkpoint has no separate weight
   for it, so it is quantized from the embedding after loading and untied (the embedding stays in float);
   the saved config says ``tie_word_embeddings=False`` and the quantized ``lm_head`` is saved with the rest.
+* ``calibration=...``: the float weights load as they are, then GPTQ quantizes them block by block on the
+  calibration token ids (``quant/gptq.py``); the record of how is written to ``config.calibration``.
 * ``tp_size > 1`` is not available in this release and is refused before any weight is read.
 """
 
@@ -124,8 +126,25 @@ class FastInferQuantizer(HfQuantizer):
         else:
             self.collect_alternatives = config.bits == "auto" and not self.pre_quantized
         bits_for = {n: self._bits_of(n) for n in linear_names}
-        replace_linear_layers(model, bits_for, config.group_size, config.symmetric)
         self._checkpoint_paths = {os.path.realpath(str(f)) for f in (checkpoint_files or [])}
+        self._calibrate_bits = None
+        if config.calibration is not None and not self.pre_quantized:
+            # calibrated quantization needs the float weights and the model's activations: the Linear layers
+            # load as they are and are quantized block by block after loading (quant/gptq.py)
+            self._calibrate_bits = bits_for
+            if self._tied_output is not None:
+                self._calibrate_bits = {**bits_for, self._tied_output: self._bits_of(self._tied_output)}
+            self._calibration_ids = None
+            if config.calibration_ids is not None:
+                from .quant.gptq import check_calibration_ids
+
+                self._calibration_ids = check_calibration_ids(config.calibration_ids, model.config)
+            elif config.calibration.get("source") not in (None, "builtin"):
+                raise ValueError("FastInferConfig(calibration=...): this config records a calibration on the "
+                                 "user's token ids, which are not saved; pass them again (calibration=ids) or use "
+                                 "calibration='builtin'")
+            return model
+        replace_linear_layers(model, bits_for, config.group_size, config.symmetric)
         if self.pre_quantized:
             self._check_checkpoint(model, checkpoint_files or [])
         if not self.pre_quantized:
@@ -206,6 +225,8 @@ class FastInferQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
         try:
+            if getattr(self, "_calibrate_bits", None):
+                self._calibrate(model)
             if config.quantizes_weights:
                 self._finish_quantization(model)
         finally:
@@ -217,6 +238,25 @@ class FastInferQuantizer(HfQuantizer):
 
             inject(model)
         return model
+
+    def _calibrate(self, model) -> None:
+        """GPTQ of every Linear to convert, block by block, on the calibration token ids (quant/gptq.py)."""
+        from .quant.gptq import builtin_calibration_ids, calibrate_model, calibration_record
+        from .quant.sensitivity import CALIBRATION_TOKENS
+
+        config = self.quantization_config
+        ids, source = self._calibration_ids, "token_ids"
+        if ids is None:
+            ids, source = builtin_calibration_ids(self._tokenizer_for(model, "calibration='builtin'")), "builtin"
+        tied = calibrate_model(model, self._calibrate_bits, config.group_size, config.symmetric, ids,
+                               alternative_bits=4 if config.bits == "auto" else None, tied_output=self._tied_output)
+        if self._tied_output is not None:
+            self._quantize_tied_output(model, tied[self._tied_output])
+            self._tied_output = None
+        config.calibration = calibration_record(ids, source)
+        self._calibrate_bits = None
+        # bits="auto": the sensitivity pass reads the calibration text too (no tokenizer needed for user ids)
+        self._sensitivity_ids = ids.reshape(1, -1)[:, :CALIBRATION_TOKENS]
 
     def _finish_quantization(self, model) -> None:
         """Checks of a saved checkpoint's scales, the tied output projection, bits="auto"'s choice."""
@@ -235,14 +275,24 @@ class FastInferQuantizer(HfQuantizer):
                 if module.bias is not None:
                     module.bias.requires_grad_(False)
 
-    def _quantize_tied_output(self, model) -> None:
+    def _quantize_tied_output(self, model, calibrated=None) -> None:
+        """Quantize the tied output projection from the embedding and untie it. ``calibrated``: its (weight,
+        bits="auto" alternative) from calibration, used instead of round-to-nearest."""
         from .quant.moq_linear import MoQLinear
 
         config = self.quantization_config
         name = self._tied_output
         linear = model.get_submodule(name)
-        quantized = MoQLinear.from_linear(linear, self._bits_of(name), config.group_size, config.symmetric)
-        if self.collect_alternatives:
+        if calibrated is not None:
+            weight, alternative = calibrated
+            quantized = MoQLinear(linear.in_features, linear.out_features, linear.bias is not None, bits=weight.bits,
+                                  group_size=config.group_size, symmetric=config.symmetric,
+                                  device=linear.weight.device, dtype=linear.weight.dtype)
+            quantized.load_quantized(weight)
+            quantized.alternative = alternative
+        else:
+            quantized = MoQLinear.from_linear(linear, self._bits_of(name), config.group_size, config.symmetric)
+        if self.collect_alternatives and calibrated is None:
             from .quant.search import quantize_linear_weight
 
             quantized.alternative = quantize_linear_weight(linear.weight, 4, config.group_size, config.symmetric)
@@ -270,8 +320,10 @@ class FastInferQuantizer(HfQuantizer):
 
         config = self.quantization_config
         layers = {n: m for n, m in model.named_modules() if isinstance(m, MoQLinear) and m.alternative is not None}
-        tokenizer = self._tokenizer_for(model)
-        scores = layer_sensitivity(model, layers, calibration_ids(tokenizer))
+        ids = getattr(self, "_sensitivity_ids", None)
+        if ids is None:
+            ids = calibration_ids(self._tokenizer_for(model))
+        scores = layer_sensitivity(model, layers, ids)
         sizes = {n: m.in_features * m.out_features for n, m in layers.items()}
         chosen = assign_bits(sizes, scores, config.target_bits)
         for name, bits in chosen.items():
@@ -284,18 +336,19 @@ class FastInferQuantizer(HfQuantizer):
                     sum(b == 8 for b in chosen.values()), sum(b == 4 for b in chosen.values()), average,
                     config.target_bits)
 
-    def _tokenizer_for(self, model):
-        """The calibration pass needs the model's tokenizer: from the folder the weights came from."""
+    def _tokenizer_for(self, model, what: str = "bits='auto'"):
+        """The built-in text needs the model's tokenizer: from the folder the weights came from."""
         from transformers import AutoTokenizer
 
         source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
         try:
             return AutoTokenizer.from_pretrained(source)
         except Exception as exc:
+            fix = ("pass token ids (calibration=ids)" if what.startswith("calibration") else "use bits=8 / bits=4")
             raise ValueError(
-                f"FastInferConfig(bits='auto') measures layer sensitivity on built-in text and needs the model's "
-                f"tokenizer, which could not be loaded from {source!r} ({type(exc).__name__}). Save the tokenizer "
-                "next to the weights, or use bits=8 / bits=4."
+                f"FastInferConfig({what}) runs the model on built-in text and needs the model's tokenizer, which "
+                f"could not be loaded from {source!r} ({type(exc).__name__}). Save the tokenizer next to the "
+                f"weights, or {fix}."
             ) from exc
 
     # -- the rest of the lifecycle -----------------------------------------------------------------------------
