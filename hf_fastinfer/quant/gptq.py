@@ -61,6 +61,10 @@ _CALIBRATION_OFFSET = 32768
 DAMPING = 0.01
 #: columns updated together; the error of a block's columns reaches later blocks in one matrix product
 BLOCK_COLUMNS = 128
+#: group parameters from the original weight (True) or from the compensated columns (False): gptq_quantize
+STATIC_GROUPS = True
+#: quantize columns in order of decreasing input energy (H_ii) rather than left to right (static groups only)
+ACT_ORDER = False
 #: sequences run through a block at once (bounds the activation memory of one block call)
 _BATCH = 8
 
@@ -117,6 +121,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     h = hessian.detach().float().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
+    order = None
+    if ACT_ORDER and static_groups:
+        # columns with the largest inputs first, while most columns are left to take their error
+        order = torch.argsort(torch.diagonal(h), descending=True)
+        w, h, s, z = w[:, order], h[order][:, order], s[:, order], z[:, order]
     h.diagonal().add_(damping * float(torch.diagonal(h).mean()))
     # U: upper Cholesky factor of H^-1 (H^-1 = U^T U); row i of U, scaled by 1 / U_ii, is where column i's
     # rounding error goes among the columns after it
@@ -153,6 +162,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
             err[:, i] = e
         if b1 < k:
             w[:, b1:].sub_(err @ u[b0:b1, b1:])
+    if order is not None:
+        q = torch.empty_like(q).index_copy_(1, order, q)  # back to the weight's column order
     qweight = q if bits == 8 else pack_int4(q)
     return QuantizedWeight(qweight.contiguous(), scales.to(SCALE_DTYPE).contiguous(),
                            None if zeros is None else zeros.to(SCALE_DTYPE).contiguous(), bits, group_size, k)
@@ -164,16 +175,28 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
 def builtin_calibration_ids(tokenizer, sequences: int = CALIBRATION_SEQUENCES,
                             length: int = CALIBRATION_LENGTH) -> torch.Tensor:
     """[sequences, length] token ids of built-in English text (CPython's pydoc topics), taken after the part
-    that :func:`hf_fastinfer.evaluation.reference_tokens` (perplexity) reads."""
+    that :func:`hf_fastinfer.evaluation.reference_tokens` (perplexity) reads. Each row is framed by the
+    tokenizer's own special tokens (an encoder's [CLS] ... [SEP], a decoder's BOS where it adds one), as the
+    model's real inputs are: an encoder's activations at [CLS] differ from those at any word."""
     from hf_fastinfer.evaluation import reference_text
 
-    ids = tokenizer(reference_text(), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    need = sequences * length
-    start = min(_CALIBRATION_OFFSET, max(0, ids.numel() - need))
-    if ids.numel() - start < need:
-        raise ValueError(f"the built-in calibration text has {ids.numel()} tokens for this tokenizer, fewer than "
+    ids = tokenizer(reference_text(), add_special_tokens=False)["input_ids"]
+    # the tokens the tokenizer puts around a text of its own accord: found by framing a short word
+    bare = tokenizer("word", add_special_tokens=False)["input_ids"]
+    framed = tokenizer("word", add_special_tokens=True)["input_ids"]
+    at = next((i for i in range(len(framed) - len(bare) + 1) if framed[i : i + len(bare)] == bare), None)
+    prefix, suffix = ([], []) if at is None else (framed[:at], framed[at + len(bare):])
+    special = len(prefix) + len(suffix)
+    body = length - special
+    if body < 1:
+        raise ValueError(f"calibration sequences of {length} tokens leave no room beside {special} special tokens")
+    need = sequences * body
+    start = min(_CALIBRATION_OFFSET, max(0, len(ids) - need))
+    if len(ids) - start < need:
+        raise ValueError(f"the built-in calibration text has {len(ids)} tokens for this tokenizer, fewer than "
                          f"the {need} asked for")
-    return ids[start : start + need].view(sequences, length).clone()
+    rows = [prefix + ids[start + i * body : start + (i + 1) * body] + suffix for i in range(sequences)]
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def check_calibration_ids(ids, config) -> torch.Tensor:
@@ -320,10 +343,11 @@ def calibrate_model(model: nn.Module, bits_for: dict[str, int], group_size: int,
         module = MoQLinear(linear.in_features, linear.out_features, linear.bias is not None, bits=bits,
                            group_size=group_size, symmetric=symmetric, device=linear.weight.device,
                            dtype=linear.weight.dtype)
-        module.load_quantized(gptq_quantize(linear.weight, hessian, bits, group_size, symmetric, damping))
+        module.load_quantized(gptq_quantize(linear.weight, hessian, bits, group_size, symmetric, damping,
+                                            static_groups=STATIC_GROUPS))
         if alternative_bits is not None and alternative_bits != bits:
             module.alternative = gptq_quantize(linear.weight, hessian, alternative_bits, group_size, symmetric,
-                                               damping)
+                                               damping, static_groups=STATIC_GROUPS)
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
         return module
@@ -394,11 +418,12 @@ def calibrate_model(model: nn.Module, bits_for: dict[str, int], group_size: int,
                 if accumulators[name].rows == 0:
                     raise RuntimeError(f"calibration: the model's forward did not reach {name}")
                 if name == tied_output:
-                    tied[name] = (gptq_quantize(linear.weight, accumulators[name].hessian, bits_for[name],
-                                                group_size, symmetric, damping),
+                    hessian = accumulators[name].hessian
+                    tied[name] = (gptq_quantize(linear.weight, hessian, bits_for[name], group_size, symmetric,
+                                                damping, static_groups=STATIC_GROUPS),
                                   None if alternative_bits in (None, bits_for[name]) else gptq_quantize(
-                                      linear.weight, accumulators[name].hessian, alternative_bits, group_size,
-                                      symmetric, damping))
+                                      linear.weight, hessian, alternative_bits, group_size, symmetric, damping,
+                                      static_groups=STATIC_GROUPS))
                 else:
                     _replace(model, name, quantize_into(name, linear, accumulators[name].hessian))
                     release_tensor_pages(linear.weight, checkpoints)
