@@ -101,6 +101,55 @@ def _group_params(weight: torch.Tensor, bits: int, group_size: int, symmetric: b
     return rtn.scales, rtn.zeros, qmin, qmax
 
 
+def _cholesky_of_inverse(hessian: torch.Tensor, damping: float, order: torch.Tensor | None) -> torch.Tensor:
+    """U: the upper Cholesky factor of the damped H^-1 (H^-1 = U^T U), columns in ``order``. Row i of U,
+    scaled by 1 / U_ii, is where column i's rounding error goes among the columns after it."""
+    h = hessian.detach().float().clone()
+    dead = torch.diagonal(h) == 0  # an input that was always zero: nothing to compensate through it
+    h[dead, dead] = 1.0
+    if order is not None:
+        h = h[order][:, order]
+    h.diagonal().add_(damping * float(torch.diagonal(h).mean()))
+    try:
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError:
+        # numerically indefinite (e.g. a handful of calibration rows for a wide layer): more damping
+        h.diagonal().add_(float(torch.diagonal(h).mean()))
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+def _gptq_rows(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, u: torch.Tensor, qmin: int, qmax: int,
+               block_columns: int, regroup=None) -> torch.Tensor:
+    """GPTQ of a block of rows w [n, K] (float32, updated in place) with per-column scales / zeros s, z
+    [n, K]; returns the integer codes int8 [n, K]. ``regroup(col, w)`` (dynamic groups) refreshes s and z
+    for the group starting at ``col`` from the columns as they are then."""
+    n, k = w.shape
+    q = torch.empty(n, k, dtype=torch.int8, device=w.device)
+    for b0 in range(0, k, block_columns):
+        b1 = min(b0 + block_columns, k)
+        wb = w[:, b0:b1]  # a view: updated in place
+        ub = u[b0:b1, b0:b1]
+        err = torch.empty(n, b1 - b0, dtype=torch.float32, device=w.device)
+        for i in range(b1 - b0):
+            col = b0 + i
+            if regroup is not None:
+                regroup(col, w)
+            sc, zc = s[:, col], z[:, col]
+            qi = torch.round(wb[:, i] / sc + zc).clamp_(qmin, qmax)
+            q[:, col] = qi.to(torch.int8)
+            e = (wb[:, i] - (qi - zc) * sc) / ub[i, i]
+            wb[:, i + 1 :].sub_(e[:, None] * ub[i, i + 1 :][None, :])
+            err[:, i] = e
+        if b1 < k:
+            w[:, b1:].sub_(err @ u[b0:b1, b1:])
+    return q
+
+
+#: rows quantized at a time: GPTQ treats rows independently (they share H), so the float copies of a large
+#: layer (a 49,152-row output projection: 113 MiB each) are never made whole
+_GPTQ_ROWS = 4096
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                   damping: float = DAMPING, block_columns: int = BLOCK_COLUMNS,
                   static_groups: bool = True) -> QuantizedWeight:
@@ -112,60 +161,40 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     n, k = weight.shape
     scales, zeros, qmin, qmax = _group_params(weight, bits, group_size, symmetric)
     column_group = torch.arange(k, device=weight.device) // group_size
-    s = scales.float()[:, column_group]  # [N, K]
-    z = zeros.float()[:, column_group] if zeros is not None else torch.zeros_like(s)
-    if not static_groups:
-        scales, zeros = scales.clone(), None if zeros is None else zeros.clone()
-
-    w = weight.detach().float().clone()  # [N, K], updated in place
-    h = hessian.detach().float().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
     order = None
     if ACT_ORDER and static_groups:
         # columns with the largest inputs first, while most columns are left to take their error
-        order = torch.argsort(torch.diagonal(h), descending=True)
-        w, h, s, z = w[:, order], h[order][:, order], s[:, order], z[:, order]
-    h.diagonal().add_(damping * float(torch.diagonal(h).mean()))
-    # U: upper Cholesky factor of H^-1 (H^-1 = U^T U); row i of U, scaled by 1 / U_ii, is where column i's
-    # rounding error goes among the columns after it
-    try:
-        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    except torch.linalg.LinAlgError:
-        # numerically indefinite (e.g. a handful of calibration rows for a wide layer): more damping
-        h.diagonal().add_(float(torch.diagonal(h).mean()))
-        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-
-    q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
-    for b0 in range(0, k, block_columns):
-        b1 = min(b0 + block_columns, k)
-        wb = w[:, b0:b1]  # a view: updated in place
-        ub = u[b0:b1, b0:b1]
-        err = torch.empty(n, b1 - b0, dtype=torch.float32, device=weight.device)
-        for i in range(b1 - b0):
-            col = b0 + i
-            if not static_groups and col % group_size == 0:
-                # this group's parameters from its columns as they are now (the later ones already updated)
+        order = torch.argsort(torch.diagonal(hessian.float()), descending=True)
+        column_group = column_group[order]
+    u = _cholesky_of_inverse(hessian, damping, order)
+    packed = k if bits == 8 else -(-k // 2)
+    qweight = torch.empty(n, packed, dtype=torch.int8 if bits == 8 else torch.uint8, device=weight.device)
+    for r0 in range(0, n, _GPTQ_ROWS):
+        r1 = min(r0 + _GPTQ_ROWS, n)
+        w = weight.detach()[r0:r1].float().clone()  # [n, K], updated in place
+        sr, zr = scales[r0:r1], None if zeros is None else zeros[r0:r1]
+        s = sr.float()[:, column_group]
+        z = zr.float()[:, column_group] if zr is not None else torch.zeros_like(s)
+        regroup = None
+        if order is not None:
+            w = w[:, order]
+        elif not static_groups:
+            def regroup(col, w_now, sr=sr, zr=zr, s=s, z=z):
+                if col % group_size:
+                    return
                 g, stop = col // group_size, min(col + group_size, k)
-                gs, gz, _, _ = _group_params(torch.cat([wb[:, i : i + stop - col], w[:, b1:stop]], 1)
-                                             if stop > b1 else wb[:, i : i + stop - col], bits, stop - col, symmetric)
-                scales[:, g] = gs[:, 0]
+                gs, gz, _, _ = _group_params(w_now[:, col:stop], bits, stop - col, symmetric)
+                sr[:, g] = gs[:, 0]
                 s[:, col:stop] = gs.float()
                 if gz is not None:
-                    zeros[:, g] = gz[:, 0]
+                    zr[:, g] = gz[:, 0]
                     z[:, col:stop] = gz.float()
-            sc, zc = s[:, col], z[:, col]
-            qi = torch.round(wb[:, i] / sc + zc).clamp_(qmin, qmax)
-            q[:, col] = qi.to(torch.int8)
-            e = (wb[:, i] - (qi - zc) * sc) / ub[i, i]
-            wb[:, i + 1 :].sub_(e[:, None] * ub[i, i + 1 :][None, :])
-            err[:, i] = e
-        if b1 < k:
-            w[:, b1:].sub_(err @ u[b0:b1, b1:])
-    if order is not None:
-        q = torch.empty_like(q).index_copy_(1, order, q)  # back to the weight's column order
-    qweight = q if bits == 8 else pack_int4(q)
-    return QuantizedWeight(qweight.contiguous(), scales.to(SCALE_DTYPE).contiguous(),
+        q = _gptq_rows(w, s, z, u, qmin, qmax, block_columns, regroup)
+        if order is not None:
+            q = torch.empty_like(q).index_copy_(1, order, q)  # back to the weight's column order
+        qweight[r0:r1] = q if bits == 8 else pack_int4(q)
+        del w, s, z, q
+    return QuantizedWeight(qweight, scales.to(SCALE_DTYPE).contiguous(),
                            None if zeros is None else zeros.to(SCALE_DTYPE).contiguous(), bits, group_size, k)
 
 
