@@ -43,10 +43,11 @@ def test_hessian_hooks_match_the_float64_formula():
         torch.testing.assert_close(accumulators[name].hessian.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def _gptq_float64_reference(weight, hessian, bits, group_size, symmetric, damping=0.01):
+def _gptq_float64_reference(weight, hessian, bits, group_size, symmetric, static_groups, damping=0.01):
     """GPTQ written as its defining recursion (optimal brain quantization, one column at a time), in float64
     and without blocks or Cholesky factors: quantize column i, spread its error over the remaining columns
-    with the inverse Hessian of those columns, then remove column i from that inverse."""
+    with the inverse Hessian of those columns, then remove column i from that inverse. Group parameters:
+    RTN's on the original weight (static) or on the group's columns when its first column is reached."""
     scales, zeros, qmin, qmax = _group_params(weight, bits, group_size, symmetric)
     k = weight.shape[1]
     cols = torch.arange(k) // group_size
@@ -60,6 +61,12 @@ def _gptq_float64_reference(weight, hessian, bits, group_size, symmetric, dampin
     hinv = torch.linalg.inv(h)
     q = torch.empty(weight.shape, dtype=torch.int64)
     for i in range(k):
+        if not static_groups and i % group_size == 0:
+            stop = min(i + group_size, k)
+            gs, gz, _, _ = _group_params(w[:, i:stop].float(), bits, stop - i, symmetric)
+            s[:, i:stop] = gs.double()
+            if gz is not None:
+                z[:, i:stop] = gz.double()
         qi = torch.round(w[:, i] / s[:, i] + z[:, i]).clamp(qmin, qmax)
         q[:, i] = qi.long()
         err = (w[:, i] - (qi - z[:, i]) * s[:, i]) / hinv[i, i]
@@ -68,16 +75,18 @@ def _gptq_float64_reference(weight, hessian, bits, group_size, symmetric, dampin
     return q
 
 
+@pytest.mark.parametrize("static_groups", [True, False])
 @pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (8, True)])
-def test_gptq_matches_the_float64_reference_recursion(bits, symmetric):
+def test_gptq_matches_the_float64_reference_recursion(bits, symmetric, static_groups):
     torch.manual_seed(0)
     weight = torch.randn(12, 80) * 0.05
     x = _correlated_inputs(400, 80, seed=1)
     hessian = 2.0 / x.shape[0] * x.T @ x
     hessian[:, 7] = hessian[7, :] = 0.0  # a dead input column
     # blocks of 32 columns (and a short last one): the blocked update must equal the plain recursion
-    got = gptq_quantize(weight, hessian, bits, 16, symmetric, block_columns=32).int_values().long()
-    expected = _gptq_float64_reference(weight, hessian, bits, 16, symmetric)
+    got = gptq_quantize(weight, hessian, bits, 16, symmetric, block_columns=32,
+                        static_groups=static_groups).int_values().long()
+    expected = _gptq_float64_reference(weight, hessian, bits, 16, symmetric, static_groups)
     # float32 against float64: a code may differ where a value sits on a rounding boundary, nowhere else
     assert (got == expected).float().mean() >= 0.995, (got != expected).sum()
 

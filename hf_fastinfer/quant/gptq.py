@@ -20,9 +20,9 @@ What this module does (the quantizer calls :func:`calibrate_model` after the flo
 3. the Linears outside the blocks (an output projection, a pooler) get their Hessians from one more pass of
    the quantized model and are quantized the same way.
 
-Group parameters (a scale, and a float zero point for asymmetric int4) are those of RTN on the original
-weight ("static groups"): a layer whose weights already sit on such a grid (the default model's came from a
-4-bit GGUF) has no error to move and is kept exactly, while GPTQ still compensates the others.
+Group parameters (a scale, and a float zero point for asymmetric int4) are RTN's on each group's columns as
+the updates have left them when its first column is reached, as in GPTQ's paper; RTN's on the original
+weight ("static groups") measured slightly worse on both models (STATIC_GROUPS).
 The saved checkpoint is an ordinary MoQ checkpoint; the config records how it was calibrated.
 """
 
@@ -52,17 +52,20 @@ __all__ = [
 
 logger = logging.getLogger("hf_fastinfer")
 
-#: built-in calibration: this many sequences of CALIBRATION_LENGTH tokens of English (8,192 tokens)
-CALIBRATION_SEQUENCES = 32
-CALIBRATION_LENGTH = 256
+#: built-in calibration: this many sequences of CALIBRATION_LENGTH tokens of English (16,384 tokens). Many
+#: short rows measured better than few long ones at the same or half the tokens (BENCHMARKS.md: all-MiniLM
+#: int4 error 0.59x RTN's with 32 x 256, 0.34x with 256 x 64; default model +1.28% -> +0.89% perplexity)
+CALIBRATION_SEQUENCES = 256
+CALIBRATION_LENGTH = 64
 #: where the built-in sequences start in the reference text's tokens: after the 16,384 that perplexity reads
 _CALIBRATION_OFFSET = 32768
 #: added to H's diagonal, as a fraction of its mean: keeps the inverse well conditioned
 DAMPING = 0.01
 #: columns updated together; the error of a block's columns reaches later blocks in one matrix product
 BLOCK_COLUMNS = 128
-#: group parameters from the original weight (True) or from the compensated columns (False): gptq_quantize
-STATIC_GROUPS = True
+#: group parameters from the original weight (True) or from the compensated columns (False): gptq_quantize.
+#: False measured better on both models (BENCHMARKS.md)
+STATIC_GROUPS = False
 #: quantize columns in order of decreasing input energy (H_ii) rather than left to right (static groups only)
 ACT_ORDER = False
 #: sequences run through a block at once (bounds the activation memory of one block call)
@@ -471,4 +474,5 @@ def _label(bits_for: dict[str, int]) -> str:
 def calibration_record(ids: torch.Tensor, source: str, damping: float = DAMPING) -> dict:
     """What a saved config says about how its weights were calibrated."""
     return {"method": "gptq", "source": source, "sequences": int(ids.shape[0]), "sequence_length": int(ids.shape[1]),
-            "damping": damping, "block_columns": BLOCK_COLUMNS, "group_params": "rtn_static"}
+            "damping": damping, "block_columns": BLOCK_COLUMNS,
+            "group_params": "rtn_static" if STATIC_GROUPS else "rtn_at_group_start"}
