@@ -53,8 +53,8 @@ __all__ = [
 logger = logging.getLogger("hf_fastinfer")
 
 #: built-in calibration: this many sequences of CALIBRATION_LENGTH tokens of English (16,384 tokens). Many
-#: short rows measured better than few long ones at the same or half the tokens (BENCHMARKS.md: all-MiniLM
-#: int4 error 0.59x RTN's with 32 x 256, 0.34x with 256 x 64; default model +1.28% -> +0.89% perplexity)
+#: short rows measured better than few long ones (BENCHMARKS.md, groups recomputed: all-MiniLM int4 error
+#: 0.51x RTN's with 32 x 256 rows, 0.34x with 256 x 64; default model int4 +0.89% perplexity at 256 x 64)
 CALIBRATION_SEQUENCES = 256
 CALIBRATION_LENGTH = 64
 #: where the built-in sequences start in the reference text's tokens: after the 16,384 that perplexity reads
