@@ -101,9 +101,9 @@ def _measure_one(model_name: str, label: str) -> dict:
             ids = evaluation.reference_tokens(tokenizer, 16384)
             result["perplexity"] = evaluation.perplexity(model, ids, window=512, progress=False)
         else:
-            embeddings = []
-            for i in range(0, 256, 32):
-                batch = tokenizer(_paragraphs(256)[i : i + 32], padding=True, truncation=True, max_length=256,
+            embeddings, paragraphs = [], _paragraphs(256)
+            for i in range(0, len(paragraphs), 32):
+                batch = tokenizer(paragraphs[i : i + 32], padding=True, truncation=True, max_length=256,
                                   return_tensors="pt")
                 hidden = model(**batch).last_hidden_state
                 mask = batch["attention_mask"][..., None].float()

@@ -48,6 +48,10 @@ class FastInferQuantizer(HfQuantizer):
         self.collect_alternatives = False
         self._progress = None
         self._checkpoint_paths: set[str] = set()
+        #: calibration=...: layer name -> bits, quantized after loading (quant/gptq.py); None otherwise
+        self._calibrate_bits: dict[str, int] | None = None
+        #: the token ids bits="auto"'s sensitivity pass reads when calibration gave some
+        self._sensitivity_ids: torch.Tensor | None = None
 
     # -- checks ---------------------------------------------------------------------------------------------
 
@@ -127,7 +131,6 @@ class FastInferQuantizer(HfQuantizer):
             self.collect_alternatives = config.bits == "auto" and not self.pre_quantized
         bits_for = {n: self._bits_of(n) for n in linear_names}
         self._checkpoint_paths = {os.path.realpath(str(f)) for f in (checkpoint_files or [])}
-        self._calibrate_bits = None
         if config.calibration is not None and not self.pre_quantized:
             # calibrated quantization needs the float weights and the model's activations: the Linear layers
             # load as they are and are quantized block by block after loading (quant/gptq.py)
@@ -225,7 +228,7 @@ class FastInferQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
         try:
-            if getattr(self, "_calibrate_bits", None):
+            if self._calibrate_bits:
                 self._calibrate(model)
             if config.quantizes_weights:
                 self._finish_quantization(model)
@@ -285,10 +288,7 @@ class FastInferQuantizer(HfQuantizer):
         linear = model.get_submodule(name)
         if calibrated is not None:
             weight, alternative = calibrated
-            quantized = MoQLinear(linear.in_features, linear.out_features, linear.bias is not None, bits=weight.bits,
-                                  group_size=config.group_size, symmetric=config.symmetric,
-                                  device=linear.weight.device, dtype=linear.weight.dtype)
-            quantized.load_quantized(weight)
+            quantized = MoQLinear.from_linear(linear, weight.bits, config.group_size, config.symmetric, quantized=weight)
             quantized.alternative = alternative
         else:
             quantized = MoQLinear.from_linear(linear, self._bits_of(name), config.group_size, config.symmetric)
@@ -320,7 +320,7 @@ class FastInferQuantizer(HfQuantizer):
 
         config = self.quantization_config
         layers = {n: m for n, m in model.named_modules() if isinstance(m, MoQLinear) and m.alternative is not None}
-        ids = getattr(self, "_sensitivity_ids", None)
+        ids = self._sensitivity_ids
         if ids is None:
             ids = calibration_ids(self._tokenizer_for(model))
         scores = layer_sensitivity(model, layers, ids)

@@ -1,9 +1,10 @@
-"""Helpers shared by the kernel tests."""
+"""Helpers shared by the tests."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import BertConfig, BertModel
 
 from hf_fastinfer.kernels import _backend
 
@@ -12,3 +13,15 @@ needs_triton = pytest.mark.skipif(
     not _backend.triton_available() or not (torch.cuda.is_available() or _backend.interpreter_enabled()),
     reason="needs Triton, on a GPU or under TRITON_INTERPRET=1",
 )
+
+
+def saved_tiny_bert(folder):
+    """A small random-weight BertModel (vocabulary 300, 2 layers, hidden 64), saved to ``folder``: an encoder
+    for the quantization tests. Returns the model, in eval mode."""
+    config = BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=96, max_position_embeddings=64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = BertModel(config).eval()
+    model.save_pretrained(folder)
+    return model

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, BertConfig, BertModel
+from transformers import AutoModelForCausalLM, BertModel
 
 import hf_fastinfer
 from hf_fastinfer import FastInferConfig, models
@@ -14,6 +14,8 @@ from hf_fastinfer.kernels.quant_format import dequantize_weight
 from hf_fastinfer.quant import MoQLinear
 from hf_fastinfer.quant.gptq import _group_params, _hessian_hooks, gptq_quantize
 from hf_fastinfer.quant.search import quantize_linear_weight
+
+from _helpers import saved_tiny_bert
 
 
 def _correlated_inputs(rows: int, features: int, seed: int) -> torch.Tensor:
@@ -212,12 +214,7 @@ def test_int8_and_auto_calibrate(tmp_path):
 
 
 def test_encoder_calibrates(tmp_path):
-    config = BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=96, max_position_embeddings=64)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        reference = BertModel(config).eval()
-    reference.save_pretrained(tmp_path / "bert")
+    reference = saved_tiny_bert(tmp_path / "bert")
     ids, held_out = _ids(300, 16, 32, seed=1), _ids(300, 4, 32, seed=2)
     rtn = BertModel.from_pretrained(tmp_path / "bert", quantization_config=FastInferConfig(bits=4))
     calibrated = BertModel.from_pretrained(tmp_path / "bert", quantization_config=FastInferConfig(bits=4, calibration=ids))

@@ -10,13 +10,15 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, BertConfig, BertModel
+from transformers import AutoModelForCausalLM, BertModel
 
 import hf_fastinfer
 from hf_fastinfer import FastInferConfig, models
 from hf_fastinfer.kernels.quant_format import dequantize_weight
 from hf_fastinfer.quant import MoQLinear, quantize_linear_weight, sqnr_db
 from hf_fastinfer.quant.sensitivity import assign_bits
+
+from _helpers import saved_tiny_bert
 
 IDS = torch.tensor([[5, 17, 99, 3, 250, 7, 411, 32]])
 
@@ -192,17 +194,12 @@ def test_dequantize_returns_a_float_model(tmp_path):
 
 
 def test_encoder_model_is_quantized(tmp_path):
-    config = BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=96, max_position_embeddings=64)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        reference = BertModel(config).eval()
-    reference.save_pretrained(tmp_path / "bert")
+    reference = saved_tiny_bert(tmp_path / "bert")
     model = BertModel.from_pretrained(tmp_path / "bert", quantization_config=FastInferConfig(bits=8))
     names = _linear_names(model)
     assert len(names) >= 13 and all(isinstance(model.get_submodule(n), MoQLinear) for n in names)
     with torch.no_grad():
-        ids = IDS % config.vocab_size
+        ids = IDS % reference.config.vocab_size
         a, b = model(ids).last_hidden_state, reference(ids).last_hidden_state
     assert ((a - b).norm() / b.norm()) < 0.02
 

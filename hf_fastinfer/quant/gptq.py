@@ -28,8 +28,6 @@ The saved checkpoint is an ordinary MoQ checkpoint; the config records how it wa
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -49,8 +47,6 @@ __all__ = [
     "check_calibration_ids",
     "calibrate_model",
 ]
-
-logger = logging.getLogger("hf_fastinfer")
 
 #: built-in calibration: this many sequences of CALIBRATION_LENGTH tokens of English (16,384 tokens). Many
 #: short rows measured better than few long ones (BENCHMARKS.md, groups recomputed: all-MiniLM int4 error
@@ -76,6 +72,10 @@ class _StopForward(Exception):
     """Raised by a hook to end a forward pass once it has recorded what it needs."""
 
 
+def _stop_forward(module, args):
+    raise _StopForward
+
+
 # -- the algorithm -------------------------------------------------------------------------------------------
 
 
@@ -88,8 +88,12 @@ class HessianAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # [T, K]
-        self.sum.addmm_(x.T, x)
-        self.rows += x.shape[0]
+        self.add_product(x.T @ x, x.shape[0])
+
+    def add_product(self, product: torch.Tensor, rows: int) -> None:
+        """Add x^T x [K, K] of ``rows`` input rows computed elsewhere (shared by Linears fed the same x)."""
+        self.sum.add_(product)
+        self.rows += rows
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -343,8 +347,7 @@ def _hessian_hooks(linears: dict[str, nn.Linear]) -> tuple[dict[str, HessianAccu
             if last.get("input") is not args[0]:
                 xf = args[0].reshape(-1, args[0].shape[-1]).float()  # [T, K]
                 last.update(input=args[0], product=xf.T @ xf, rows=xf.shape[0])
-            accumulators[name].sum.add_(last["product"])
-            accumulators[name].rows += last["rows"]
+            accumulators[name].add_product(last["product"], last["rows"])
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in linears.items()]
@@ -370,18 +373,18 @@ def calibrate_model(model: nn.Module, bits_for: dict[str, int], group_size: int,
     batches = [ids[i : i + _BATCH] for i in range(0, ids.shape[0], _BATCH)]
     checkpoints = mapped_checkpoints()
 
-    def quantize_into(name: str, linear: nn.Linear, hessian: torch.Tensor) -> MoQLinear:
+    def quantize(name: str, linear: nn.Linear, hessian: torch.Tensor):
+        """(its weight at its bits, the bits="auto" alternative or None), both GPTQ on one Hessian."""
+        def at(bits):
+            return gptq_quantize(linear.weight, hessian, bits, group_size, symmetric, damping,
+                                 static_groups=STATIC_GROUPS)
         bits = bits_for[name]
-        module = MoQLinear(linear.in_features, linear.out_features, linear.bias is not None, bits=bits,
-                           group_size=group_size, symmetric=symmetric, device=linear.weight.device,
-                           dtype=linear.weight.dtype)
-        module.load_quantized(gptq_quantize(linear.weight, hessian, bits, group_size, symmetric, damping,
-                                            static_groups=STATIC_GROUPS))
-        if alternative_bits is not None and alternative_bits != bits:
-            module.alternative = gptq_quantize(linear.weight, hessian, alternative_bits, group_size, symmetric,
-                                               damping, static_groups=STATIC_GROUPS)
-        if linear.bias is not None:
-            module.bias.data.copy_(linear.bias.detach())
+        return at(bits), None if alternative_bits in (None, bits) else at(alternative_bits)
+
+    def quantize_into(name: str, linear: nn.Linear, hessian: torch.Tensor) -> MoQLinear:
+        weight, alternative = quantize(name, linear, hessian)
+        module = MoQLinear.from_linear(linear, weight.bits, group_size, symmetric, quantized=weight)
+        module.alternative = alternative
         return module
 
     # 1. the first block's inputs, and the arguments each block type is called with
@@ -436,7 +439,7 @@ def calibrate_model(model: nn.Module, bits_for: dict[str, int], group_size: int,
             stop = None
             if output is not None and names.get(id(output)) in rest:
                 # after its Hessian is taken, the logits are not needed: end the pass there
-                stop = output.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(_StopForward()))
+                stop = output.register_forward_pre_hook(_stop_forward)
             try:
                 for batch in batches:
                     try:
@@ -450,12 +453,7 @@ def calibrate_model(model: nn.Module, bits_for: dict[str, int], group_size: int,
                 if accumulators[name].rows == 0:
                     raise RuntimeError(f"calibration: the model's forward did not reach {name}")
                 if name == tied_output:
-                    hessian = accumulators[name].hessian
-                    tied[name] = (gptq_quantize(linear.weight, hessian, bits_for[name], group_size, symmetric,
-                                                damping, static_groups=STATIC_GROUPS),
-                                  None if alternative_bits in (None, bits_for[name]) else gptq_quantize(
-                                      linear.weight, hessian, alternative_bits, group_size, symmetric, damping,
-                                      static_groups=STATIC_GROUPS))
+                    tied[name] = quantize(name, linear, accumulators[name].hessian)
                 else:
                     _replace(model, name, quantize_into(name, linear, accumulators[name].hessian))
                     release_tensor_pages(linear.weight, checkpoints)

@@ -72,12 +72,16 @@ class MoQLinear(nn.Module):
     # -- construction -----------------------------------------------------------------------------------
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, symmetric: bool) -> "MoQLinear":
-        """Quantize an existing float ``nn.Linear``."""
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, symmetric: bool,
+                    quantized: QuantizedWeight | None = None) -> "MoQLinear":
+        """Quantize an existing float ``nn.Linear`` (round-to-nearest), or take its ``quantized`` weight made
+        elsewhere (e.g. calibrated, quant/gptq.py); the bias is copied either way."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, bits=bits,
                      group_size=group_size, symmetric=symmetric, device=linear.weight.device,
                      dtype=linear.weight.dtype)
-        module.load_quantized(quantize_linear_weight(linear.weight, bits, group_size, symmetric))
+        if quantized is None:
+            quantized = quantize_linear_weight(linear.weight, bits, group_size, symmetric)
+        module.load_quantized(quantized)
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
         return module
