@@ -20,7 +20,7 @@ _registry.check_transformers_version()
 from . import models  # noqa: E402  (lightweight: loads nothing until called)
 from ._registry import SUPPORTED_TRANSFORMERS, UnsupportedTransformersVersion, disable, is_enabled  # noqa: E402
 from ._registry import register as enable  # noqa: E402
-from .cache import CACHE_IMPLEMENTATIONS, build_cache  # noqa: E402
+from .cache import CACHE_IMPLEMENTATIONS, FastInferCache, FastInferInt8Cache, build_cache  # noqa: E402
 from .config import FastInferConfig  # noqa: E402
 
 __version__ = "0.1.0"
@@ -32,6 +32,8 @@ __all__ = [
     "inject",
     "uninject",
     "CACHE_IMPLEMENTATIONS",
+    "FastInferCache",
+    "FastInferInt8Cache",
     "build_cache",
     "enable",
     "disable",

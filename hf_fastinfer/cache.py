@@ -306,6 +306,16 @@ class FastInferLayer(CacheLayerMixin):
 _SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
+def _text_config(config, who: str):
+    """The decoder's text config of ``config``, or a clear error when it is not a model config."""
+    if config is None:
+        raise ValueError(f"{who} needs the model's config to size its layers: pass config=model.config")
+    if not hasattr(config, "get_text_config"):
+        raise TypeError(f"{who}: config must be a transformers model config (e.g. model.config), "
+                        f"got {type(config).__name__}")
+    return config.get_text_config(decoder=True)
+
+
 class FastInferCache(Cache):
     """hf_fastinfer's KV cache (``cache_implementation="fastinfer"``), one :class:`FastInferLayer` per layer.
 
@@ -320,7 +330,10 @@ class FastInferCache(Cache):
 
     def __init__(self, config: PreTrainedConfig, max_cache_len: int = 256, *, growth: bool = True,
                  static_shapes: bool = False):
-        text_config = config.get_text_config(decoder=True)
+        text_config = _text_config(config, type(self).__name__)
+        if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len <= 0:
+            raise ValueError(f"{type(self).__name__}: max_cache_len must be a positive integer (positions per layer), "
+                             f"got {max_cache_len!r}")
         layer_types, per_layer_kwargs = get_layer_types_and_kwargs(text_config)
         unsupported = sorted({t for t in layer_types if t not in _SUPPORTED_LAYER_TYPES})
         if unsupported:
@@ -372,4 +385,5 @@ def build_cache(name: str, *, config: PreTrainedConfig, max_cache_len: int = 256
     """
     if name not in _CACHE_CLASSES:
         raise ValueError(f"Unknown hf_fastinfer cache {name!r}; choose one of {CACHE_IMPLEMENTATIONS}")
+    _text_config(config, f"build_cache({name!r})")
     return _CACHE_CLASSES[name](config, max_cache_len, growth=growth, static_shapes=static_shapes)

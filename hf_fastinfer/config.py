@@ -21,6 +21,20 @@ _VALID_BITS = (8, 4, "auto", None)
 DEFAULT_GROUP_SIZE = {8: 32, 4: 32, "auto": 32, None: None}
 
 
+def _module_names(names: Any) -> list[str] | None:
+    """``modules_to_not_convert`` as a list of names; a single name is accepted, anything else is refused."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, (list, tuple, set, frozenset)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(
+            "FastInferConfig: modules_to_not_convert must be a list of module names or name suffixes "
+            f"(e.g. ['lm_head', 'mlp.down_proj']), got {names!r}"
+        )
+    return list(names) or None
+
+
 class FastInferConfig(QuantizationConfigMixin):
     """hf_fastinfer's load-time configuration.
 
@@ -67,7 +81,7 @@ class FastInferConfig(QuantizationConfigMixin):
         # default: symmetric int8 (zero points buy little there), asymmetric int4 and "auto" (float zero points:
         # quant/search.py and BENCHMARKS.md have the measurements and their caveats)
         self.symmetric = (bits == 8) if symmetric is None else symmetric
-        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
+        self.modules_to_not_convert = _module_names(modules_to_not_convert)
         self.quantize_lm_head = quantize_lm_head
         self.target_bits = target_bits
         self.layer_bits = dict(layer_bits) if layer_bits else None

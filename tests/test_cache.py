@@ -245,3 +245,38 @@ def test_cache_classes_and_unknown_names():
     with pytest.raises(ValueError, match="Unknown hf_fastinfer cache 'fastinfer_fp8'"):
         build_cache("fastinfer_fp8", config=config)
     assert hf_fastinfer.CACHE_IMPLEMENTATIONS == ("fastinfer", "fastinfer_int8")
+
+
+def test_cache_classes_are_public_and_usable_like_transformers_static_cache():
+    model = models.tiny("llama", attn_implementation="fastinfer")
+    ids, mask = _prompts(batch=2)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+    expected = model.generate(ids, cache_implementation="fastinfer", **kw)
+    for cls in (hf_fastinfer.FastInferCache, hf_fastinfer.FastInferInt8Cache):
+        cache = cls(config=model.config, max_cache_len=32)
+        assert isinstance(cache, FastInferCache) and cache.quantized is (cls is FastInferInt8Cache)
+        out = model.generate(ids, past_key_values=cache, **kw)
+        if cls is FastInferCache:
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        else:
+            assert out.shape == expected.shape
+
+
+@pytest.mark.parametrize("make", [
+    lambda: build_cache("fastinfer", config=None),
+    lambda: hf_fastinfer.FastInferCache(config=None),
+    lambda: hf_fastinfer.FastInferInt8Cache(None, 64),
+])
+def test_missing_config_is_named(make):
+    with pytest.raises(ValueError, match="needs the model's config.*config=model.config"):
+        make()
+
+
+def test_wrong_config_and_capacity_are_named():
+    with pytest.raises(TypeError, match="must be a transformers model config.*got dict"):
+        build_cache("fastinfer", config={"num_hidden_layers": 2})
+    config = models.tiny_config("llama")
+    with pytest.raises(ValueError, match="max_cache_len must be a positive integer.*got 0"):
+        hf_fastinfer.FastInferCache(config, max_cache_len=0)
+    with pytest.raises(ValueError, match="max_cache_len must be a positive integer.*got '256'"):
+        build_cache("fastinfer", config=config, max_cache_len="256")

@@ -48,6 +48,18 @@ def test_bad_config_is_refused_with_a_clear_message(kwargs, message):
         FastInferConfig(**kwargs)
 
 
+@pytest.mark.parametrize("names", [5, [5], {"lm_head": True}, ["lm_head", None]])
+def test_modules_to_not_convert_of_the_wrong_type_is_named(names):
+    with pytest.raises(TypeError, match=r"modules_to_not_convert must be a list of module names"):
+        FastInferConfig(bits=8, modules_to_not_convert=names)
+
+
+def test_modules_to_not_convert_accepts_a_single_name():
+    assert FastInferConfig(bits=8, modules_to_not_convert="lm_head").modules_to_not_convert == ["lm_head"]
+    assert FastInferConfig(bits=8, modules_to_not_convert=("a", "b")).modules_to_not_convert == ["a", "b"]
+    assert FastInferConfig(bits=8, modules_to_not_convert=[]).modules_to_not_convert is None
+
+
 def test_unknown_argument_is_refused():
     with pytest.raises(TypeError, match="unknown arguments: \\['bitz'\\]"):
         FastInferConfig(bitz=8)
