@@ -1,4 +1,4 @@
-"""Command line: ``python -m hf_fastinfer demo`` (see ``--help``)."""
+"""Command line: ``python -m hf_fastinfer demo`` and ``python -m hf_fastinfer bench`` (see ``--help``)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="timed runs per path; the table shows medians (default: %(default)s)")
     demo.add_argument("--no-baseline", action="store_true",
                       help="skip transformers' own path (no comparison, faster start)")
+
+    bench = commands.add_parser(
+        "bench",
+        help="time transformers' own path and hf_fastinfer side by side: speed, memory, roofline, perplexity",
+        description=(
+            "Load the model once per path (transformers' own path, and hf_fastinfer at each --bits), then time "
+            "prefill and decode at each batch size in interleaved rounds; report medians and ranges, the share "
+            "of the memory-bandwidth roofline reached, weight / KV-cache / peak memory, perplexity on built-in "
+            "text and whether greedy tokens match transformers'. Prints markdown tables; --json and --plot "
+            "write the results."
+        ),
+    )
+    from .bench import add_arguments
+
+    add_arguments(bench)
     return parser
 
 
@@ -50,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run
 
         return run(args)
+    if args.command == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(args)
     return 2  # unreachable: argparse requires a command
 
 

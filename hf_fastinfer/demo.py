@@ -1,136 +1,115 @@
-"""``python -m hf_fastinfer demo``: chat with the default model through hf_fastinfer, and time it against
-transformers' own path on the same prompt, in the same process.
+"""``python -m hf_fastinfer demo``: chat with the default model through hf_fastinfer, and compare, on the same
+prompt in the same process, three ways of loading it:
 
-Timing method (same for both paths): a streamer records the wall-clock time at which ``generate()`` hands
-over each token. Prefill time runs from the call to the first new token (the prompt's forward pass and the
-first sampling step); decode time from the first new token to the last, over ``new tokens - 1`` steps.
+* transformers' own path (SDPA attention, dynamic cache), the baseline;
+* hf_fastinfer's exact configuration: kernel injection with float weights (``FastInferConfig(bits=None)``), its
+  attention and cache; its greedy tokens are expected to equal the baseline's;
+* hf_fastinfer with int8 weights (``FastInferConfig(bits=8)``): a quarter of the float weights' bytes read per
+  token.
+
+Timing (:func:`hf_fastinfer.bench.timed_generate`): a streamer records when ``generate()`` hands over each token.
+Prefill runs from the call to the first new token, decode from the first new token to the last. The paths run
+one after the other in each repeat, so drifting machine load hits all alike; the table gives medians. Memory is
+the weights' bytes and the peak growth of the process while the path loaded and ran a short warm-up
+(:class:`hf_fastinfer.bench.PeakMemory`).
 """
 
 from __future__ import annotations
 
 import statistics
 import sys
-import time
-from dataclasses import dataclass, field
 
 import torch
-from transformers.generation.streamers import BaseStreamer, TextStreamer
+from transformers.generation.streamers import TextStreamer
+
+from .bench import DTYPES, SHORT_DTYPE, PeakMemory, _restore_logging, timed_generate, weight_bytes
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence, then name two famous sights there."
 
 
-class _TimingStreamer(BaseStreamer):
-    """Records when each chunk of tokens arrives; optionally forwards to a text streamer for display."""
+def _paths(dtype: torch.dtype, baseline: bool) -> list[tuple[str, dict, dict]]:
+    """(label, from_pretrained keywords, generate keywords) per path."""
+    from . import FastInferConfig
 
-    def __init__(self, forward: BaseStreamer | None = None):
-        self.forward = forward
-        self.times: list[float] = []
-        self.new_tokens = 0
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        now = time.perf_counter()
-        if not self._prompt_seen:  # generate() first hands over the prompt
-            self._prompt_seen = True
-        else:
-            self.times.append(now)
-            self.new_tokens += value.numel()
-        if self.forward is not None:
-            self.forward.put(value)
-
-    def end(self) -> None:
-        if self.forward is not None:
-            self.forward.end()
-
-
-@dataclass
-class PathTiming:
-    label: str
-    prompt_tokens: int
-    prefill_tps: list[float] = field(default_factory=list)
-    decode_tps: list[float] = field(default_factory=list)
-    tokens: torch.Tensor | None = None
-
-    def summary(self) -> tuple[float, float]:
-        return statistics.median(self.prefill_tps), statistics.median(self.decode_tps)
-
-    def spread(self) -> str:
-        if len(self.decode_tps) < 2:
-            return ""
-        return f"{min(self.decode_tps):.1f}-{max(self.decode_tps):.1f}"
-
-
-def _generate_timed(model, inputs, gen_kwargs, streamer: BaseStreamer | None = None):
-    timer = _TimingStreamer(forward=streamer)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(**inputs, **gen_kwargs, streamer=timer)
-    if timer.new_tokens < 2:
-        raise RuntimeError("the model stopped after one token: raise --max-new-tokens or change --prompt to time decoding")
-    prefill_s = timer.times[0] - start
-    decode_s = timer.times[-1] - timer.times[0]
-    prompt_len = inputs["input_ids"].shape[1]
-    return out[0, prompt_len:], prompt_len / prefill_s, (timer.new_tokens - 1) / decode_s
+    short = SHORT_DTYPE[dtype]
+    fast = dict(cache_implementation="fastinfer")
+    paths = [(f"transformers {short} (sdpa, dynamic cache)", dict(attn_implementation="sdpa"), {})] if baseline else []
+    paths += [
+        (f"hf_fastinfer {short} (kernels, exact)",
+         dict(attn_implementation="fastinfer", quantization_config=FastInferConfig(bits=None)), fast),
+        (f"hf_fastinfer {short} int8 weights",
+         dict(attn_implementation="fastinfer", quantization_config=FastInferConfig(bits=8)), fast),
+    ]
+    return paths
 
 
 def run(args) -> int:
-    import hf_fastinfer  # noqa: F401  (registers "fastinfer" with transformers)
-    from hf_fastinfer import models
+    from transformers.utils import logging as hf_logging
+
+    from . import models
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    paths = _paths(dtype, baseline=not args.no_baseline)
 
-    print(f"Loading {models.DEFAULT_MODEL_NAME} ({args.dtype}, {device}) ...", file=sys.stderr)
-    fast_model, tokenizer = models.load_default(dtype=dtype, attn_implementation="fastinfer", device_map=device)
-    baseline_model = None
-    if not args.no_baseline:
-        baseline_model, _ = models.load_default(dtype=dtype, attn_implementation="sdpa", device_map=device)
+    folder = models.default_model_path(progress=True)  # converts the GGUF once, with its own progress bar
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
     inputs = {k: v.to(device) for k, v in models.chat_inputs(tokenizer, args.prompt).items()}
-    common = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    fast_kwargs = dict(common, cache_implementation="fastinfer")
-    base_kwargs = dict(common)  # transformers' defaults: SDPA attention, DynamicCache
+    loaded, memory, weights = {}, {}, {}
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    for label, load_kwargs, generate_kwargs in paths:
+        print(f"Loading {models.DEFAULT_MODEL_NAME}: {label} ...", file=sys.stderr, flush=True)
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # one line per path instead of nested loading bars
+        try:
+            with PeakMemory(device) as peak:
+                model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map=device,
+                                                             **load_kwargs).eval()
+                # a short warm-up: first calls pay for allocator growth and lazy initialisation
+                timed_generate(model, inputs, 2, generate_kwargs)
+        finally:
+            _restore_logging(verbosity, bars)
+        loaded[label], memory[label], weights[label] = model, peak.peak, weight_bytes(model)
 
-    # One short warm-up per path: first calls pay for allocator growth and lazy initialisation.
-    warm = dict(max_new_tokens=2, min_new_tokens=2)
-    with torch.inference_mode():
-        fast_model.generate(**inputs, **{**fast_kwargs, **warm})
-        if baseline_model is not None:
-            baseline_model.generate(**inputs, **{**base_kwargs, **warm})
-
-    prompt_len = inputs["input_ids"].shape[1]
-    fast = PathTiming("hf_fastinfer  (attn fastinfer, cache fastinfer)", prompt_len)
-    base = PathTiming("transformers  (attn sdpa, dynamic cache)", prompt_len)
-
+    timings = {label: ([], []) for label, _, _ in paths}
+    tokens = {}
     print(f"\nUser: {args.prompt}\nAssistant: ", end="", flush=True)
     display = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    shown = paths[1][0] if len(paths) == 3 else paths[0][0]  # the answer streamed is hf_fastinfer's exact path's
     for repeat in range(args.repeats):
-        # Alternate the two paths so that drifting machine load affects both alike.
-        tokens, prefill, decode = _generate_timed(fast_model, inputs, fast_kwargs, display if repeat == 0 else None)
-        fast.prefill_tps.append(prefill)
-        fast.decode_tps.append(decode)
-        fast.tokens = tokens
-        if baseline_model is not None:
-            tokens, prefill, decode = _generate_timed(baseline_model, inputs, base_kwargs)
-            base.prefill_tps.append(prefill)
-            base.decode_tps.append(decode)
-            base.tokens = tokens
+        for label, _, generate_kwargs in paths:
+            streamer = display if repeat == 0 and label == shown else None
+            prefill, decode, new, _ = timed_generate(loaded[label], inputs, args.max_new_tokens, generate_kwargs,
+                                                     streamer=streamer, stop_at_eos=True)
+            timings[label][0].append(prefill)
+            timings[label][1].append(decode)
+            tokens[label] = new
 
+    baseline = paths[0][0] if not args.no_baseline else None
     print()
-    print(f"prompt: {prompt_len} tokens; generated: {len(fast.tokens)} tokens; device: {device}; "
-          f"dtype: {args.dtype}; threads: {torch.get_num_threads()}; repeats: {args.repeats} (medians)")
-    header = f"{'path':<50} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode range':>13}"
+    print(f"prompt: {inputs['input_ids'].shape[1]} tokens; answer: {tokens[shown].shape[1]} tokens; device: "
+          f"{device}; dtype: {args.dtype}; threads: {torch.get_num_threads()}; {args.repeats} repeats (medians)")
+    header = (f"{'path':<42} {'prefill tok/s':>13} {'decode tok/s':>12} {'decode range':>13} {'vs transformers':>15} "
+              f"{'weights MB':>10} {'peak MB':>8}  same tokens")
     print(header)
     print("-" * len(header))
-    fp, fd = fast.summary()
-    if baseline_model is not None:
-        bp, bd = base.summary()
-        print(f"{base.label:<50} {bp:>14.1f} {bd:>13.1f} {base.spread():>13}")
-    print(f"{fast.label:<50} {fp:>14.1f} {fd:>13.1f} {fast.spread():>13}")
-    if baseline_model is not None:
-        print(f"{'ratio (hf_fastinfer / transformers)':<50} {fp / bp:>13.2f}x {fd / bd:>12.2f}x")
-        same = fast.tokens.shape == base.tokens.shape and bool(torch.equal(fast.tokens.cpu(), base.tokens.cpu()))
-        print(f"same tokens as transformers: {'yes' if same else 'NO'}")
+    base_decode = statistics.median(timings[baseline][1]) if baseline else None
+    for label, _, _ in paths:
+        prefill, decode = (statistics.median(t) for t in timings[label])
+        spread = f"{min(timings[label][1]):.1f}-{max(timings[label][1]):.1f}" if args.repeats > 1 else ""
+        versus = f"{decode / base_decode:.2f}x" if baseline and label != baseline else ""
+        if baseline is None or label == baseline:
+            same = ""
+        else:
+            a, b = tokens[label], tokens[baseline]
+            same = "yes" if a.shape == b.shape and torch.equal(a, b) else "no"
+        print(f"{label:<42} {prefill:>13.1f} {decode:>12.1f} {spread:>13} {versus:>15} "
+              f"{weights[label] / 2**20:>10.0f} {memory[label] / 2**20:>8.0f}  {same}")
+    if baseline:
+        print("same tokens: the greedy answer equals transformers' token for token. int8 weights may change a token "
+              "where two candidates are nearly tied; `python -m hf_fastinfer bench` measures perplexity.")
     return 0

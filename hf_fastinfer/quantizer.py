@@ -28,6 +28,7 @@ import os
 import torch
 from transformers.quantizers.base import HfQuantizer
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 from .config import FastInferConfig
 
@@ -153,7 +154,9 @@ class FastInferQuantizer(HfQuantizer):
         if not self.pre_quantized:
             label = "auto int8/int4" if config.bits == "auto" else f"int{config.bits}"
             total = len(bits_for) + (self._tied_output is not None)
-            self._progress = tqdm(total=total, desc=f"MoQ: quantizing to {label}", unit="layer")
+            # shown or hidden with transformers' own loading bars (transformers.utils.logging.disable_progress_bar)
+            self._progress = tqdm(total=total, desc=f"MoQ: quantizing to {label}", unit="layer",
+                                  disable=not hf_logging.is_progress_bar_enabled())
         return model
 
     def _bits_of(self, name: str) -> int:
@@ -252,7 +255,8 @@ class FastInferQuantizer(HfQuantizer):
         if ids is None:
             ids, source = builtin_calibration_ids(self._tokenizer_for(model, "calibration='builtin'")), "builtin"
         tied = calibrate_model(model, self._calibrate_bits, config.group_size, config.symmetric, ids,
-                               alternative_bits=4 if config.bits == "auto" else None, tied_output=self._tied_output)
+                               alternative_bits=4 if config.bits == "auto" else None, tied_output=self._tied_output,
+                               progress=hf_logging.is_progress_bar_enabled())
         if self._tied_output is not None:
             self._quantize_tied_output(model, tied[self._tied_output])
             self._tied_output = None
@@ -323,7 +327,7 @@ class FastInferQuantizer(HfQuantizer):
         ids = self._sensitivity_ids
         if ids is None:
             ids = calibration_ids(self._tokenizer_for(model))
-        scores = layer_sensitivity(model, layers, ids)
+        scores = layer_sensitivity(model, layers, ids, progress=hf_logging.is_progress_bar_enabled())
         sizes = {n: m.in_features * m.out_features for n, m in layers.items()}
         chosen = assign_bits(sizes, scores, config.target_bits)
         for name, bits in chosen.items():
