@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import platform
 import re
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -14,31 +12,16 @@ BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
 
 def machine() -> str:
-    import transformers
+    from hf_fastinfer.bench import machine_description
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({cpu}), {torch.get_num_threads()} threads"
-    return f"{device}; torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}"
+    return machine_description("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def read_bandwidth_gbs(repeats: int = 7, nbytes: int = 1 << 30) -> tuple[float, float, float]:
-    """Memory read bandwidth from a large fp32 sum: (median, min, max) GB/s."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32)
-    x.sum()
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x.sum()
-        rates.append(nbytes / (time.perf_counter() - start) / 1e9)
-    del x
-    return statistics.median(rates), min(rates), max(rates)
+    """Memory read bandwidth from a large fp32 sum on the CPU: (median, min, max) GB/s."""
+    from hf_fastinfer.bench import read_bandwidth_gbs as measure
+
+    return measure("cpu", repeats, nbytes)
 
 
 def summarize(values: list[float]) -> tuple[float, float, float]:

@@ -9,8 +9,10 @@ Paths (the default model, greedy, batch 1, ``--prompt`` prompt tokens, ``--new-t
 The paths run one after the other in each of ``--repeats`` rounds, so drifting load hits all alike; the table
 gives medians and ranges. Decode tokens/s is timed from the first to the last new token, prefill from the call
 to the first new token. The read bandwidth (fp32 sum of 1 GiB) is measured before every round; the roofline
-of a path is that bandwidth (median over the rounds) divided by the bytes of its model's tensors of two or more
-dimensions (each storage once). Generation runs to exactly ``--new-tokens`` (no end-of-sequence token), without
+of a path is that bandwidth (median over the rounds) divided by the bytes a decode step reads: its model's tensors
+of two or more dimensions (each storage once) less an input embedding table that the output projection does not
+share (a step reads one row of it; hf_fastinfer's int8 / int4 keep the embedding in float and quantize a copy
+for the output projection). Generation runs to exactly ``--new-tokens`` (no end-of-sequence token), without
 ``min_new_tokens``, whose logits processors would cost every path ~0.3 ms a token.
 
     python benchmarks/bench_generation.py --repeats 5 --write
@@ -20,56 +22,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
-from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, read_bandwidth_gbs, summarize, write_section  # noqa: E402
 
 import hf_fastinfer  # noqa: E402
 from hf_fastinfer import evaluation, models  # noqa: E402
-
-
-class _Clock(BaseStreamer):
-    def __init__(self):
-        self.times, self.seen_prompt = [], False
-
-    def put(self, value):
-        if self.seen_prompt:
-            self.times.append(time.perf_counter())
-        self.seen_prompt = True
-
-    def end(self):
-        pass
-
-
-def weight_bytes(model) -> int:
-    """Bytes of the model's tensors of two or more dimensions, each storage once (a tied lm_head counts once)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if t.dim() >= 2 and key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
+from hf_fastinfer.bench import decode_read_bytes, timed_generate  # noqa: E402
 
 
 def run(model, inputs, new_tokens, cache):
-    clock = _Clock()
-    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, streamer=clock, eos_token_id=None,
-                  pad_token_id=model.generation_config.pad_token_id)
-    if cache:
-        kwargs["cache_implementation"] = cache
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(**inputs, **kwargs)
-    assert out.shape[1] - inputs["input_ids"].shape[1] == new_tokens
-    prompt_len = inputs["input_ids"].shape[1]
-    return prompt_len / (clock.times[0] - start), (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+    kwargs = {"cache_implementation": cache} if cache else {}
+    prefill, decode, _, _ = timed_generate(model, inputs, new_tokens, kwargs)
+    return prefill, decode
 
 
 PATHS = {
@@ -118,7 +87,7 @@ def main() -> None:
     for label in labels:
         base = PATHS[label][4]
         prefill, decode = summarize(results[label][0]), summarize(results[label][1])
-        roofline = bandwidth[0] * 1e9 / weight_bytes(loaded[label])
+        roofline = bandwidth[0] * 1e9 / decode_read_bytes(loaded[label])
         ratio = (lambda i: summarize(results[label][i])[0] / summarize(results[base][i])[0]) if base in results else None
         rows.append((label, prefill, decode, roofline, ratio(0) if ratio else None, ratio(1) if ratio else None, base))
 
@@ -131,8 +100,8 @@ def main() -> None:
         "",
         f"SmolLM2-135M-Instruct, batch 1, greedy, {args.prompt}-token prompt, {args.new_tokens} new tokens, "
         f"{args.repeats} rounds; tokens/s as median (min-max). Ratios against the transformers path of the same "
-        "activation dtype in the same run; roofline = bandwidth / bytes of the model's tensors of two or more "
-        "dimensions.",
+        "activation dtype in the same run; roofline = bandwidth / bytes a decode step reads (the model's tensors "
+        "of two or more dimensions, less an input embedding table the output projection does not share).",
         "",
         "| path | prefill tok/s | decode tok/s | roofline tok/s | decode / roofline | prefill vs transformers | "
         "decode vs transformers |",

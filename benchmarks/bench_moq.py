@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, summarize, write_section  # noqa: E402
-from bench_generation import _run  # noqa: E402
+from bench_generation import run as _run  # noqa: E402
 
 import hf_fastinfer  # noqa: E402
 from hf_fastinfer import FastInferConfig, evaluation, models  # noqa: E402

@@ -14,7 +14,8 @@ What it measures, for every path (a model loaded one way) and batch size:
   and the peak memory while the path loaded and ran its untimed warm-up generations (on CPU the
   growth of the process's peak resident set over the resident set before loading; on a GPU the growth of
   ``torch.cuda.max_memory_allocated``);
-* perplexity on the built-in text (pydoc topics, :mod:`hf_fastinfer.evaluation`), in windows of up to 512 tokens;
+* perplexity on the built-in text (pydoc topics, :mod:`hf_fastinfer.evaluation`), in windows of up to 512 tokens,
+  through the path's KV cache (so ``--cache fastinfer_int8`` shows what the int8 cache costs);
 * whether the path's greedy batch-1 tokens equal those of transformers' path of the same dtype.
 
 Every round runs every path at every batch size one after the other, so drifting machine load hits all alike;
@@ -402,6 +403,16 @@ def _prompts(ids: torch.Tensor, batch: int, length: int, device: str) -> dict:
     return {"input_ids": rows, "attention_mask": torch.ones_like(rows)}
 
 
+def _cache_factory(model, path: BenchPath, window: int):
+    """Perplexity runs through the path's own hf_fastinfer cache (the int8 one changes the numbers)."""
+    from . import CACHE_IMPLEMENTATIONS, build_cache
+
+    name = path.generate_kwargs.get("cache_implementation")
+    if name not in CACHE_IMPLEMENTATIONS:
+        return None
+    return lambda: build_cache(name, config=model.config, max_cache_len=window)
+
+
 def _restore_logging(verbosity: int, bars: bool) -> None:
     from transformers.utils import logging as hf_logging
 
@@ -479,8 +490,9 @@ def run_bench(
             if perplexity_tokens > 0:
                 bar.set_postfix_str(f"perplexity {path.label}")
                 ids = text_ids[:, :perplexity_tokens].to(device)
-                result.perplexity = evaluation.perplexity(model, ids, window=min(512, perplexity_tokens),
-                                                          progress=False)
+                window = min(512, perplexity_tokens)
+                result.perplexity = evaluation.perplexity(model, ids, window=window, progress=False,
+                                                          cache_factory=_cache_factory(model, path, window))
                 bar.update()
 
         bandwidths = []
