@@ -202,16 +202,19 @@ def _bits_label(bits) -> str:
     return "kernels" if bits is None else f"int{bits}"
 
 
-def plan_paths(dtypes: list[str], bits: list, cache: str = "fastinfer", tp_size: int = 1, peers: bool = False,
-               device: str = "cpu", baseline: bool = True) -> list[BenchPath]:
-    """The paths to run: per dtype, transformers' own path, hf_fastinfer at each of ``bits`` and the peers.
+def plan_paths(dtypes: list[str], bits: list, cache: str | list[str] = "fastinfer", tp_size: int = 1,
+               peers: bool = False, device: str = "cpu", baseline: bool = True) -> list[BenchPath]:
+    """The paths to run: per dtype, transformers' own path, hf_fastinfer at each of ``bits`` with each of
+    ``cache`` (the int8 KV cache is labelled "kv-int8"), and the peers.
 
     Every FastInferConfig is built here, before anything loads, so a bad combination fails at once.
     """
     from . import CACHE_IMPLEMENTATIONS, FastInferConfig
 
-    if cache not in CACHE_IMPLEMENTATIONS:
-        raise ValueError(f"--cache must be one of {CACHE_IMPLEMENTATIONS}, got {cache!r}")
+    caches = [cache] if isinstance(cache, str) else list(cache)
+    for name in caches:
+        if name not in CACHE_IMPLEMENTATIONS:
+            raise ValueError(f"--cache must be one of {CACHE_IMPLEMENTATIONS}, got {name!r}")
     if tp_size > 1:
         raise NotImplementedError(
             f"--tp {tp_size}: tensor parallelism is not available in this release of hf_fastinfer "
@@ -227,12 +230,14 @@ def plan_paths(dtypes: list[str], bits: list, cache: str = "fastinfer", tp_size:
                                    lambda dtype=dtype: dict(dtype=dtype, attn_implementation="sdpa")))
         for b in bits:
             config = FastInferConfig(bits=b, tp_size=tp_size)  # validates bits (and tp) now
-            label = f"hf_fastinfer {short}" + ("" if b is None else f" {_bits_label(b)}")
-            paths.append(BenchPath(
-                label, "hf_fastinfer", dtype, base,
-                lambda dtype=dtype, config=config: dict(dtype=dtype, attn_implementation="fastinfer",
-                                                        quantization_config=config),
-                dict(cache_implementation=cache)))
+            for name in caches:
+                label = (f"hf_fastinfer {short}" + ("" if b is None else f" {_bits_label(b)}")
+                         + (" kv-int8" if name == "fastinfer_int8" else ""))
+                paths.append(BenchPath(
+                    label, "hf_fastinfer", dtype, base,
+                    lambda dtype=dtype, config=config: dict(dtype=dtype, attn_implementation="fastinfer",
+                                                            quantization_config=config),
+                    dict(cache_implementation=name)))
         if peers:
             def torchao_kwargs(dtype=dtype):
                 from torchao.quantization import Int8WeightOnlyConfig
@@ -618,6 +623,9 @@ def plot_report(report: BenchReport, filename: str | Path) -> Path:
     width = 0.8 / len(done)
     for what, title in (("decode", "Decode"), ("prefill", "Prefill")):
         ax = axes[what]
+        # the y range fits the bars; a roofline far above them (int4 at batch 8) is drawn as an arrow at the top
+        # with its value, so it does not flatten every bar
+        top = 1.3 * max(r.spread(what, b)[1] for r in done for b in report.batches)
         for i, (r, color) in enumerate(zip(done, colors)):
             xs = [b + (i - (len(done) - 1) / 2) * width for b in range(len(report.batches))]
             med = [r.median(what, b) for b in report.batches]
@@ -626,15 +634,24 @@ def plot_report(report: BenchReport, filename: str | Path) -> Path:
             ax.bar(xs, med, width * 0.92, yerr=[low, high], capsize=2, color=color, edgecolor="black",
                    linewidth=0.5, hatch="//" if r.family == "peer" else None, label=r.label)
             if what == "decode":
-                ax.scatter(xs, [report.roofline(r, b) for b in report.batches], marker="_", s=260, linewidths=2,
-                           color="red", zorder=3)
+                roofs = [report.roofline(r, b) for b in report.batches]
+                inside = [(x, roof) for x, roof in zip(xs, roofs) if roof <= top]
+                if inside:
+                    ax.scatter(*zip(*inside), marker="_", s=260, linewidths=2, color="red", zorder=3)
+                for x, roof in zip(xs, roofs):
+                    if roof > top:
+                        ax.scatter([x], [top * 0.97], marker="^", s=40, color="red", zorder=3)
+                        ax.annotate(f"{roof:.0f}", (x, top * 0.97), ha="center", va="top", fontsize=7,
+                                    color="red", xytext=(0, -5), textcoords="offset points")
             for x, m, h in zip(xs, med, high):
                 ax.annotate(f"{m:.0f}", (x, m + h), ha="center", va="bottom", fontsize=7, xytext=(0, 1),
                             textcoords="offset points")
+        ax.set_ylim(0, top)
         ax.set_xticks(range(len(report.batches)), [f"batch {b}" for b in report.batches])
         ax.set_ylabel(f"{what} tokens/s (all rows of the batch)")
         ax.set_title(f"{title}: median of {report.repeats} rounds, whiskers min-max"
-                     + ("; red tick: read roofline" if what == "decode" else ""), fontsize=10)
+                     + ("\nred tick: read roofline (arrow: off the scale, value below it)" if what == "decode" else ""),
+                     fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
     ax = axes["memory"]
@@ -654,13 +671,16 @@ def plot_report(report: BenchReport, filename: str | Path) -> Path:
     ax.set_ylabel("memory (MiB)")
     ax.set_title(f"Memory: weights + KV cache at batch {report.batches[-1]} (left bar), peak while loading and "
                  "running (right bar)", fontsize=10)
-    ax.legend(handles=[Line2D([], [], color="#fd8d3c", lw=8, label=f"KV cache (batch {report.batches[-1]})"),
-                       Line2D([], [], color="white", marker="s", markersize=10, markeredgecolor="black", lw=0,
-                              label="peak (growth of the process)")], fontsize=8, loc="upper right")
+    ax.add_artist(ax.legend(handles=[  # kept as an artist: the paths' legend below is the axes' own
+        Line2D([], [], color="#fd8d3c", lw=8, label=f"KV cache (batch {report.batches[-1]})"),
+        Line2D([], [], color="white", marker="s", markersize=10, markeredgecolor="black", lw=0,
+               label="peak (growth of the process)")], fontsize=8, loc="upper right"))
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    # batch 1 decodes slowest, so the upper left of the decode panel is free for the legend
-    axes["decode"].legend(fontsize=8, loc="upper left")
+    # the paths' legend goes above the memory bars (headroom made for it), clear of every speed bar and arrow
+    handles, labels = axes["decode"].get_legend_handles_labels()
+    ax.set_ylim(0, 1.45 * max(max(r.peak_bytes, r.weight_bytes + r.kv_bytes) for r in done) / 2**20)
+    ax.legend(handles, labels, fontsize=8, loc="upper left", ncols=min(3, len(done)))
     fig.suptitle(f"hf_fastinfer bench: {Path(report.model).name} on {report.device}, {report.prompt_tokens}-token "
                  f"prompts, {report.new_tokens} new tokens\n{report.machine}; read bandwidth "
                  f"{report.bandwidth:.1f} GB/s", fontsize=10)
@@ -714,8 +734,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--bits", type=checked(_list(_bits, (None, 8, 4))), default=[None, 8, 4],
                         help="comma-separated hf_fastinfer weight bits: none (kernel injection only), 8, 4 "
                              "(default: none,8,4)")
-    parser.add_argument("--cache", default="fastinfer", choices=("fastinfer", "fastinfer_int8"),
-                        help="hf_fastinfer's KV cache (default: %(default)s)")
+    parser.add_argument("--cache", type=checked(_list(str, ("fastinfer", "fastinfer_int8"))), default=["fastinfer"],
+                        help="comma-separated hf_fastinfer KV caches: fastinfer, fastinfer_int8 (default: fastinfer)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default: 1)")
     parser.add_argument("--batch", type=checked(_list(int)), default=[1, 8],
                         help="comma-separated batch sizes (default: 1,8)")

@@ -81,10 +81,16 @@ def test_paths_planned_per_dtype_and_bits():
                                         "transformers fp32 static+compile"]
     assert peers[1].generate_kwargs == {"cache_implementation": "fastinfer_int8"}
     assert peers[3].generate_kwargs["cache_implementation"] == "static"
+    both = bench.plan_paths(["float32"], [None], cache=["fastinfer", "fastinfer_int8"], baseline=False)
+    assert [(p.label, p.generate_kwargs["cache_implementation"]) for p in both] == [
+        ("hf_fastinfer fp32", "fastinfer"), ("hf_fastinfer fp32 kv-int8", "fastinfer_int8")]
+    with pytest.raises(ValueError, match="--cache must be one of"):
+        bench.plan_paths(["float32"], [None], cache="static")
 
 
 @pytest.mark.parametrize("args, message", [
     (["--bits", "3"], "'3' is not one of None, 8, 4"),
+    (["--cache", "fastinfer,static"], "'static' is not one of fastinfer, fastinfer_int8"),
     (["--dtype", "float8"], "'float8' is not one of float32, bfloat16, float16"),
     (["--batch", "1,x"], "invalid literal"),
     (["--tp", "2"], "tensor parallelism is not available in this release.*Use --tp 1"),

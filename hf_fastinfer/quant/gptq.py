@@ -64,6 +64,9 @@ BLOCK_COLUMNS = 128
 STATIC_GROUPS = False
 #: quantize columns in order of decreasing input energy (H_ii) rather than left to right (static groups only)
 ACT_ORDER = False
+#: dynamic groups: pick each group's range by the search of quant/search.py, its squared error weighted by the
+#: group's input energy H_ii, instead of the group's min / max
+GROUP_SEARCH = False
 #: sequences run through a block at once (bounds the activation memory of one block call)
 _BATCH = 8
 
@@ -100,9 +103,12 @@ class HessianAccumulator:
         return self.sum * (2.0 / max(self.rows, 1))
 
 
-def _group_params(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool):
-    """RTN's scales and zero points for ``weight`` [N, K] (fp16, [N, groups]), and the integer range."""
-    rtn = quantize_linear_weight(weight, bits, group_size, symmetric)
+def _group_params(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                  importance: torch.Tensor | None = None):
+    """RTN's scales and zero points for ``weight`` [N, K] (fp16, [N, groups]), and the integer range; with
+    ``importance`` [K], those of the range search weighted by it."""
+    rtn = quantize_linear_weight(weight, bits, group_size, symmetric, search=importance is not None,
+                                 importance=importance)
     qmax = 127 if bits == 8 else 7
     qmin = (-127 if bits == 8 else -7) if symmetric else (-128 if bits == 8 else -8)
     return rtn.scales, rtn.zeros, qmin, qmax
@@ -174,6 +180,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         order = torch.argsort(torch.diagonal(hessian.float()), descending=True)
         column_group = column_group[order]
     u = _cholesky_of_inverse(hessian, damping, order)
+    energy = torch.diagonal(hessian).float()
     packed = k if bits == 8 else -(-k // 2)
     qweight = torch.empty(n, packed, dtype=torch.int8 if bits == 8 else torch.uint8, device=weight.device)
     for r0 in range(0, n, _GPTQ_ROWS):
@@ -190,7 +197,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
                 if col % group_size:
                     return
                 g, stop = col // group_size, min(col + group_size, k)
-                gs, gz, _, _ = _group_params(w_now[:, col:stop], bits, stop - col, symmetric)
+                gs, gz, _, _ = _group_params(w_now[:, col:stop], bits, stop - col, symmetric,
+                                             energy[col:stop] if GROUP_SEARCH else None)
                 sr[:, g] = gs[:, 0]
                 s[:, col:stop] = gs.float()
                 if gz is not None:
