@@ -160,3 +160,17 @@ def test_relative_links_and_anchors_resolve():
             assert path.exists(), f"{page.name}: link to {target!r}: no such file"
             if anchor:
                 assert anchor in _anchors(path), f"{page.name}: link to {target!r}: no such heading in {path.name}"
+
+
+def test_readme_results_quote_the_latest_bench_tables():
+    readme = (ROOT / "README.md").read_text()
+    benchmarks = (ROOT / "BENCHMARKS.md").read_text()
+    section = benchmarks[benchmarks.index("<!-- bench:start -->"): benchmarks.index("<!-- bench:end -->")]
+    assert "python -m hf_fastinfer bench" in section
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert len(rows) > 8
+    results = readme[readme.index("## Results"):]
+    results = results[: results.index("\n## ", 1)]
+    assert [line for line in results.splitlines() if line.startswith("| ")] == rows, \
+        "README's results section must quote BENCHMARKS.md's bench tables as they are"
+    assert "BENCHMARKS.md#bench-transformers-and-hf_fastinfer-side-by-side" in results

@@ -64,6 +64,9 @@ BLOCK_COLUMNS = 128
 STATIC_GROUPS = False
 #: quantize columns in order of decreasing input energy (H_ii) rather than left to right (static groups only)
 ACT_ORDER = False
+#: within a block, quantize the Linears stage by stage in call order ([q, k, v], [o], [gate, up], [down]), each
+#: stage's Hessians taken with the stages before it already quantized (rather than all from one float pass)
+SEQUENTIAL = False
 #: dynamic groups: pick each group's range by the search of quant/search.py, its squared error weighted by the
 #: group's input energy H_ii, instead of the group's min / max
 GROUP_SEARCH = False
@@ -343,19 +346,28 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def _hessian_hooks(linears: dict[str, nn.Linear]) -> tuple[dict[str, HessianAccumulator], list]:
+def _hessian_hooks(linears: dict[str, nn.Linear],
+                   stages: list[list[str]] | None = None) -> tuple[dict[str, HessianAccumulator], list]:
     """Forward pre-hooks that add each Linear's input to its Hessian; Linears fed the same tensor one after
-    the other (q/k/v, gate/up) share one product x^T x."""
+    the other (q/k/v, gate/up) share one product x^T x. ``stages``, when given, receives the Linears in the
+    order the forward first calls them, those sharing an input in one list: [[q, k, v], [o], [gate, up], [down]]."""
     accumulators = {name: HessianAccumulator(m.in_features, m.weight.device) for name, m in linears.items()}
     last: dict = {}
+    staged: set[str] = set()
 
     def hook_for(name):
         def hook(module, args):
             # the same tensor object (held here, so its memory cannot be reused by another input meanwhile)
-            if last.get("input") is not args[0]:
+            new_input = last.get("input") is not args[0]
+            if new_input:
                 xf = args[0].reshape(-1, args[0].shape[-1]).float()  # [T, K]
                 last.update(input=args[0], product=xf.T @ xf, rows=xf.shape[0])
             accumulators[name].add_product(last["product"], last["rows"])
+            if stages is not None and name not in staged:
+                if new_input or not stages:
+                    stages.append([])
+                stages[-1].append(name)
+                staged.add(name)
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in linears.items()]
@@ -415,18 +427,30 @@ def calibrate_model(model: nn.Module, bits_for: dict[str, int], group_size: int,
                     calls[(kind, batch.shape[0])] = (args, kwargs)
             linears = {names[id(m)]: m for m in block.modules()
                        if type(m) is nn.Linear and names.get(id(m)) in bits_for}
-            # 2. Hessians of this block's float Linears, on the outputs of the quantized blocks before it
-            accumulators, handles = _hessian_hooks(linears)
-            try:
-                for h, batch in zip(hidden, batches):
-                    args, kwargs = calls[(kind, batch.shape[0])]
-                    _run_block(block, h, args, kwargs)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            for name, linear in linears.items():
-                _replace(model, name, quantize_into(name, linear, accumulators[name].hessian))
-                release_tensor_pages(linear.weight, checkpoints)
+            # 2. Hessians of this block's float Linears, on the outputs of the quantized blocks before it; with
+            # SEQUENTIAL, each later stage's Hessians again once the stages before it in the block are quantized
+            def hessians(subset, stages=None):
+                accumulators, handles = _hessian_hooks(subset, stages)
+                try:
+                    for h, batch in zip(hidden, batches):
+                        args, kwargs = calls[(kind, batch.shape[0])]
+                        _run_block(block, h, args, kwargs)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                return accumulators
+
+            stages: list[list[str]] = []
+            accumulators = hessians(linears, stages)
+            uncalled = [n for n in linears if not any(n in stage for stage in stages)]  # e.g. unrouted experts
+            if not SEQUENTIAL:
+                stages = [[n for stage in stages for n in stage]]
+            for number, stage in enumerate(stages + [uncalled]):
+                if number and stage is not uncalled:
+                    accumulators.update(hessians({n: linears[n] for n in stage}))
+                for name in stage:
+                    _replace(model, name, quantize_into(name, linears[name], accumulators[name].hessian))
+                    release_tensor_pages(linears[name].weight, checkpoints)
             del accumulators, linears
             release_free_heap()
             # 3. the quantized block's outputs feed the next block
