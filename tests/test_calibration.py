@@ -45,7 +45,8 @@ def test_hessian_hooks_match_the_float64_formula():
         torch.testing.assert_close(accumulators[name].hessian.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def _gptq_float64_reference(weight, hessian, bits, group_size, symmetric, static_groups, damping=0.01):
+def _gptq_float64_reference(weight, hessian, bits, group_size, symmetric, static_groups, damping=0.01,
+                            group_search=False):
     """GPTQ written as its defining recursion (optimal brain quantization, one column at a time), in float64
     and without blocks or Cholesky factors: quantize column i, spread its error over the remaining columns
     with the inverse Hessian of those columns, then remove column i from that inverse. Group parameters:
@@ -56,6 +57,7 @@ def _gptq_float64_reference(weight, hessian, bits, group_size, symmetric, static
     s = scales.double()[:, cols]
     z = zeros.double()[:, cols] if zeros is not None else torch.zeros_like(s)
     w = weight.double().clone()
+    energy = torch.diagonal(hessian).float().clone()
     h = hessian.double().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
@@ -65,7 +67,8 @@ def _gptq_float64_reference(weight, hessian, bits, group_size, symmetric, static
     for i in range(k):
         if not static_groups and i % group_size == 0:
             stop = min(i + group_size, k)
-            gs, gz, _, _ = _group_params(w[:, i:stop].float(), bits, stop - i, symmetric)
+            gs, gz, _, _ = _group_params(w[:, i:stop].float(), bits, stop - i, symmetric,
+                                         energy[i:stop] if group_search else None)
             s[:, i:stop] = gs.double()
             if gz is not None:
                 z[:, i:stop] = gz.double()
@@ -77,9 +80,9 @@ def _gptq_float64_reference(weight, hessian, bits, group_size, symmetric, static
     return q
 
 
-@pytest.mark.parametrize("static_groups", [True, False])
+@pytest.mark.parametrize("static_groups,group_search", [(True, False), (False, False), (False, True)])
 @pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (8, True)])
-def test_gptq_matches_the_float64_reference_recursion(bits, symmetric, static_groups):
+def test_gptq_matches_the_float64_reference_recursion(bits, symmetric, static_groups, group_search):
     torch.manual_seed(0)
     weight = torch.randn(12, 80) * 0.05
     x = _correlated_inputs(400, 80, seed=1)
@@ -87,10 +90,40 @@ def test_gptq_matches_the_float64_reference_recursion(bits, symmetric, static_gr
     hessian[:, 7] = hessian[7, :] = 0.0  # a dead input column
     # blocks of 32 columns (and a short last one): the blocked update must equal the plain recursion
     got = gptq_quantize(weight, hessian, bits, 16, symmetric, block_columns=32,
-                        static_groups=static_groups).int_values().long()
-    expected = _gptq_float64_reference(weight, hessian, bits, 16, symmetric, static_groups)
+                        static_groups=static_groups, group_search=group_search).int_values().long()
+    expected = _gptq_float64_reference(weight, hessian, bits, 16, symmetric, static_groups,
+                                       group_search=group_search)
     # float32 against float64: a code may differ where a value sits on a rounding boundary, nowhere else
     assert (got == expected).float().mean() >= 0.995, (got != expected).sum()
+
+
+def test_hessian_hooks_record_the_stages_of_a_decoder_block_in_call_order():
+    model = models.tiny("llama")
+    block = model.model.layers[0]
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    stages = []
+    _, handles = _hessian_hooks(linears, stages)
+    model(torch.randint(3, 200, (2, 9)))
+    for h in handles:
+        h.remove()
+    assert [sorted(stage) for stage in stages] == [
+        ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_the_group_range_search_lowers_the_weighted_error_of_a_group():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 32) * 0.05
+    weight[:, 0] *= 8  # an outlier column stretches every row's min / max
+    energy = torch.rand(32) + 0.1
+    for importance in (None, energy):
+        s, z, qmin, qmax = _group_params(weight, 4, 32, False, importance)
+        q = torch.round(weight / s.float() + z.float()).clamp(qmin, qmax)
+        error = ((q - z.float()) * s.float() - weight).pow(2) * energy
+        if importance is None:
+            rtn_error = error.sum()
+        else:
+            assert error.sum() < rtn_error
 
 
 def test_gptq_output_error_on_held_out_inputs_is_a_fraction_of_round_to_nearest():

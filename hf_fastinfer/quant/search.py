@@ -67,28 +67,23 @@ def _search_chunk(
     else:
         top = wg.masked_fill(~valid, float("-inf")).amax(dim=-1)
         bottom = wg.masked_fill(~valid, float("inf")).amin(dim=-1)
-    best_err = best_s = best_z = None
-    for shrink in SHRINK_GRID:
-        if symmetric:
-            s = (top * shrink / qmax).clamp_min(1e-10).to(SCALE_DTYPE).float()
-            z = None
-            q = torch.round(wg / s[..., None]).clamp(qmin, qmax)
-            err = (imp * (q * s[..., None] - wg) ** 2).sum(dim=-1)
-        else:
-            s = ((top - bottom) * shrink / (qmax - qmin)).clamp_min(1e-10).to(SCALE_DTYPE).float()
-            # the shrunk range stays centred on the group's; z is stored (and used here) in the scale dtype
-            mid = (top + bottom) / 2
-            z = (qmin - (mid - (mid - bottom) * shrink) / s).to(SCALE_DTYPE).float()
-            q = torch.round(wg / s[..., None] + z[..., None]).clamp(qmin, qmax)
-            err = (imp * ((q - z[..., None]) * s[..., None] - wg) ** 2).sum(dim=-1)
-        if best_err is None:
-            best_err, best_s, best_z = err, s, z
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_s = torch.where(better, s, best_s)
-            if z is not None:
-                best_z = torch.where(better, z, best_z)
+    # every candidate range at once: a leading grid dimension [S, 1, 1] (one pass of a few ops, not S passes)
+    shrink = torch.tensor(SHRINK_GRID, dtype=torch.float32, device=w.device).view(-1, 1, 1)
+    if symmetric:
+        s = (top * shrink / qmax).clamp_min(1e-10).to(SCALE_DTYPE).float()  # [S, n, g]
+        z = None
+        q = torch.round(wg / s[..., None]).clamp(qmin, qmax)
+        err = (imp * (q * s[..., None] - wg) ** 2).sum(dim=-1)
+    else:
+        s = ((top - bottom) * shrink / (qmax - qmin)).clamp_min(1e-10).to(SCALE_DTYPE).float()
+        # the shrunk range stays centred on the group's; z is stored (and used here) in the scale dtype
+        mid = (top + bottom) / 2
+        z = (qmin - (mid - (mid - bottom) * shrink) / s).to(SCALE_DTYPE).float()
+        q = torch.round(wg / s[..., None] + z[..., None]).clamp(qmin, qmax)
+        err = (imp * ((q - z[..., None]) * s[..., None] - wg) ** 2).sum(dim=-1)
+    best = err.argmin(dim=0, keepdim=True)  # the first of equal errors: the widest range, as a strict < keeps
+    best_s = s.gather(0, best)[0]
+    best_z = None if z is None else z.gather(0, best)[0]
     return best_s, best_z
 
 
