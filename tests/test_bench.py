@@ -77,7 +77,7 @@ def test_paths_planned_per_dtype_and_bits():
     assert paths[2].load_kwargs()["quantization_config"].bits == 8
     assert paths[1].generate_kwargs == {"cache_implementation": "fastinfer"}
     peers = bench.plan_paths(["float32"], [4], cache="fastinfer_int8", peers=True)
-    assert [p.label for p in peers] == ["transformers fp32", "hf_fastinfer fp32 int4", "torchao int8 fp32",
+    assert [p.label for p in peers] == ["transformers fp32", "hf_fastinfer fp32 int4 kv-int8", "torchao int8 fp32",
                                         "transformers fp32 static+compile"]
     assert peers[1].generate_kwargs == {"cache_implementation": "fastinfer_int8"}
     assert peers[3].generate_kwargs["cache_implementation"] == "static"
