@@ -27,7 +27,6 @@ static cache with ``torch.compile``.
 from __future__ import annotations
 
 import json
-import math
 import platform
 import statistics
 import sys
@@ -40,7 +39,8 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["BenchPath", "PathResult", "BenchReport", "plan_paths", "run_bench", "format_tables", "plot_report",
-           "read_bandwidth_gbs", "weight_bytes", "cache_bytes", "PeakMemory", "main"]
+           "read_bandwidth_gbs", "weight_bytes", "decode_read_bytes", "cache_bytes", "PeakMemory", "load_measured",
+           "timed_generate", "main"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -212,17 +212,17 @@ def plan_paths(dtypes: list[str], bits: list, cache: str | list[str] = "fastinfe
     from . import CACHE_IMPLEMENTATIONS, FastInferConfig
 
     caches = [cache] if isinstance(cache, str) else list(cache)
-    for name in caches:
-        if name not in CACHE_IMPLEMENTATIONS:
-            raise ValueError(f"--cache must be one of {CACHE_IMPLEMENTATIONS}, got {name!r}")
+    for cache_name in caches:
+        if cache_name not in CACHE_IMPLEMENTATIONS:
+            raise ValueError(f"--cache must be one of {CACHE_IMPLEMENTATIONS}, got {cache_name!r}")
     if tp_size > 1:
         raise NotImplementedError(
             f"--tp {tp_size}: tensor parallelism is not available in this release of hf_fastinfer "
             "(FastInferConfig(tp_size>1) is refused the same way). Use --tp 1."
         )
     paths = []
-    for name in dtypes:
-        dtype = DTYPES[name]
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
         short = SHORT_DTYPE[dtype]
         base = f"transformers {short}"
         if baseline:
@@ -230,14 +230,14 @@ def plan_paths(dtypes: list[str], bits: list, cache: str | list[str] = "fastinfe
                                    lambda dtype=dtype: dict(dtype=dtype, attn_implementation="sdpa")))
         for b in bits:
             config = FastInferConfig(bits=b, tp_size=tp_size)  # validates bits (and tp) now
-            for name in caches:
+            for cache_name in caches:
                 label = (f"hf_fastinfer {short}" + ("" if b is None else f" {_bits_label(b)}")
-                         + (" kv-int8" if name == "fastinfer_int8" else ""))
+                         + (" kv-int8" if cache_name == "fastinfer_int8" else ""))
                 paths.append(BenchPath(
                     label, "hf_fastinfer", dtype, base,
                     lambda dtype=dtype, config=config: dict(dtype=dtype, attn_implementation="fastinfer",
                                                             quantization_config=config),
-                    dict(cache_implementation=name)))
+                    dict(cache_implementation=cache_name)))
         if peers:
             def torchao_kwargs(dtype=dtype):
                 from torchao.quantization import Int8WeightOnlyConfig
@@ -418,11 +418,28 @@ def _cache_factory(model, path: BenchPath, window: int):
     return lambda: build_cache(name, config=model.config, max_cache_len=window)
 
 
-def _restore_logging(verbosity: int, bars: bool) -> None:
+def load_measured(model_path: str | Path, load_kwargs: dict, device: str,
+                  warm_up: Callable[[torch.nn.Module], None]) -> tuple[torch.nn.Module, float, int]:
+    """``from_pretrained`` then ``warm_up(model)``, with transformers' loading bars and warnings silenced (they
+    would break the caller's own output) and peak memory measured around both (:class:`PeakMemory`).
+
+    Returns (the model in eval mode, loading seconds, peak memory growth in bytes)."""
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity(verbosity)
-    (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with PeakMemory(device) as memory:
+            start = time.perf_counter()
+            model = AutoModelForCausalLM.from_pretrained(str(model_path), device_map=device, **load_kwargs).eval()
+            seconds = time.perf_counter() - start
+            warm_up(model)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+    return model, seconds, memory.peak
 
 
 def run_bench(
@@ -440,8 +457,7 @@ def run_bench(
 ) -> BenchReport:
     """Load every path, then time them round by round; see the module docstring for what is measured."""
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoTokenizer
 
     from . import evaluation
 
@@ -455,43 +471,34 @@ def run_bench(
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     text_ids = evaluation.reference_tokens(tokenizer, max(perplexity_tokens, prompt_tokens * batches[-1]))
 
-    steps = len(paths) * (2 + (perplexity_tokens > 0)) + repeats * len(paths) * len(batches)
+    steps = len(paths) * (1 + (perplexity_tokens > 0)) + repeats * len(paths) * len(batches)
     bar = tqdm(total=steps, desc="bench", unit="step", disable=not progress, file=sys.stderr)
     models: dict[str, torch.nn.Module] = {}
     results: list[PathResult] = []
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+
+    def warm_up(model):
+        # one untimed generation per batch size, of the timed length: compilation (shapes and cache sizes are
+        # those of the timed runs), allocator growth, lazy set-up
+        for batch in reversed(batches):
+            timed_generate(model, _prompts(text_ids, batch, prompt_tokens, device), new_tokens, path.generate_kwargs)
+
     try:
         for path in paths:
             result = PathResult(path.label, path.family, SHORT_DTYPE[path.dtype], path.baseline)
             results.append(result)
-            bar.set_postfix_str(f"loading {path.label}")
+            bar.set_postfix_str(f"loading and warming up {path.label}")
             if path.needs:
                 try:
                     __import__(path.needs)
                 except ImportError:
                     result.skipped = f"{path.needs} is not installed (pip install {path.needs})"
-                    bar.update(2 + (perplexity_tokens > 0))
+                    bar.update(1 + (perplexity_tokens > 0))
                     continue
-            hf_logging.set_verbosity_error()  # loading bars and warnings inside ours would break it
-            hf_logging.disable_progress_bar()
-            with PeakMemory(device) as memory:
-                start = time.perf_counter()
-                model = AutoModelForCausalLM.from_pretrained(str(model_path), device_map=device,
-                                                             **path.load_kwargs()).eval()
-                result.load_s = time.perf_counter() - start
-                bar.update()
-                bar.set_postfix_str(f"warming up {path.label}")
-                # one untimed generation per batch size, of the timed length: compilation (shapes and cache
-                # sizes are those of the timed runs), allocator growth, lazy set-up
-                for batch in reversed(batches):
-                    timed_generate(model, _prompts(text_ids, batch, prompt_tokens, device), new_tokens,
-                                   path.generate_kwargs)
-            _restore_logging(verbosity, bars)
-            result.peak_bytes = memory.peak
+            model, result.load_s, result.peak_bytes = load_measured(model_path, path.load_kwargs(), device, warm_up)
+            bar.update()
             result.weight_bytes = weight_bytes(model)
             result.read_bytes = decode_read_bytes(model)
             models[path.label] = model
-            bar.update()
             if perplexity_tokens > 0:
                 bar.set_postfix_str(f"perplexity {path.label}")
                 ids = text_ids[:, :perplexity_tokens].to(device)
@@ -508,8 +515,7 @@ def run_bench(
             for batch in batches:
                 inputs = _prompts(text_ids, batch, prompt_tokens, device)
                 last = round_index == repeats - 1 and batch == batches[-1]
-                for path in paths:
-                    result = next(r for r in results if r.label == path.label)
+                for path, result in zip(paths, results):
                     if result.skipped:
                         continue
                     bar.set_postfix_str(f"round {round_index + 1}: {path.label}, batch {batch}")
@@ -524,7 +530,6 @@ def run_bench(
                     del cache
                     bar.update()
     finally:
-        _restore_logging(verbosity, bars)
         bar.close()
     for result in results:
         base = tokens.get(result.baseline)
@@ -796,16 +801,9 @@ def main(args) -> int:
     )
     print(format_tables(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_json(), indent=1, default=_json_default))
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=1))
         print(f"\nwrote {args.json}")
     if args.plot:
         print(f"wrote {plot_report(report, args.plot)}")
     return 0
 
-
-def _json_default(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, torch.dtype):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")

@@ -83,8 +83,8 @@ class FastInferLayer(CacheLayerMixin):
         **kwargs,
     ):
         super().__init__()
-        if max_cache_len <= 0:
-            raise ValueError(f"max_cache_len must be positive, got {max_cache_len}")
+        if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len <= 0:
+            raise ValueError(f"max_cache_len must be a positive integer (positions per layer), got {max_cache_len!r}")
         self.max_cache_len = max_cache_len
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
@@ -331,9 +331,6 @@ class FastInferCache(Cache):
     def __init__(self, config: PreTrainedConfig, max_cache_len: int = 256, *, growth: bool = True,
                  static_shapes: bool = False):
         text_config = _text_config(config, type(self).__name__)
-        if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len <= 0:
-            raise ValueError(f"{type(self).__name__}: max_cache_len must be a positive integer (positions per layer), "
-                             f"got {max_cache_len!r}")
         layer_types, per_layer_kwargs = get_layer_types_and_kwargs(text_config)
         unsupported = sorted({t for t in layer_types if t not in _SUPPORTED_LAYER_TYPES})
         if unsupported:
@@ -385,5 +382,4 @@ def build_cache(name: str, *, config: PreTrainedConfig, max_cache_len: int = 256
     """
     if name not in _CACHE_CLASSES:
         raise ValueError(f"Unknown hf_fastinfer cache {name!r}; choose one of {CACHE_IMPLEMENTATIONS}")
-    _text_config(config, f"build_cache({name!r})")
     return _CACHE_CLASSES[name](config, max_cache_len, growth=growth, static_shapes=static_shapes)

@@ -11,7 +11,7 @@ Timing (:func:`hf_fastinfer.bench.timed_generate`): a streamer records when ``ge
 Prefill runs from the call to the first new token, decode from the first new token to the last. The paths run
 one after the other in each repeat, so drifting machine load hits all alike; the table gives medians. Memory is
 the weights' bytes and the peak growth of the process while the path loaded and ran a short warm-up
-(:class:`hf_fastinfer.bench.PeakMemory`).
+(:func:`hf_fastinfer.bench.load_measured`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 import torch
 from transformers.generation.streamers import TextStreamer
 
-from .bench import DTYPES, SHORT_DTYPE, PeakMemory, _restore_logging, timed_generate, weight_bytes
+from .bench import DTYPES, SHORT_DTYPE, load_measured, timed_generate, weight_bytes
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence, then name two famous sights there."
 
@@ -44,8 +44,6 @@ def _paths(dtype: torch.dtype, baseline: bool) -> list[tuple[str, dict, dict]]:
 
 
 def run(args) -> int:
-    from transformers.utils import logging as hf_logging
-
     from . import models
 
     if args.threads:
@@ -55,25 +53,18 @@ def run(args) -> int:
     paths = _paths(dtype, baseline=not args.no_baseline)
 
     folder = models.default_model_path(progress=True)  # converts the GGUF once, with its own progress bar
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     inputs = {k: v.to(device) for k, v in models.chat_inputs(tokenizer, args.prompt).items()}
     loaded, memory, weights = {}, {}, {}
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     for label, load_kwargs, generate_kwargs in paths:
+        # one line per path instead of transformers' nested loading bars; a short warm-up: first calls pay for
+        # allocator growth and lazy initialisation
         print(f"Loading {models.DEFAULT_MODEL_NAME}: {label} ...", file=sys.stderr, flush=True)
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()  # one line per path instead of nested loading bars
-        try:
-            with PeakMemory(device) as peak:
-                model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map=device,
-                                                             **load_kwargs).eval()
-                # a short warm-up: first calls pay for allocator growth and lazy initialisation
-                timed_generate(model, inputs, 2, generate_kwargs)
-        finally:
-            _restore_logging(verbosity, bars)
-        loaded[label], memory[label], weights[label] = model, peak.peak, weight_bytes(model)
+        model, _, memory[label] = load_measured(folder, dict(load_kwargs, dtype=dtype), device,
+                                                lambda m, kw=generate_kwargs: timed_generate(m, inputs, 2, kw))
+        loaded[label], weights[label] = model, weight_bytes(model)
 
     timings = {label: ([], []) for label, _, _ in paths}
     tokens = {}
