@@ -49,7 +49,11 @@ class FastInferConfig(QuantizationConfigMixin):
         quantize_lm_head: also quantize the output projection (tied to the embedding in many small models).
         target_bits: average weight bits for ``bits="auto"``.
         layer_bits: the per-layer bits chosen for ``bits="auto"``; written at quantization time, reapplied on reload.
-        tp_size: tensor-parallel degree (1: no tensor parallelism).
+        tp_size: tensor-parallel degree (1: no tensor parallelism). Under torchrun the world size must equal it; in
+            a process torchrun did not start (a notebook) the other ``tp_size - 1`` ranks are started for you.
+            See docs/tensor_parallel.md.
+        tp_backend: torch.distributed backend for ``tp_size > 1``: ``"gloo"`` (CPU) or ``"nccl"`` (CUDA GPUs);
+            default: NCCL on GPUs, gloo otherwise. Not saved.
         calibration: error-compensating (GPTQ) quantization on calibration text instead of round-to-nearest:
             ``"builtin"`` (built-in English text) or token ids (a 2-D integer tensor [sequences, length] or a list
             of equally long lists). Needs ``bits``. After loading it holds a record of how the weights were
@@ -70,6 +74,7 @@ class FastInferConfig(QuantizationConfigMixin):
         target_bits: float | None = None,
         layer_bits: dict[str, int] | None = None,
         tp_size: int = 1,
+        tp_backend: str | None = None,
         calibration: Any = None,
         kernel_injection: bool = True,
         version: int = CONFIG_VERSION,
@@ -86,6 +91,7 @@ class FastInferConfig(QuantizationConfigMixin):
         self.target_bits = target_bits
         self.layer_bits = dict(layer_bits) if layer_bits else None
         self.tp_size = tp_size
+        self.tp_backend = tp_backend
         #: the user's calibration token ids (not saved: config.json keeps only the record below)
         self.calibration_ids = None
         if calibration is None or isinstance(calibration, dict):
@@ -134,6 +140,9 @@ class FastInferConfig(QuantizationConfigMixin):
                                  "(this version knows 'gptq')")
         if not isinstance(self.tp_size, int) or self.tp_size < 1:
             raise ValueError(f"FastInferConfig: tp_size must be an integer >= 1, got {self.tp_size!r}")
+        if self.tp_backend not in (None, "gloo", "nccl"):
+            raise ValueError(f"FastInferConfig: tp_backend must be 'gloo' (CPU), 'nccl' (CUDA GPUs) or None, got "
+                             f"{self.tp_backend!r}")
         if not isinstance(self.version, int) or self.version < 1:
             raise ValueError(f"FastInferConfig: version must be a positive integer, got {self.version!r}")
         if self.version > CONFIG_VERSION:

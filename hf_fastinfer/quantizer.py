@@ -17,7 +17,10 @@ transformers calls it while ``from_pretrained`` builds and loads a model; the wo
   the saved config says ``tie_word_embeddings=False`` and the quantized ``lm_head`` is saved with the rest.
 * ``calibration=...``: the float weights load as they are, then GPTQ quantizes them block by block on the
   calibration token ids (``quant/gptq.py``); the record of how is written to ``config.calibration``.
-* ``tp_size > 1`` is not available in this release and is refused before any weight is read.
+* ``tp_size > 1``: after the Linear swap, the model is split by its tensor-parallel plan before any weight is
+  read (``parallel/``): each rank's modules get its shard's shape, the loader reads only that shard, MoQ
+  quantizes it alone; after loading the shards become plain local tensors with an all-reduce after each
+  row-wise projection, and kernel injection runs on them.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class FastInferQuantizer(HfQuantizer):
         self._calibrate_bits: dict[str, int] | None = None
         #: the token ids bits="auto"'s sensitivity pass reads when calibration gave some
         self._sensitivity_ids: torch.Tensor | None = None
+        #: tp_size > 1: the plan, the process group and (in a notebook) the worker ranks (parallel/)
+        self._tp_state = None
 
     # -- checks ---------------------------------------------------------------------------------------------
 
@@ -60,10 +65,19 @@ class FastInferQuantizer(HfQuantizer):
         config = self.quantization_config
         config.post_init()  # a config edited after construction is checked again before any weight is read
         if config.tp_size > 1:
-            raise NotImplementedError(
-                f"FastInferConfig(tp_size={config.tp_size}): tensor parallelism is not available in this release "
-                "of hf_fastinfer. Use tp_size=1."
-            )
+            if config.calibration is not None and not self.pre_quantized:
+                raise ValueError(
+                    f"FastInferConfig(tp_size={config.tp_size}, calibration=...): calibration runs the whole model on "
+                    "one process. Calibrate with tp_size=1 and save_pretrained, then load the saved checkpoint with "
+                    "tp_size (each rank reads its shard of the calibrated weights).")
+            if config.bits == "auto" and config.layer_bits is None:
+                raise ValueError(
+                    f"FastInferConfig(tp_size={config.tp_size}, bits='auto'): choosing the bits runs the whole model "
+                    "on one process. Load with bits='auto' and tp_size=1, save_pretrained, then load the saved "
+                    "checkpoint with tp_size.")
+            from .parallel.runtime import check_world
+
+            check_world(config.tp_size)
 
     @property
     def quantized_element_size(self) -> float | None:
@@ -71,14 +85,19 @@ class FastInferQuantizer(HfQuantizer):
         return None if bits is None else (1.0 if bits == 8 else 0.5)
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        from .parallel.shard import ROWS_ATTR
         from .quant.moq_linear import MoQLinear
 
-        if self.pre_quantized or not self.quantization_config.quantizes_weights:
+        if self.pre_quantized:
             return False
         module_name, _, tensor_name = param_name.rpartition(".")
         try:
             module = model.get_submodule(module_name)
         except AttributeError:
+            return False
+        if getattr(module, ROWS_ATTR, None) is not None and tensor_name in ("weight", "bias"):
+            return True  # a fused projection split part by part over the ranks: MoQQuantize takes this rank's rows
+        if not self.quantization_config.quantizes_weights:
             return False
         return isinstance(module, MoQLinear) and tensor_name == "weight"
 
@@ -99,6 +118,14 @@ class FastInferQuantizer(HfQuantizer):
     # -- before loading: swap the Linear layers -------------------------------------------------------------
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        model = self._swap_linear_layers(model, checkpoint_files)
+        if self.quantization_config.tp_size > 1:
+            from .parallel import prepare
+
+            prepare(self, model, kwargs.get("dtype"), kwargs.get("device_map"))
+        return model
+
+    def _swap_linear_layers(self, model, checkpoint_files):
         from .quant.replace import matches, replace_linear_layers
 
         config = self.quantization_config
@@ -239,10 +266,18 @@ class FastInferQuantizer(HfQuantizer):
             if self._progress is not None:
                 self._progress.close()
                 self._progress = None
+        if self._tp_state is not None:
+            from .parallel import finish
+
+            finish(self, model)
         if config.kernel_injection:
             from .injection import inject
 
             inject(model)
+        if self._tp_state is not None:
+            from .parallel import start_mirroring
+
+            start_mirroring(model)
         return model
 
     def _calibrate(self, model) -> None:

@@ -37,6 +37,7 @@ Implementations, one per place the layer runs:
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 
@@ -139,6 +140,10 @@ class DecoderLayerSpec:
     k_norm: torch.Tensor | None = None
     qk_eps: float = 1e-6
     softcap: float | None = None
+    #: tensor parallelism: sums a row-wise projection's partial output over the ranks, in place (o and down are
+    #: each this rank's slice of input features); None on one process. The compiled CPU layer has no collective
+    #: inside, so a spec with one runs the composed ops
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -169,7 +174,9 @@ class DecoderLayerSpec:
         return self.input_norm.dtype
 
     def compiled(self):
-        """The compiled CPU layer (built once; None without the compiled kernels)."""
+        """The compiled CPU layer (built once; None without the compiled kernels, or with an all-reduce)."""
+        if self.all_reduce is not None:
+            return None
         if self._compiled is None:
             ext = cpu_extension()
             if ext is None or not hasattr(ext, "DecoderLayer"):
@@ -316,11 +323,16 @@ def attn_out_mlp_composed(spec: DecoderLayerSpec, hidden, q, keys, values, k_sca
     x = hidden.reshape(batch, hidden_size)
     attn = decode_attention(q, keys, values, k_scale, v_scale, mask, spec.scaling, spec.softcap)  # [B, 1, Hq, D]
     o = spec.o(attn.reshape(batch, spec.num_heads * spec.head_dim))
+    if spec.all_reduce is not None:
+        o = spec.all_reduce(o)
     normed, residual = rms_norm(o, spec.post_attention_norm, x, spec.eps, spec.gemma_norm)  # residual = x + o
     if not spec.fused_mlp:
         return residual.view(batch, 1, hidden_size), normed.view(batch, 1, hidden_size)
     a = gated_act(_project(spec.gate_up, normed), spec.activation)
-    out = (residual + spec.down(a)).view(batch, 1, hidden_size)
+    down = spec.down(a)
+    if spec.all_reduce is not None:
+        down = spec.all_reduce(down)
+    out = (residual + down).view(batch, 1, hidden_size)
     if next_spec is not None:
         return out, attn_in_composed(next_spec, out, next_cos, next_sin)
     return out
@@ -362,12 +374,17 @@ def attn_out_mlp_ref(spec: DecoderLayerSpec, hidden, q, keys, values, k_scale=No
         mask = mask > torch.finfo(mask.dtype).min / 2
     attn = decode_attention_ref(q, keys, values, k_scale, v_scale, mask, spec.scaling, spec.softcap)
     o = spec.o.ref(attn.reshape(batch, spec.num_heads * spec.head_dim))
+    if spec.all_reduce is not None:
+        o = spec.all_reduce(o)
     residual = x + o
     normed, _ = rms_norm_ref(residual, spec.post_attention_norm, None, spec.eps, spec.gemma_norm)
     if not spec.fused_mlp:
         return residual.view(batch, 1, hidden_size), normed.view(batch, 1, hidden_size)
     a = gated_act_ref(_project(spec.gate_up, normed, reference=True), spec.activation)
-    out = (residual + spec.down.ref(a)).view(batch, 1, hidden_size)
+    down = spec.down.ref(a)
+    if spec.all_reduce is not None:
+        down = spec.all_reduce(down)
+    out = (residual + down).view(batch, 1, hidden_size)
     if next_spec is not None:
         return out, attn_in_ref(next_spec, out, next_cos, next_sin)
     return out

@@ -195,6 +195,7 @@ def inject(model: nn.Module, *, verbose: bool = False) -> InjectionReport:
                     report.prefill_left[plan.name] = prefill_error
             layers[plan.name] = (plan, rotary_dim, prefill_error is None)
         del calls  # the probe's cache and activations
+        layers = _agree_across_ranks(plans, layers, report)
     for name, (plan, rotary_dim, prefill) in layers.items():
         groups = [g for g in (plan.qkv, plan.gate_up) if len(g) > 1]
         fused = {}
@@ -226,6 +227,29 @@ def inject(model: nn.Module, *, verbose: bool = False) -> InjectionReport:
     if verbose:
         print(report)
     return report
+
+
+def _agree_across_ranks(plans: list[BlockPlan], layers: dict, report: InjectionReport) -> dict:
+    """Tensor parallelism: a block is fused (and its prefill) only where every rank's probe passed, so all ranks
+    run the same collectives in the same order."""
+    from ..parallel.shard import TP_GROUP_ATTR
+
+    if not plans or not hasattr(plans[0].o, TP_GROUP_ATTR):
+        return layers
+    import torch.distributed as dist
+
+    flags = torch.tensor([[p.name in layers, p.name in layers and layers[p.name][2]] for p in plans], dtype=torch.int32)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=getattr(plans[0].o, TP_GROUP_ATTR))
+    for plan, (decode_ok, prefill_ok) in zip(plans, flags.tolist()):
+        if plan.name not in layers:
+            continue
+        if not decode_ok:
+            del layers[plan.name]
+            report.left_alone[plan.name] = "the probe did not pass on another tensor-parallel rank"
+        elif not prefill_ok and layers[plan.name][2]:
+            layers[plan.name] = (*layers[plan.name][:2], False)
+            report.prefill_left[plan.name] = "the prefill probe did not pass on another tensor-parallel rank"
+    return layers
 
 
 def _inject_forwards(model: nn.Module, plans: list[BlockPlan], state: _State) -> None:

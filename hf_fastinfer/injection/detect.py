@@ -143,7 +143,18 @@ class BlockPlan:
             gate_up=[fused_gate_up] if fused_gate_up is not None else [projection(m) for m in self.gate_up],
             down=projection(self.down) if self.gate_up else None, activation=self.activation or "silu",
             gemma_norm=self.gemma_norm, q_norm=None if self.q_norm is None else self.q_norm.weight,
-            k_norm=None if self.k_norm is None else self.k_norm.weight, qk_eps=qk_eps, softcap=self.softcap)
+            k_norm=None if self.k_norm is None else self.k_norm.weight, qk_eps=qk_eps, softcap=self.softcap,
+            all_reduce=tp_all_reduce(self.o))
+
+
+def tp_all_reduce(o_proj: nn.Module):
+    """The all-reduce after a row-wise projection under tensor parallelism (parallel/shard.py), else None."""
+    from ..parallel.shard import TP_GROUP_ATTR, all_reduce
+
+    if not hasattr(o_proj, TP_GROUP_ATTR):
+        return None
+    group = getattr(o_proj, TP_GROUP_ATTR)
+    return lambda tensor: all_reduce(tensor, group)
 
 
 def _children(module) -> dict[str, nn.Module]:

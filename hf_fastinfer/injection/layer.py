@@ -249,12 +249,17 @@ class FusedDecoderLayer:
         attn, _ = attention_fn(self.attention, q, keys, values, kwargs.get("attention_mask"), dropout=0.0,
                                scaling=spec.scaling, **rest)
         o = spec.o(attn.reshape(batch, length, hq * d))
+        if spec.all_reduce is not None:
+            o = spec.all_reduce(o)  # tensor parallelism: o is this rank's partial sum
         normed, residual = rms_norm(o, spec.post_attention_norm, hidden, spec.eps, spec.gemma_norm)
         if self.mlp is not None:
             mlp_out = self.mlp(normed)
             return residual + (mlp_out[0] if isinstance(mlp_out, tuple) else mlp_out)
         gate_up = spec.gate_up[0](normed) if len(spec.gate_up) == 1 else torch.cat([p(normed) for p in spec.gate_up], -1)
-        return residual + spec.down(gated_act(gate_up, spec.activation))
+        down = spec.down(gated_act(gate_up, spec.activation))
+        if spec.all_reduce is not None:
+            down = spec.all_reduce(down)
+        return residual + down
 
 
 class FastLinearForward:

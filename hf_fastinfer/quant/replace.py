@@ -54,10 +54,16 @@ class MoQQuantize(ConversionOps):
         self.hf_quantizer = hf_quantizer
 
     def convert(self, input_dict, model=None, full_layer_name=None, **kwargs):
+        from ..parallel.shard import slice_packed
+
         (key, value), = input_dict.items()
         value = value[0] if isinstance(value, list) else value
-        module_name = full_layer_name.rpartition(".")[0]
+        module_name, _, tensor_name = full_layer_name.rpartition(".")
         module = model.get_submodule(module_name)
+        # tensor parallelism: a fused projection's full tensor arrives; this rank keeps its rows of each part
+        value = slice_packed(module, value)
+        if not isinstance(module, MoQLinear) or tensor_name != "weight":
+            return {full_layer_name: value.to(getattr(module, tensor_name).dtype)}
         qw = quantize_linear_weight(value, module.bits, module.group_size, module.symmetric)
         if self.hf_quantizer.collect_alternatives:
             # bits="auto": also keep the int4 version until the sensitivity pass chooses
