@@ -85,7 +85,7 @@ class FastInferQuantizer(HfQuantizer):
         return None if bits is None else (1.0 if bits == 8 else 0.5)
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-        from .parallel.shard import ROWS_ATTR
+        from .parallel.shard import ROWS_ATTR, SHARD_ATTR
         from .quant.moq_linear import MoQLinear
 
         if self.pre_quantized:
@@ -97,6 +97,8 @@ class FastInferQuantizer(HfQuantizer):
             return False
         if getattr(module, ROWS_ATTR, None) is not None and tensor_name in ("weight", "bias"):
             return True  # a fused projection split part by part over the ranks: MoQQuantize takes this rank's rows
+        if getattr(module, SHARD_ATTR, False) and tensor_name == "weight":
+            return True  # a float shard: MoQQuantize passes it through and gives the checkpoint's pages back
         if not self.quantization_config.quantizes_weights:
             return False
         return isinstance(module, MoQLinear) and tensor_name == "weight"
@@ -118,8 +120,9 @@ class FastInferQuantizer(HfQuantizer):
     # -- before loading: swap the Linear layers -------------------------------------------------------------
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        self._checkpoint_paths = {os.path.realpath(str(f)) for f in (checkpoint_files or [])}
         model = self._swap_linear_layers(model, checkpoint_files)
-        if self.quantization_config.tp_size > 1:
+        if self.quantization_config.tp_size > 1 or getattr(model.config, "distributed_config", None) is not None:
             from .parallel import prepare
 
             prepare(self, model, kwargs.get("dtype"), kwargs.get("device_map"))
@@ -158,7 +161,6 @@ class FastInferQuantizer(HfQuantizer):
         else:
             self.collect_alternatives = config.bits == "auto" and not self.pre_quantized
         bits_for = {n: self._bits_of(n) for n in linear_names}
-        self._checkpoint_paths = {os.path.realpath(str(f)) for f in (checkpoint_files or [])}
         if config.calibration is not None and not self.pre_quantized:
             # calibrated quantization needs the float weights and the model's activations: the Linear layers
             # load as they are and are quantized block by block after loading (quant/gptq.py)
@@ -244,13 +246,17 @@ class FastInferQuantizer(HfQuantizer):
                 if module.weight_zero is not None and not bool(torch.isfinite(module.weight_zero).all()):
                     raise ValueError(f"{name}.weight_zero holds non-finite values: the checkpoint is corrupted")
 
-    def record_quantized(self, module_name: str, weight: torch.Tensor) -> None:
+    def record_quantized(self, module_name: str, weight: torch.Tensor, count: bool = True) -> None:
         """Called by MoQQuantize after each weight: progress, and the checkpoint pages read so far go back."""
-        from .quant._pages import release_free_heap, release_tensor_pages
+        from .quant._pages import release_free_heap, release_mapped_files, release_tensor_pages
 
-        release_tensor_pages(weight, self._checkpoint_paths)
+        if self._tp_state is not None:
+            # a shard read as a column slice touched every page of its tensor, which is not a view to advise
+            release_mapped_files(self._checkpoint_paths)
+        else:
+            release_tensor_pages(weight, self._checkpoint_paths)
         release_free_heap()
-        if self._progress is not None:
+        if self._progress is not None and count:
             self._progress.update(1)
 
     # -- after loading ----------------------------------------------------------------------------------------

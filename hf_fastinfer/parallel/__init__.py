@@ -70,30 +70,78 @@ def _load_arguments(model: nn.Module, config, dtype, device_map) -> dict:
     return {"path": str(path), "class_name": type(model).__name__, "kwargs": kwargs}
 
 
-def _check_distributed_config(model: nn.Module, tp_size: int) -> None:
+#: the style name our plan's modules carry in transformers' tp_plan when a distributed_config is adopted
+ALREADY_SHARDED = "fastinfer_sharded"
+
+
+class _AlreadySharded:
+    """transformers' tensor-parallel style for modules hf_fastinfer has already split: nothing more to do."""
+
+    def should_use_local_tensors(self, module) -> bool:
+        return True
+
+    def validate_param(self, module, param, mesh, parameter_name=None) -> None:
+        pass
+
+    def shard_param(self, module, param, mesh) -> None:
+        pass
+
+    def install_forward(self, module, mesh):
+        return module
+
+
+def _register_style() -> None:
+    """Register the no-op style in transformers' ParallelInterface (once; on first use, not at import)."""
+    from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
+
+    current = ALL_PARALLEL_STYLES._global_mapping.get(ALREADY_SHARDED)
+    if current is None or type(current).__module__ != __name__:
+        ALL_PARALLEL_STYLES.register(ALREADY_SHARDED, _AlreadySharded())
+
+
+def _adopt_distributed_config(model: nn.Module, config) -> bool:
+    """transformers' ``distributed_config=DistributedConfig(tp_size=N)`` with FastInferConfig: hf_fastinfer splits
+    the model (same N, in the process group transformers started) and transformers' own pass is told the modules
+    are already split. True when adopted; a clear error when the two disagree."""
     distributed = getattr(model.config, "distributed_config", None)
     if distributed is None:
-        return
+        return False
     other = getattr(distributed, "tp_size", None) or 1
-    if other > 1 or getattr(distributed, "tp_plan", None):
+    others = {name: getattr(distributed, name, 1) or 1 for name in ("fsdp_size", "pp_size", "ep_size", "dp_replicate_size")}
+    if other == 1 and all(v == 1 for v in others.values()):
+        return False
+    if config.tp_size not in (1, other):
         raise ValueError(
-            f"FastInferConfig(tp_size={tp_size}) splits the model itself (AutoTP, quantized and fused shards); "
-            f"from_pretrained also got distributed_config=DistributedConfig(tp_size={other}, ...), which would split "
-            "it a second time. Pass one of them: drop distributed_config, or use FastInferConfig(tp_size=1) to let "
-            "transformers' own tensor parallelism run.")
+            f"FastInferConfig(tp_size={config.tp_size}) conflicts with distributed_config=DistributedConfig("
+            f"tp_size={other}): pass the same size to both, or only one of them.")
+    extra = {k: v for k, v in others.items() if v != 1}
+    if extra or isinstance(getattr(distributed, "tp_plan", None), dict):
+        raise ValueError(
+            "FastInferConfig splits the model itself (AutoTP with quantized and fused shards); distributed_config "
+            f"asks for {'a custom tp_plan' if not extra else extra}, which it does not combine with. Use "
+            "DistributedConfig(tp_size=N) alone, or FastInferConfig(tp_size=N) without distributed_config.")
+    config.tp_size = other
+    return True
 
 
-def prepare(quantizer, model: nn.Module, dtype=None, device_map=None) -> TensorParallelPlan:
+def prepare(quantizer, model: nn.Module, dtype=None, device_map=None) -> TensorParallelPlan | None:
     """Before loading: plan (errors for sizes that do not split), process group (or start the workers), meta
     modules of this rank's shape."""
     from . import runtime
     from .shard import shard_before_loading
 
     config = quantizer.quantization_config
+    adopted = _adopt_distributed_config(model, config)
     tp_size = config.tp_size
-    _check_distributed_config(model, tp_size)
+    if tp_size == 1:
+        return None
     plan = derive_plan(model, tp_size)
-    device_type = "cuda" if isinstance(device_map, (str, torch.device)) and "cuda" in str(device_map) else "cpu"
+    if adopted:
+        _register_style()
+        from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
+
+        model._tp_plan = {replace_layer_number_by_wildcard(name): ALREADY_SHARDED for name in plan.rules}
+    device_type = "cuda" if "cuda" in str(device_map) else "cpu"
     backend = runtime.check_backend(config.tp_backend, device_type)
     runtime.check_world(tp_size)
     group = runtime.join_process_group(tp_size, backend)

@@ -26,6 +26,8 @@ __all__ = ["shard_before_loading", "finish_after_loading", "slice_packed", "all_
 TP_GROUP_ATTR = "_hf_fastinfer_tp_group"
 #: set on a packed module: the rows of the full weight this rank keeps
 ROWS_ATTR = "_hf_fastinfer_tp_rows"
+#: set on every split module while loading: its weight passes through MoQQuantize (pages given back)
+SHARD_ATTR = "_hf_fastinfer_tp_shard"
 
 
 def all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
@@ -78,6 +80,7 @@ def shard_before_loading(model: nn.Module, plan: TensorParallelPlan, rank: int, 
         if pre_quantized and quantized:
             _check_prequantized(name, module, rule, tp_size)
         local = _local_module(module, rule, tp_size)
+        setattr(local, SHARD_ATTR, True)
         if rule.style == "packed_colwise":
             setattr(local, ROWS_ATTR, rule.rows(rank, tp_size))
         else:
@@ -132,8 +135,9 @@ def _localize(module: nn.Module) -> None:
     for name, value in list(module._buffers.items()):
         if isinstance(value, DTensor):
             module._buffers[name] = value.to_local()
-    if hasattr(module, ROWS_ATTR):
-        delattr(module, ROWS_ATTR)
+    for attr in (ROWS_ATTR, SHARD_ATTR):
+        if hasattr(module, attr):
+            delattr(module, attr)
 
 
 def finish_after_loading(model: nn.Module, plan: TensorParallelPlan, rank: int, group=None) -> None:

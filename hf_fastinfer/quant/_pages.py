@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-__all__ = ["release_tensor_pages", "mapped_checkpoints", "release_free_heap"]
+__all__ = ["release_tensor_pages", "release_mapped_files", "mapped_checkpoints", "release_free_heap"]
 
 _MADV_DONTNEED = 4
 _state: dict = {}
@@ -97,3 +97,22 @@ def release_tensor_pages(tensor: torch.Tensor, paths: set[str]) -> int:
     except OSError:
         return 0
     return last - first if _madvise()(first, last - first, _MADV_DONTNEED) == 0 else 0
+
+
+def release_mapped_files(paths: set[str]) -> int:
+    """Drop this process's resident pages of every mapping of ``paths`` (a checkpoint read in place).
+
+    Tensor parallelism reads a row-wise shard as a column slice, which touches every page of the tensor; this gives
+    them back. Safe for tensors that are still views of the file (a replicated embedding): the file is unchanged,
+    so a later read faults the same bytes back in from the page cache. Returns the bytes advised."""
+    if not paths or not sys.platform.startswith("linux"):
+        return 0
+    try:
+        ranges = _file_mappings(paths)
+    except OSError:
+        return 0
+    advised = 0
+    for start, stop in ranges:
+        if _madvise()(start, stop - start, _MADV_DONTNEED) == 0:
+            advised += stop - start
+    return advised

@@ -63,7 +63,10 @@ class MoQQuantize(ConversionOps):
         # tensor parallelism: a fused projection's full tensor arrives; this rank keeps its rows of each part
         value = slice_packed(module, value)
         if not isinstance(module, MoQLinear) or tensor_name != "weight":
-            return {full_layer_name: value.to(getattr(module, tensor_name).dtype)}
+            value = value.to(getattr(module, tensor_name).dtype)
+            if tensor_name == "weight":
+                self.hf_quantizer.record_quantized(module_name, value, count=False)
+            return {full_layer_name: value}
         qw = quantize_linear_weight(value, module.bits, module.group_size, module.symmetric)
         if self.hf_quantizer.collect_alternatives:
             # bits="auto": also keep the int4 version until the sensitivity pass chooses
