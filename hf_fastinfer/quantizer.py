@@ -125,7 +125,13 @@ class FastInferQuantizer(HfQuantizer):
         if self.quantization_config.tp_size > 1 or getattr(model.config, "distributed_config", None) is not None:
             from .parallel import prepare
 
-            prepare(self, model, kwargs.get("dtype"), kwargs.get("device_map"))
+            try:
+                prepare(self, model, kwargs.get("dtype"), kwargs.get("device_map"))
+            except BaseException:
+                if self._progress is not None:  # refused before any weight was read: no bar left behind
+                    self._progress.close()
+                    self._progress = None
+                raise
         return model
 
     def _swap_linear_layers(self, model, checkpoint_files):

@@ -25,7 +25,7 @@ from .plan import ShardRule, TensorParallelPlan, check_tp_size, derive_plan, val
 from .runtime import DEFAULT_TIMEOUT_S, ProcessGroupInfo, TensorParallelError, Workers
 
 __all__ = ["TensorParallelPlan", "ShardRule", "TensorParallelError", "TensorParallelState", "derive_plan",
-           "check_tp_size", "valid_tp_sizes", "tensor_parallel_state", "prepare", "finish", "shutdown",
+           "check_tp_size", "valid_tp_sizes", "tensor_parallel_state", "tensor_parallel_summary", "prepare", "finish", "shutdown",
            "DEFAULT_TIMEOUT_S"]
 
 logger = logging.getLogger("hf_fastinfer")
@@ -179,6 +179,40 @@ def start_mirroring(model: nn.Module) -> None:
         return
     model.forward = MirroredForward(model, state.workers)
     weakref.finalize(model, state.workers.close)
+
+
+def _tensor_bytes(module: nn.Module) -> int:
+    seen, total = set(), 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor is not None and tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def tensor_parallel_summary(model: nn.Module) -> str | None:
+    """The plan, the bytes each rank holds (split and whole), and what one decoded token all-reduces."""
+    state = tensor_parallel_state(model)
+    if state is None:
+        return None
+    plan = state.plan
+    split = sum(_tensor_bytes(model.get_submodule(name)) for name in plan.rules)
+    total = _tensor_bytes(model)
+    hidden = model.config.get_text_config(decoder=True).hidden_size
+    dtype_bytes = next(p for p in model.parameters() if p.is_floating_point()).element_size()
+    blocks = len({name.rsplit(".", 2)[0] for name in plan.rules})
+    reduces = blocks * plan.all_reduces_per_block
+    per_token = reduces * hidden * dtype_bytes
+    mode = {"notebook": "this process drives the other ranks", "torchrun": "under torchrun",
+            "initialised": "in the caller's process group", "worker": "worker"}.get(state.group.mode, state.group.mode)
+    return "\n".join([
+        str(plan),
+        f"rank {state.rank} of {state.tp_size} ({state.group.backend}, {mode}): {total / 2**20:.2f} MiB of weights "
+        f"({split / 2**20:.2f} MiB of shards, {(total - split) / 2**20:.2f} MiB held whole); every rank holds the same "
+        "(rank 0 also the row-wise biases)",
+        f"per decoded token and sequence: {reduces} all-reduces of {hidden} x {dtype_bytes} bytes = "
+        f"{per_token / 1024:.1f} KiB summed over the ranks",
+    ])
 
 
 def shutdown(model: nn.Module) -> None:

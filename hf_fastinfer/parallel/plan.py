@@ -203,9 +203,12 @@ def derive_plan(model: nn.Module, tp_size: int) -> TensorParallelPlan:
         style = _model_style(model_plan, name)
         if style == rule.style.replace("packed_", ""):
             rule.source = "model plan"
-        elif style is not None:
+        elif style is not None and rule.style == "packed_colwise":
             rule.note = (f"the model's plan says {style!r}: split part by part instead, each rank keeping whole heads, "
                          "so no output is gathered")
+        elif style is not None:
+            rule.note = (f"the model's plan says {style!r}: this rank's input is already its own heads' slice, so "
+                         "nothing is split or gathered before it")
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for module, why in ((embeddings, "input embedding: whole on every rank"),

@@ -25,6 +25,8 @@ class LayerRow:
 @dataclass
 class QuantizationReport:
     rows: list[LayerRow]
+    #: tensor parallelism: the plan and the bytes each rank holds (text), None on one process
+    parallel: str | None = None
 
     @property
     def float_bytes(self) -> int:
@@ -63,6 +65,8 @@ class QuantizationReport:
                          f"{r.group_size or '-':>5} {_mib(r.float_bytes):>10} {_mib(r.bytes):>10}")
         lines.append("-" * len(header))
         lines.append(self.summary())
+        if self.parallel:
+            lines.append(self.parallel)
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -77,6 +81,7 @@ class QuantizationReport:
         return (
             "<table><thead><tr><th>layer</th><th>shape</th><th>bits</th><th>group</th><th>fp32</th><th>now</th>"
             f"</tr></thead><tbody>{cells}</tbody></table><p>{html.escape(self.summary())}</p>"
+            + (f"<pre>{html.escape(self.parallel)}</pre>" if self.parallel else "")
         )
 
 
@@ -85,7 +90,10 @@ def _mib(n: int) -> str:
 
 
 def report(model: torch.nn.Module) -> QuantizationReport:
-    """One row per Linear layer (quantized or not): bits, group size, fp32 bytes and bytes as stored."""
+    """One row per Linear layer (quantized or not): bits, group size, fp32 bytes and bytes as stored; for a
+    tensor-parallel model the rows are this rank's shards, followed by the plan and the bytes per rank."""
+    from ..parallel import tensor_parallel_summary
+
     rows = []
     for name, module in model.named_modules():
         if isinstance(module, MoQLinear):
@@ -94,4 +102,4 @@ def report(model: torch.nn.Module) -> QuantizationReport:
         elif isinstance(module, torch.nn.Linear):
             w = module.weight
             rows.append(LayerRow(name, tuple(w.shape), None, None, w.numel() * 4, w.numel() * w.element_size()))
-    return QuantizationReport(rows)
+    return QuantizationReport(rows, tensor_parallel_summary(model))
