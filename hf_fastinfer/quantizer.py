@@ -269,6 +269,10 @@ class FastInferQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
+        if self._tp_state is not None:
+            from .parallel import localize
+
+            localize(self, model)
         try:
             if self._calibrate_bits:
                 self._calibrate(model)

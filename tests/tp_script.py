@@ -56,7 +56,11 @@ def compare(folder, bits, config=None, inputs=None, new_tokens=12) -> dict:
     return {"equal": got == expected, "expected": expected, "got": got,
             "fused_blocks": len(report.fused_blocks) if report else 0,
             "decode_calls": getattr(layer.forward, "decode_calls", 0), "q_rows": int(q.out_features),
-            "plan_sources": sorted({r.source for r in model._hf_fastinfer_tp.plan.rules.values()})}
+            # where each block rule came from (the vocabulary rules aside: the output projection's plan is the
+            # model class's own, which a config cannot remove)
+            "plan_sources": sorted({r.source for r in model._hf_fastinfer_tp.plan.rules.values()
+                                    if not r.style.startswith("vocab")}),
+            "vocab_rows": int(model.get_input_embeddings().weight.shape[0])}
 
 
 def main() -> None:

@@ -161,6 +161,13 @@ def prepare(quantizer, model: nn.Module, dtype=None, device_map=None) -> TensorP
     return plan
 
 
+def localize(quantizer, model: nn.Module) -> None:
+    """Right after loading: the shards become plain local tensors (before MoQ's own after-loading steps)."""
+    from .shard import localize_after_loading
+
+    localize_after_loading(model, quantizer._tp_state.plan)
+
+
 def finish(quantizer, model: nn.Module) -> None:
     """After loading and quantizing, before kernel injection: local tensors, all-reduces, per-rank heads."""
     from .shard import finish_after_loading

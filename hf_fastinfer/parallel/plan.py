@@ -7,7 +7,10 @@ Per repeated block (a module with a self-attention child):
   whole heads of q, k and v (or its slice of gate and of up) and the model's own split of the output still works;
 * the ones that write back to it (o, down) are split by input features ("rowwise") and followed by an all-reduce;
 * grouped-query attention keeps whole KV heads per rank: ``tp_size`` must divide the KV heads;
-* a mixture-of-experts MLP, the embedding and the output projection stay whole on every rank ("replicate").
+* the embedding and the output projection are split by vocabulary rows ("vocab": each rank looks up the ids of its
+  slice and the partial lookups are summed; "vocab_colwise": each rank computes its slice of the logits and they
+  are gathered, so every rank samples from all of them); a tied pair shares one slice;
+* a mixture-of-experts MLP stays whole on every rank ("replicate").
 
 The plan works on the model before any weight is read (meta tensors): shapes, names and the config only. Where
 transformers ships a plan (``config.base_model_tp_plan``), each rule here says whether it agrees with it.
@@ -28,13 +31,13 @@ __all__ = ["ShardRule", "TensorParallelPlan", "derive_plan", "check_tp_size", "v
 class ShardRule:
     """How one Linear module is split over the ranks."""
 
-    style: str  # "colwise" | "packed_colwise" | "rowwise"
+    style: str  # "colwise" | "packed_colwise" | "rowwise" | "vocab" (embedding) | "vocab_colwise" (output projection)
     parts: tuple[int, ...] = ()  # packed_colwise: output rows of each part (q, k, v) or (gate, up), in order
     source: str = "AutoTP"  # "AutoTP", or "model plan" when transformers' plan for the model says the same
     note: str = ""
 
     def local_out(self, out_features: int, tp_size: int) -> int:
-        return out_features if self.style == "rowwise" else out_features // tp_size
+        return out_features if self.style == "rowwise" else out_features // tp_size  # colwise, vocab_colwise
 
     def local_in(self, in_features: int, tp_size: int) -> int:
         return in_features // tp_size if self.style == "rowwise" else in_features
@@ -69,7 +72,9 @@ class TensorParallelPlan:
         for pattern, (rule, count) in _grouped(self.rules).items():
             extra = f" parts {list(rule.parts)}" if rule.style == "packed_colwise" else ""
             note = f"; {rule.note}" if rule.note else ""
-            lines.append(f"  {pattern:<40} {rule.style}{extra} x{count} ({rule.source}{note})")
+            what = {"vocab": "; partial lookups summed (one all-reduce)",
+                    "vocab_colwise": "; logits gathered (one all-gather)"}.get(rule.style, "")
+            lines.append(f"  {pattern:<40} {rule.style}{extra} x{count} ({rule.source}{note}{what})")
         for name, why in self.replicated.items():
             lines.append(f"  {name:<40} replicate ({why})")
         return "\n".join(lines)
@@ -79,7 +84,7 @@ class TensorParallelPlan:
     @property
     def all_reduces_per_block(self) -> int:
         """Row-wise modules per block (each ends in one all-reduce of [tokens, hidden])."""
-        blocks = {name.rsplit(".", 2)[0] for name in self.rules}
+        blocks = {name.rsplit(".", 2)[0] for name, r in self.rules.items() if not r.style.startswith("vocab")}
         rowwise = sum(r.style == "rowwise" for r in self.rules.values())
         return rowwise // max(len(blocks), 1)
 
@@ -211,11 +216,23 @@ def derive_plan(model: nn.Module, tp_size: int) -> TensorParallelPlan:
                          "nothing is split or gathered before it")
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for module, why in ((embeddings, "input embedding: whole on every rank"),
-                        (output, "output projection: whole on every rank, so every rank has all logits")):
-        name = next((n for n, m in model.named_modules() if module is not None and m is module), None)
-        if name is not None:
-            replicated[name] = why
+    names = {id(m): n for n, m in model.named_modules()}
+    if isinstance(embeddings, nn.Embedding) and id(embeddings) in names:
+        vocab = embeddings.weight.shape[0]
+        if vocab % tp_size == 0:
+            # each rank looks up the ids in its slice of the vocabulary; the partial lookups are summed
+            rules[names[id(embeddings)]] = ShardRule("vocab", (vocab,))
+        else:
+            replicated[names[id(embeddings)]] = f"input embedding: its {vocab} rows do not split into {tp_size}"
+    if output is not None and id(output) in names and _is_linear(output):
+        vocab = output.out_features
+        if vocab % tp_size == 0:
+            # each rank computes the logits of its slice of the vocabulary; they are gathered, so every rank has all
+            style = _model_style(model_plan, names[id(output)])
+            rules[names[id(output)]] = ShardRule("vocab_colwise", (vocab,),
+                                                 "model plan" if style == "colwise_gather_output" else "AutoTP")
+        else:
+            replicated[names[id(output)]] = f"output projection: its {vocab} rows do not split into {tp_size}"
     return TensorParallelPlan(tp_size, rules, replicated, heads[0], heads[1], model_plan)
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from .plan import ShardRule, TensorParallelPlan
 
-__all__ = ["shard_before_loading", "finish_after_loading", "slice_packed", "all_reduce", "TP_GROUP_ATTR"]
+__all__ = ["shard_before_loading", "localize_after_loading", "finish_after_loading", "slice_packed", "all_reduce", "TP_GROUP_ATTR"]
 
 #: set on a row-wise module (o, down): the process group its partial output is all-reduced over
 TP_GROUP_ATTR = "_hf_fastinfer_tp_group"
@@ -76,6 +76,12 @@ def shard_before_loading(model: nn.Module, plan: TensorParallelPlan, rank: int, 
     mesh = None
     for name, rule in plan.rules.items():
         module = model.get_submodule(name)
+        if rule.style == "vocab":  # an embedding: its weight's rows, this rank's slice of the vocabulary
+            mesh = mesh if mesh is not None else _mesh("cuda" if module.weight.device.type == "cuda" else "cpu")
+            local = torch.empty(module.weight.shape[0] // tp_size, module.weight.shape[1], dtype=module.weight.dtype,
+                                device="meta")
+            module._parameters["weight"] = nn.Parameter(_meta_dtensor(local, mesh, 0, tp_size), requires_grad=False)
+            continue
         quantized = isinstance(module, MoQLinear)
         if pre_quantized and quantized:
             _check_prequantized(name, module, rule, tp_size)
@@ -85,8 +91,8 @@ def shard_before_loading(model: nn.Module, plan: TensorParallelPlan, rank: int, 
             setattr(local, ROWS_ATTR, rule.rows(rank, tp_size))
         else:
             mesh = mesh if mesh is not None else _mesh("cuda" if module.weight.device.type == "cuda" else "cpu")
-            dim = 0 if rule.style == "colwise" else 1
-            names = ["weight"] + (["bias"] if rule.style == "colwise" and local.bias is not None else [])
+            dim = 1 if rule.style == "rowwise" else 0
+            names = ["weight"] + (["bias"] if dim == 0 and local.bias is not None else [])
             if pre_quantized and quantized:
                 names += [n for n in ("weight_scale", "weight_zero") if getattr(local, n, None) is not None]
             for tensor_name in names:
@@ -121,17 +127,23 @@ def slice_packed(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([tensor[a:b] for a, b in rows], dim=0).contiguous()
 
 
-def _localize(module: nn.Module) -> None:
+def _localize(module: nn.Module, memo: dict) -> None:
+    """DTensors -> plain local tensors (``memo``: a tied weight seen twice becomes one tensor again)."""
     from torch.distributed.tensor import DTensor
 
     for name, value in list(module._parameters.items()):
         if isinstance(value, DTensor) or isinstance(getattr(value, "data", None), DTensor):
-            local = value.to_local() if isinstance(value, DTensor) else value.data.to_local()
+            if id(value) not in memo:
+                local = value.to_local() if isinstance(value, DTensor) else value.data.to_local()
+                memo[id(value)] = local.detach()
+            local = memo[id(value)]
             if name in ("weight_scale", "weight_zero"):  # a buffer the loader set as a parameter
                 del module._parameters[name]
-                module.register_buffer(name, local.detach())
+                module.register_buffer(name, local)
             else:
-                module._parameters[name] = nn.Parameter(local.detach(), requires_grad=False)
+                if not isinstance(local, nn.Parameter):
+                    memo[id(value)] = local = nn.Parameter(local, requires_grad=False)
+                module._parameters[name] = local
     for name, value in list(module._buffers.items()):
         if isinstance(value, DTensor):
             module._buffers[name] = value.to_local()
@@ -140,14 +152,54 @@ def _localize(module: nn.Module) -> None:
             delattr(module, attr)
 
 
+def _vocab_slice(module: nn.Module, args):
+    """Embedding pre-hook: ids outside this rank's rows look up row 0 and are zeroed after (post-hook)."""
+    ids = args[0]
+    start, rows = module._hf_fastinfer_vocab
+    inside = (ids >= start) & (ids < start + rows)
+    module._hf_fastinfer_inside = inside
+    return ((ids - start) * inside,) + tuple(args[1:])
+
+
+def _vocab_sum(module: nn.Module, args, output):
+    inside, module._hf_fastinfer_inside = module._hf_fastinfer_inside, None
+    return all_reduce(output * inside.unsqueeze(-1).to(output.dtype), getattr(module, TP_GROUP_ATTR, None))
+
+
+def _gather_logits(module: nn.Module, args, output):
+    """Output projection post-hook: every rank's slice of the logits, in rank order, on every rank."""
+    group = getattr(module, TP_GROUP_ATTR, None)
+    parts = [torch.empty_like(output) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, output.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def localize_after_loading(model: nn.Module, plan: TensorParallelPlan) -> None:
+    """Right after loading, before MoQ's own steps (the tied output projection is quantized from the embedding's
+    shard): every split module's tensors become plain local tensors."""
+    memo: dict = {}
+    for name in plan.rules:
+        _localize(model.get_submodule(name), memo)
+    for module in model.modules():  # a tied output projection the plan names under the embedding's weight
+        _localize(module, memo)
+
+
 def finish_after_loading(model: nn.Module, plan: TensorParallelPlan, rank: int, group=None) -> None:
     """Local tensors again; an all-reduce after each row-wise module (its bias kept on rank 0 only, so the sum
     adds it once); each attention module sees this rank's heads."""
     tp_size = plan.tp_size
     for name, rule in plan.rules.items():
         module = model.get_submodule(name)
-        _localize(module)
-        if rule.style == "rowwise":
+        if rule.style == "vocab":
+            rows = module.weight.shape[0]
+            module._hf_fastinfer_vocab = (rank * rows, rows)
+            setattr(module, TP_GROUP_ATTR, group)
+            module.register_forward_pre_hook(_vocab_slice)
+            module.register_forward_hook(_vocab_sum)
+        elif rule.style == "vocab_colwise":
+            setattr(module, TP_GROUP_ATTR, group)
+            module.register_forward_hook(_gather_logits)
+        elif rule.style == "rowwise":
             if rank != 0 and module.bias is not None:
                 module.bias = None
             setattr(module, TP_GROUP_ATTR, group)
