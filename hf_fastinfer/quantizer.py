@@ -268,6 +268,16 @@ class FastInferQuantizer(HfQuantizer):
     # -- after loading ----------------------------------------------------------------------------------------
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        try:
+            return self._after_loading(model)
+        except BaseException:
+            if self._tp_state is not None:
+                from .parallel import abort
+
+                abort(self)
+            raise
+
+    def _after_loading(self, model):
         config = self.quantization_config
         if self._tp_state is not None:
             from .parallel import localize

@@ -40,6 +40,7 @@ class TensorParallelState:
     plan: TensorParallelPlan
     group: ProcessGroupInfo
     workers: Workers | None = None  # notebook mode, on rank 0
+    model_id: int | None = None  # notebook mode: this model's id with the workers
 
     @property
     def rank(self) -> int:
@@ -144,21 +145,32 @@ def prepare(quantizer, model: nn.Module, dtype=None, device_map=None) -> TensorP
     device_type = "cuda" if "cuda" in str(device_map) else "cpu"
     backend = runtime.check_backend(config.tp_backend, device_type)
     runtime.check_world(tp_size)
-    group = runtime.join_process_group(tp_size, backend)
-    workers = None
+    workers = Workers._shared if Workers._shared is not None and not Workers._shared._closed else None
+    group = None if workers is not None else runtime.join_process_group(tp_size, backend)
+    model_id = None
     if group is None:
         load = _load_arguments(model, config, dtype, device_map)
-        logger.info("hf_fastinfer: starting %d tensor-parallel worker processes (this process is rank 0)", tp_size - 1)
-        workers = Workers(tp_size, backend, load)
+        if workers is None or (workers.tp_size, workers.backend) != (tp_size, backend):
+            logger.info("hf_fastinfer: starting %d tensor-parallel worker processes (this process is rank 0)",
+                        tp_size - 1)
+        workers = Workers.get(tp_size, backend)
+        model_id = workers.load(load)
         group = ProcessGroupInfo(0, tp_size, backend, "notebook")
-    quantizer._tp_state = TensorParallelState(plan, group, workers)
+    quantizer._tp_state = TensorParallelState(plan, group, workers, model_id)
     try:
         shard_before_loading(model, plan, group.rank, quantizer.pre_quantized)
     except Exception:
-        if workers is not None:
-            workers.close()
+        abort(quantizer)
         raise
     return plan
+
+
+def abort(quantizer) -> None:
+    """This process failed while loading a tensor-parallel model: the ranks it started are ended (they were loading
+    in step with it and cannot be told)."""
+    state = getattr(quantizer, "_tp_state", None)
+    if state is not None and state.workers is not None:
+        state.workers.abort()
 
 
 def localize(quantizer, model: nn.Module) -> None:
@@ -184,8 +196,8 @@ def start_mirroring(model: nn.Module) -> None:
     state = tensor_parallel_state(model)
     if state is None or state.workers is None:
         return
-    model.forward = MirroredForward(model, state.workers)
-    weakref.finalize(model, state.workers.close)
+    model.forward = MirroredForward(model, state.workers, state.model_id)
+    weakref.finalize(model, state.workers.release, state.model_id)
 
 
 def _tensor_bytes(module: nn.Module) -> int:
@@ -223,7 +235,8 @@ def tensor_parallel_summary(model: nn.Module) -> str | None:
 
 
 def shutdown(model: nn.Module) -> None:
-    """Stop a notebook-mode model's worker ranks now (they also stop when the model is deleted or at exit)."""
+    """Stop the worker ranks a notebook-mode model runs on, now (they also stop when the last model on them is
+    deleted, or at exit). Every model on those ranks stops working."""
     state = tensor_parallel_state(model)
     if state is not None and state.workers is not None:
         state.workers.close()

@@ -117,8 +117,9 @@ class _CacheRef:
     blueprint: Any = None
 
 
-def _worker_main(rank: int, world_size: int, port: int, backend: str, load: dict, timeout_s: float) -> None:
-    """A spawned rank: join the group, load the same model, replay rank 0's calls until told to stop."""
+def _worker_main(rank: int, world_size: int, port: int, backend: str, timeout_s: float) -> None:
+    """A spawned rank: join the group, then do what rank 0 says: load a model (rank 0 loads it at the same time),
+    replay its forward calls and cache operations, release it, stop."""
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "HF_FASTINFER_TP_WORKER": "1"})
     try:
@@ -133,26 +134,30 @@ def _worker_main(rank: int, world_size: int, port: int, backend: str, load: dict
             torch.cuda.set_device(rank)
         from .. import FastInferConfig  # registers hf_fastinfer with transformers in this process
 
-        kwargs = dict(load["kwargs"])
-        kwargs["quantization_config"] = FastInferConfig.from_dict(kwargs["quantization_config"])
-        model_class = getattr(transformers, load["class_name"])
-        model = model_class.from_pretrained(load["path"], **kwargs)
-        model.eval()
+        models: dict[int, Any] = {}
         caches: dict[int, Any] = {}
         while True:
             message = [None]
             dist.broadcast_object_list(message, src=0)
-            kind, payload, dropped = message[0]
+            kind, payload, dropped, released = message[0]
             for cache_id in dropped:
                 caches.pop(cache_id, None)
+            for model_id in released:
+                models.pop(model_id, None)
             if kind == "stop":
                 break
-            if kind == "forward":
-                args, kwargs, grad = payload
+            if kind == "load":
+                model_id, load = payload
+                kwargs = dict(load["kwargs"])
+                kwargs["quantization_config"] = FastInferConfig.from_dict(kwargs["quantization_config"])
+                model_class = getattr(transformers, load["class_name"])
+                models[model_id] = model_class.from_pretrained(load["path"], **kwargs).eval()
+            elif kind == "forward":
+                model_id, args, kwargs, grad = payload
                 args = [_resolve(a, caches) for a in args]
                 kwargs = {k: _resolve(v, caches) for k, v in kwargs.items()}
                 with torch.set_grad_enabled(grad):
-                    model(*args, **kwargs)
+                    models[model_id](*args, **kwargs)
             elif kind == "cache":
                 cache_id, name, args, kwargs = payload
                 getattr(caches[cache_id], name)(*args, **kwargs)
@@ -190,30 +195,73 @@ def _main_not_reimported():
 
 
 class Workers:
-    """Ranks 1..N-1 started by this process (rank 0), and the mirroring of rank 0's forward calls to them."""
+    """Ranks 1..N-1 started by this process (rank 0), shared by every tensor-parallel model this process loads
+    (a notebook cell re-run loads the new model while the old one still exists), and the mirroring of rank 0's
+    calls to them. They stop when the last of those models is deleted, or at exit."""
 
     _ids = itertools.count(1)
+    _shared: "Workers | None" = None
 
-    def __init__(self, tp_size: int, backend: str, load: dict):
-        self.tp_size = tp_size
+    @classmethod
+    def get(cls, tp_size: int, backend: str) -> "Workers":
+        shared = cls._shared
+        if shared is not None and not shared._closed:
+            if (shared.tp_size, shared.backend) == (tp_size, backend) and not shared.dead():
+                return shared
+            if shared.models:
+                raise TensorParallelError(
+                    f"hf_fastinfer tensor parallelism: this process already drives {shared.tp_size - 1} ranks "
+                    f"(tp_size={shared.tp_size}, {shared.backend}) for {len(shared.models)} loaded model(s), and one "
+                    f"process group can serve one size. Delete those models (or call "
+                    f"hf_fastinfer.parallel.shutdown(model)) before loading with tp_size={tp_size}.")
+            shared.close()
+        if dist.is_initialized():
+            raise TensorParallelError("hf_fastinfer tensor parallelism: this process is already in a torch.distributed "
+                                      "process group that hf_fastinfer did not start; run it under torchrun instead")
+        cls._shared = cls(tp_size, backend)
+        return cls._shared
+
+    def __init__(self, tp_size: int, backend: str):
+        self.tp_size, self.backend = tp_size, backend
         self.port = _free_port()
         timeout_s = _timeout().total_seconds()
         context = torch.multiprocessing.get_context("spawn")
-        self.processes = [context.Process(target=_worker_main, args=(rank, tp_size, self.port, backend, load, timeout_s),
+        self.processes = [context.Process(target=_worker_main, args=(rank, tp_size, self.port, backend, timeout_s),
                                           daemon=True, name=f"hf_fastinfer-tp-rank{rank}")
                           for rank in range(1, tp_size)]
         with _main_not_reimported():
             for process in self.processes:
                 process.start()
+        self.models: set[int] = set()
         self._dropped: list[int] = []
+        self._released: list[int] = []
+        self._sending = False
         self._closed = False
         try:
             dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{self.port}", rank=0,
                                     world_size=tp_size, timeout=_timeout())
         except Exception as exc:
             self.terminate()
+            self._closed = True
             raise self.error(f"the {tp_size - 1} worker ranks did not join within {timeout_s:.0f} s") from exc
         atexit.register(self.close)
+
+    def load(self, load: dict) -> int:
+        """Tell the workers to load a model as this process is about to (they then load in step with it)."""
+        model_id = next(self._ids)
+        self.call("load", (model_id, load))
+        self.models.add(model_id)
+        return model_id
+
+    def release(self, model_id: int) -> None:
+        """A rank-0 model is gone: the workers drop their copy with the next message; the last one stops them."""
+        if model_id not in self.models:
+            return
+        self.models.discard(model_id)
+        if not self.models and not self._sending:
+            self.close()
+        else:
+            self._released.append(model_id)
 
     # -- failures ------------------------------------------------------------------------------------------
 
@@ -241,10 +289,14 @@ class Workers:
         if dead:
             raise self.error("a worker rank is gone")
         dropped, self._dropped = self._dropped, []
+        released, self._released = self._released, []
+        self._sending = True  # a model freed while this message is pickled is released with the next one
         try:
-            dist.broadcast_object_list([(kind, payload, dropped)], src=0)
+            dist.broadcast_object_list([(kind, payload, dropped, released)], src=0)
         except Exception as exc:
             raise self.error(f"sending a {kind} call to the workers failed ({type(exc).__name__})") from exc
+        finally:
+            self._sending = False
 
     # -- mirroring -------------------------------------------------------------------------------------------
 
@@ -277,7 +329,7 @@ class Workers:
         self._closed = True
         try:
             if not self.dead():
-                dist.broadcast_object_list([("stop", None, [])], src=0)
+                dist.broadcast_object_list([("stop", None, [], [])], src=0)
         except Exception:  # noqa: BLE001 - a worker already gone: terminate below
             pass
         for process in self.processes:
@@ -286,6 +338,19 @@ class Workers:
         if dist.is_initialized():
             dist.destroy_process_group()
         atexit.unregister(self.close)
+        if Workers._shared is self:
+            Workers._shared = None
+
+    def abort(self) -> None:
+        """Rank 0 failed while the workers were in step with it (loading): end them without a message."""
+        self._closed = True
+        self.models.clear()
+        self.terminate()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        atexit.unregister(self.close)
+        if Workers._shared is self:
+            Workers._shared = None
 
     def terminate(self) -> None:
         for process in self.processes:
@@ -314,14 +379,15 @@ class _MirroredCacheMethod:
 class MirroredForward:
     """``model.forward`` on rank 0 in notebook mode: the call goes to every worker, then runs here."""
 
-    def __init__(self, model: torch.nn.Module, workers: Workers):
+    def __init__(self, model: torch.nn.Module, workers: Workers, model_id: int):
         self._model = weakref.ref(model)
         self.workers = workers
+        self.model_id = model_id
         self._original = type(model).forward
 
     def __call__(self, *args, **kwargs):
         workers = self.workers
-        payload = ([workers.encode(a) for a in args], {k: workers.encode(v) for k, v in kwargs.items()},
+        payload = (self.model_id, [workers.encode(a) for a in args], {k: workers.encode(v) for k, v in kwargs.items()},
                    torch.is_grad_enabled())
         workers.call("forward", payload)
         try:
