@@ -6,7 +6,8 @@
 Each size runs in its own processes, started the way a user starts them: tp=1 is one plain process with every
 core's thread, tp>1 runs under torchrun with one thread per rank. Rank 0 times greedy generation (batch 1, the
 full number of new tokens: no early stop) after one warm-up, ``--repeats`` times; every rank reports its peak
-resident memory (VmHWM), and its resident memory after the imports, before loading. Two models: the default
+resident memory (VmHWM), and its resident memory after the imports, before loading. A gloo all-reduce of one
+token's hidden state is timed too (``--rank`` processes), since it sets what a decoded token costs here. Two models: the default
 model (9 query / 3 KV heads: tp=1 and tp=3) and a random-weight Llama of similar size with 12 / 4 heads (tp=1 and
 tp=2), built locally. Sizes are run one after the other, so only ratios within one run of this script compare.
 """
@@ -39,14 +40,13 @@ def _status() -> dict[str, int]:
 def rank_main(args) -> None:
     """One rank (or the single process): load, warm up, time, report."""
     import torch
-
-    baseline = _status()["VmRSS"]
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     import hf_fastinfer
 
+    baseline = _status()["VmRSS"]  # after the imports: the interpreter, torch, transformers, hf_fastinfer
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     tp = int(os.environ.get("WORLD_SIZE", "1"))
@@ -76,6 +76,17 @@ def rank_main(args) -> None:
         total = time.perf_counter() - start
         prefill.append(args.prompt_tokens / first)
         decode.append((args.new_tokens - 1) / max(total - first, 1e-9))
+    allreduce_us = None
+    if dist.is_initialized():
+        # what one all-reduce of a token's hidden state costs between these ranks (two per block per token)
+        hidden = torch.zeros(1, 1, model.config.hidden_size)
+        times = []
+        for _ in range(220):
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(hidden)
+            times.append(time.perf_counter() - start)
+        allreduce_us = statistics.median(times[20:]) * 1e6
     memory = {"peak": _status()["VmHWM"], "baseline": baseline}
     memories = [memory]
     if dist.is_initialized():
@@ -83,7 +94,7 @@ def rank_main(args) -> None:
         dist.all_gather_object(memories, memory)
     if int(os.environ.get("RANK", "0")) == 0:
         summary = str(hf_fastinfer.report(model).parallel or "")
-        result = {"tp": tp, "bits": args.bits, "load_s": load_s, "prefill": prefill, "decode": decode,
+        result = {"tp": tp, "bits": args.bits, "load_s": load_s, "allreduce_us": allreduce_us, "prefill": prefill, "decode": decode,
                   "memory": memories, "threads": torch.get_num_threads(), "plan": summary}
         Path(args.out).write_text(json.dumps(result))
 
@@ -126,8 +137,8 @@ def _mib(n: float) -> str:
 
 def table(rows: list[tuple[str, dict]], base: dict) -> str:
     lines = ["| model, weights | tp | threads per rank | decode tok/s (min-max) | vs tp=1 | prefill tok/s (min-max) | "
-             "vs tp=1 | peak RSS per rank, MiB | vs tp=1 | growth over imports, MiB | vs tp=1 |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "vs tp=1 | peak RSS per rank, MiB | vs tp=1 | growth over imports, MiB | vs tp=1 | one all-reduce, us |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label, r in rows:
         b = base[(label, r["bits"])]
         med = {k: statistics.median(r[k]) for k in ("decode", "prefill")}
@@ -136,12 +147,13 @@ def table(rows: list[tuple[str, dict]], base: dict) -> str:
         growth = max(m["peak"] - m["baseline"] for m in r["memory"])
         bpeak = b["memory"][0]["peak"]
         bgrowth = b["memory"][0]["peak"] - b["memory"][0]["baseline"]
+        allreduce = "" if r["allreduce_us"] is None else f"{r['allreduce_us']:.0f}"
         lines.append(
             f"| {label}, {'fp32' if r['bits'] == 'none' else 'int' + r['bits']} | {r['tp']} | {r['threads']} | "
             f"{med['decode']:.1f} ({min(r['decode']):.1f}-{max(r['decode']):.1f}) | {med['decode'] / bmed['decode']:.2f}x | "
             f"{med['prefill']:.0f} ({min(r['prefill']):.0f}-{max(r['prefill']):.0f}) | "
             f"{med['prefill'] / bmed['prefill']:.2f}x | {_mib(peak)} | {peak / bpeak:.2f}x | {_mib(growth)} | "
-            f"{growth / bgrowth:.2f}x |")
+            f"{growth / bgrowth:.2f}x | {allreduce} |")
     return "\n".join(lines)
 
 
@@ -178,7 +190,7 @@ def main() -> None:
                 if tp == 1:
                     base[(label, bits)] = result
                 rows.append((label, result))
-                if tp > 1:
+                if tp > 1 and bits == "none":
                     plans[(label, tp)] = result["plan"]
     text = table(rows, base)
     print(text)
@@ -187,7 +199,9 @@ def main() -> None:
     body = (f"Command: `{command}` (defaults: fp32 and int8 weights, batch 1, {args.prompt_tokens}-token prompt, "
             f"{args.new_tokens} new tokens, {args.repeats} rounds, medians with min-max). Machine: {machine()}; read "
             f"bandwidth {bandwidth:.1f} GB/s. tp=1: one process with {os.cpu_count()} threads; tp>1: torchrun, gloo, "
-            "one thread per rank.\n\n" + text + "\n\nThe plans and what each decoded token all-reduces, as "
+            "one thread per rank. Peak RSS is VmHWM of each rank (the largest rank shown); growth is that peak less the "
+            "rank's resident memory after its imports (interpreter, torch, transformers, hf_fastinfer), before "
+            "loading.\n\n" + text + "\n\nThe fp32 plans and what each decoded token all-reduces, as "
             "`hf_fastinfer.report(model)` prints them on rank 0:\n\n" + plan_text)
     if args.write:
         write_section("tensor-parallel", body)

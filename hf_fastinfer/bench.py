@@ -215,11 +215,6 @@ def plan_paths(dtypes: list[str], bits: list, cache: str | list[str] = "fastinfe
     for cache_name in caches:
         if cache_name not in CACHE_IMPLEMENTATIONS:
             raise ValueError(f"--cache must be one of {CACHE_IMPLEMENTATIONS}, got {cache_name!r}")
-    if tp_size > 1:
-        raise NotImplementedError(
-            f"--tp {tp_size}: tensor parallelism is not available in this release of hf_fastinfer "
-            "(FastInferConfig(tp_size>1) is refused the same way). Use --tp 1."
-        )
     paths = []
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
@@ -232,7 +227,8 @@ def plan_paths(dtypes: list[str], bits: list, cache: str | list[str] = "fastinfe
             config = FastInferConfig(bits=b, tp_size=tp_size)  # validates bits (and tp) now
             for cache_name in caches:
                 label = (f"hf_fastinfer {short}" + ("" if b is None else f" {_bits_label(b)}")
-                         + (" kv-int8" if cache_name == "fastinfer_int8" else ""))
+                         + (" kv-int8" if cache_name == "fastinfer_int8" else "")
+                         + (f" tp={tp_size}" if tp_size > 1 else ""))
                 paths.append(BenchPath(
                     label, "hf_fastinfer", dtype, base,
                     lambda dtype=dtype, config=config: dict(dtype=dtype, attn_implementation="fastinfer",
@@ -741,7 +737,9 @@ def add_arguments(parser) -> None:
                              "(default: none,8,4)")
     parser.add_argument("--cache", type=checked(_list(str, ("fastinfer", "fastinfer_int8"))), default=["fastinfer"],
                         help="comma-separated hf_fastinfer KV caches: fastinfer, fastinfer_int8 (default: fastinfer)")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default: 1)")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel degree of the hf_fastinfer paths: this process drives N-1 more ranks "
+                             "(default: 1)")
     parser.add_argument("--batch", type=checked(_list(int)), default=[1, 8],
                         help="comma-separated batch sizes (default: 1,8)")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default: %(default)s)")
@@ -758,6 +756,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", default=None, metavar="FILE", help="write every measurement as JSON")
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="draw the results as a PNG (needs matplotlib)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _tp_error(model_path: Path, tp_size: int) -> str | None:
+    """Why ``tp_size`` cannot split the model (from its config, before anything loads), or None."""
+    from transformers import AutoConfig
+
+    from .parallel import check_tp_size
+
+    config = AutoConfig.from_pretrained(model_path).get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    widths = (config.intermediate_size,) if getattr(config, "intermediate_size", None) else ()
+    try:
+        check_tp_size(tp_size, heads, getattr(config, "num_key_value_heads", None) or heads, widths,
+                      model_path.name)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def main(args) -> int:
@@ -793,6 +808,11 @@ def main(args) -> int:
     if not (model_path / "config.json").is_file():
         print(f"--model {model_path}: not a model folder (no config.json there)", file=sys.stderr)
         return 2
+    if args.tp > 1:
+        error = _tp_error(model_path, args.tp)
+        if error:
+            print(f"error: --tp {args.tp}: {error}", file=sys.stderr)
+            return 2
     report = run_bench(
         paths, model_path, device=device, batches=args.batch, prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens, repeats=args.repeats,

@@ -93,7 +93,7 @@ def test_paths_planned_per_dtype_and_bits():
     (["--cache", "fastinfer,static"], "'static' is not one of fastinfer, fastinfer_int8"),
     (["--dtype", "float8"], "'float8' is not one of float32, bfloat16, float16"),
     (["--batch", "1,x"], "invalid literal"),
-    (["--tp", "2"], "tensor parallelism is not available in this release.*Use --tp 1"),
+    (["--tp", "2"], r"--tp 2: FastInferConfig\(tp_size=2\) does not divide the 3 KV heads.*work: 1, 3"),
     (["--new-tokens", "1"], "--new-tokens must be at least 2"),
     (["--batch", "0"], "--batch sizes must be positive"),
     (["--model", "/nonexistent/folder"], "not a model folder"),
@@ -153,6 +153,27 @@ def test_bench_runs_both_paths_and_writes_table_json_and_chart(tmp_path):
 
     width, height = _png_size(out_png)
     assert width >= 1000 and height >= 700 and out_png.stat().st_size > 30_000
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_bench_tp2_runs_hf_fastinfer_paths_over_two_ranks(tmp_path):
+    """--tp 2: the hf_fastinfer paths load over two ranks (this process drives the other), transformers' in one."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "model"
+    models.tiny("llama", vocab_size=49152).save_pretrained(folder)  # the default model's tokenizer fits its vocabulary
+    AutoTokenizer.from_pretrained(models.default_model_path()).save_pretrained(folder)
+    out_json = tmp_path / "bench.json"
+    proc = _cli("--model", str(folder), "--tp", "2", "--bits", "none,8", "--batch", "1", "--prompt-tokens", "16",
+                "--new-tokens", "4", "--repeats", "1", "--perplexity-tokens", "64", "--json", str(out_json),
+                "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = {r["label"]: r for r in json.loads(out_json.read_text())["results"]}
+    assert list(results) == ["transformers fp32", "hf_fastinfer fp32 tp=2", "hf_fastinfer fp32 int8 tp=2"]
+    base, exact = results["transformers fp32"], results["hf_fastinfer fp32 tp=2"]
+    assert exact["same_tokens"] is True
+    assert exact["perplexity"] == pytest.approx(base["perplexity"], rel=1e-3)
 
 
 @pytest.mark.slow

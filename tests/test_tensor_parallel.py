@@ -149,7 +149,7 @@ def test_torchrun_tp2_equals_one_process_on_every_family(tiny_folders, tmp_path)
     run = _torchrun(["families", str(out)] + [str(f) for f in tiny_folders.values()], 2, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads(out.read_text())
-    assert len(results) == 3 * len(FAMILIES) + 1
+    assert len(results) == 3 * len(FAMILIES) + 3  # + plan-less, distributed_config, saved quantized checkpoint
     for key, result in results.items():
         assert result["equal"], (key, result["expected"], result["got"])
         assert result["fused_blocks"] == 2 and result["decode_calls"] > 0, key  # kernel injection on the shards
@@ -301,3 +301,24 @@ def test_notebook_mode_worker_killed_from_outside_gives_a_clear_error(tiny_folde
     assert not any(p.is_alive() for p in workers.processes)
     with pytest.raises(TensorParallelError, match="shut down"):
         model(**_notebook_inputs(model.config.vocab_size))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_notebook_mode_splits_a_saved_quantized_checkpoint(tiny_folders, tmp_path):
+    """A saved checkpoint loads with its own settings: tp_size goes through its config, on every rank."""
+    from transformers import AutoConfig
+
+    single = AutoModelForCausalLM.from_pretrained(tiny_folders["qwen3"],
+                                                  quantization_config=hf_fastinfer.FastInferConfig(bits=4))
+    single.save_pretrained(tmp_path / "saved")
+    config = AutoConfig.from_pretrained(tmp_path / "saved")
+    config.quantization_config["tp_size"] = 2
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", config=config)
+    try:
+        assert model.model.layers[0].self_attn.q_proj.out_features == 32  # this rank's half of 4 heads of 16
+        inputs = _notebook_inputs(model.config.vocab_size)
+        expected = single.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0), expected)
+    finally:
+        hf_fastinfer.parallel.shutdown(model)

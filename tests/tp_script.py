@@ -38,17 +38,20 @@ def tokens(model, inputs, new_tokens=12) -> list:
     return out[:, inputs["input_ids"].shape[1]:].tolist()
 
 
-def load(folder, bits, tp_size, config=None):
+def load(folder, bits, tp_size, config=None, **kwargs):
+    # quantized weights with hf_fastinfer's attention, float ones with transformers' SDPA: both are covered
+    attention = "sdpa" if bits is None else "fastinfer"
     return AutoModelForCausalLM.from_pretrained(
-        folder, config=config, quantization_config=hf_fastinfer.FastInferConfig(bits=bits, tp_size=tp_size))
+        folder, config=config, attn_implementation=attention,
+        quantization_config=hf_fastinfer.FastInferConfig(bits=bits, tp_size=tp_size), **kwargs)
 
 
-def compare(folder, bits, config=None, inputs=None, new_tokens=12) -> dict:
-    single = load(folder, bits, 1, config)
+def compare(folder, bits, config=None, inputs=None, new_tokens=12, **kwargs) -> dict:
+    single = load(folder, bits, 1, None if getattr(config, "quantization_config", None) else config)
     inputs = inputs or batch(single.config.vocab_size)
     expected = tokens(single, inputs, new_tokens)
     del single
-    model = load(folder, bits, WORLD, config)
+    model = load(folder, bits, WORLD if not kwargs else 1, config, **kwargs)
     got = tokens(model, inputs, new_tokens)
     report = injection_report(model)
     layer = model.get_decoder().layers[0]
@@ -78,6 +81,19 @@ def main() -> None:
         config = AutoConfig.from_pretrained(folder)
         config.base_model_tp_plan = None
         results["planless/None"] = compare(folder, None, config=config)
+        # transformers' own distributed_config: hf_fastinfer splits the model in the group transformers set up
+        from transformers.distributed import DistributedConfig
+
+        results["distributed_config/4"] = compare(folder, 4, distributed_config=DistributedConfig(tp_size=WORLD))
+        # a checkpoint saved quantized (one process) loads split: each rank reads its rows / groups of it
+        saved = os.path.join(os.path.dirname(out), "saved_int4")
+        if RANK == 0:
+            load(folder, 4, 1).save_pretrained(saved)
+        torch.distributed.barrier()
+        # a saved checkpoint loads with the settings it was saved with: tp_size goes through its config
+        config = AutoConfig.from_pretrained(saved)
+        config.quantization_config["tp_size"] = WORLD
+        results["saved/4"] = compare(saved, 4, config=config)
     elif mode == "default":
         from transformers import AutoTokenizer
 

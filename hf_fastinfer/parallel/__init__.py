@@ -219,9 +219,11 @@ def tensor_parallel_summary(model: nn.Module) -> str | None:
     total = _tensor_bytes(model)
     hidden = model.config.get_text_config(decoder=True).hidden_size
     dtype_bytes = next(p for p in model.parameters() if p.is_floating_point()).element_size()
-    blocks = len({name.rsplit(".", 2)[0] for name in plan.rules})
-    reduces = blocks * plan.all_reduces_per_block
+    blocks = len({name.rsplit(".", 2)[0] for name, rule in plan.rules.items() if not rule.style.startswith("vocab")})
+    vocab_split = any(rule.style == "vocab" for rule in plan.rules.values())
+    reduces = blocks * plan.all_reduces_per_block + vocab_split  # the embedding's partial lookups: one more
     per_token = reduces * hidden * dtype_bytes
+    gather = next((rule.parts[0] for rule in plan.rules.values() if rule.style == "vocab_colwise"), None)
     mode = {"notebook": "this process drives the other ranks", "torchrun": "under torchrun",
             "initialised": "in the caller's process group", "worker": "worker"}.get(state.group.mode, state.group.mode)
     return "\n".join([
@@ -230,7 +232,8 @@ def tensor_parallel_summary(model: nn.Module) -> str | None:
         f"({split / 2**20:.2f} MiB of shards, {(total - split) / 2**20:.2f} MiB held whole); every rank holds the same "
         "(rank 0 also the row-wise biases)",
         f"per decoded token and sequence: {reduces} all-reduces of {hidden} x {dtype_bytes} bytes = "
-        f"{per_token / 1024:.1f} KiB summed over the ranks",
+        f"{per_token / 1024:.1f} KiB summed over the ranks"
+        + (f", and one all-gather of the {gather} logits ({gather * dtype_bytes / 1024:.1f} KiB)" if gather else ""),
     ])
 
 

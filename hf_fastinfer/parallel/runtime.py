@@ -132,6 +132,9 @@ def _worker_main(rank: int, world_size: int, port: int, backend: str, timeout_s:
                                 world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
         if backend == "nccl":
             torch.cuda.set_device(rank)
+        elif "OMP_NUM_THREADS" not in os.environ:
+            # the ranks share this machine's cores (rank 0 keeps the thread count its user chose)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         from .. import FastInferConfig  # registers hf_fastinfer with transformers in this process
 
         models: dict[int, Any] = {}
@@ -149,7 +152,14 @@ def _worker_main(rank: int, world_size: int, port: int, backend: str, timeout_s:
             if kind == "load":
                 model_id, load = payload
                 kwargs = dict(load["kwargs"])
-                kwargs["quantization_config"] = FastInferConfig.from_dict(kwargs["quantization_config"])
+                settings = kwargs.pop("quantization_config")
+                config = transformers.AutoConfig.from_pretrained(load["path"])
+                if getattr(config, "quantization_config", None) is not None:
+                    # a saved hf_fastinfer checkpoint loads with its config's settings: rank 0's go there
+                    config.quantization_config = settings
+                    kwargs["config"] = config
+                else:
+                    kwargs["quantization_config"] = FastInferConfig.from_dict(settings)
                 model_class = getattr(transformers, load["class_name"])
                 models[model_id] = model_class.from_pretrained(load["path"], **kwargs).eval()
             elif kind == "forward":
