@@ -73,6 +73,9 @@ def check_backend(backend: str | None, device_type: str) -> str:
 
 def check_world(tp_size: int) -> None:
     """Before loading: the process group (or the one torchrun describes) must have exactly ``tp_size`` ranks."""
+    shared = Workers._shared
+    if shared is not None and not shared._closed:
+        return  # this process's own ranks: Workers.get says whether they can serve this size
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
     elif "WORLD_SIZE" in os.environ:
@@ -344,17 +347,16 @@ class Workers:
             pass
         for process in self.processes:
             process.join(timeout=10)
-        self.terminate()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        atexit.unregister(self.close)
-        if Workers._shared is self:
-            Workers._shared = None
+        self._end()
 
     def abort(self) -> None:
         """Rank 0 failed while the workers were in step with it (loading): end them without a message."""
         self._closed = True
         self.models.clear()
+        self._end()
+
+    def _end(self) -> None:
+        """Terminate what is left of the workers, leave the process group, forget this group."""
         self.terminate()
         if dist.is_initialized():
             dist.destroy_process_group()
