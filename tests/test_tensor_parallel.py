@@ -268,6 +268,8 @@ def test_notebook_mode_tp2_equals_one_process(tiny_folders):
             torch.testing.assert_close(model(**inputs).logits, single(**inputs).logits, rtol=1e-4, atol=1e-4)
         text = str(hf_fastinfer.report(model))
         assert "tp_size=2" in text and "rank 0 of 2" in text and "all-reduces" in text
+        with pytest.raises(RuntimeError, match="split over ranks this process drives"):
+            hf_fastinfer.inject(model)  # its probe would run collectives the other ranks do not join
     finally:
         pids = [p.pid for p in workers.processes]
         del model

@@ -155,6 +155,11 @@ def inject(model: nn.Module, *, verbose: bool = False) -> InjectionReport:
     Decode calls (one new token per sequence, no gradient) of each recognised block run the fused layer;
     everything else runs the block's own forward. ``verbose`` prints the report.
     """
+    tp_state = getattr(model, "_hf_fastinfer_tp", None)
+    if tp_state is not None and tp_state.workers is not None and tp_state.loaded:
+        # the probe runs collectives, and the ranks this process drives only follow forward calls
+        raise RuntimeError("hf_fastinfer.inject: this model is split over ranks this process drives; injection runs "
+                           "on every rank at load time. Load it again (kernel_injection=True) instead.")
     if is_injected(model):
         uninject(model)
     plans, skipped = find_blocks(model)

@@ -41,6 +41,7 @@ class TensorParallelState:
     group: ProcessGroupInfo
     workers: Workers | None = None  # notebook mode, on rank 0
     model_id: int | None = None  # notebook mode: this model's id with the workers
+    loaded: bool = False  # loading (and injection) finished on every rank
 
     @property
     def rank(self) -> int:
@@ -194,7 +195,10 @@ def start_mirroring(model: nn.Module) -> None:
     from .runtime import MirroredForward
 
     state = tensor_parallel_state(model)
-    if state is None or state.workers is None:
+    if state is None:
+        return
+    state.loaded = True
+    if state.workers is None:
         return
     model.forward = MirroredForward(model, state.workers, state.model_id)
     weakref.finalize(model, state.workers.release, state.model_id)

@@ -218,8 +218,11 @@ class Workers:
     @classmethod
     def get(cls, tp_size: int, backend: str) -> "Workers":
         shared = cls._shared
+        if shared is not None and not shared._closed and shared.dead():
+            shared.abort()  # a worker is gone: the models on these ranks cannot run any more; start afresh
+        shared = cls._shared
         if shared is not None and not shared._closed:
-            if (shared.tp_size, shared.backend) == (tp_size, backend) and not shared.dead():
+            if (shared.tp_size, shared.backend) == (tp_size, backend):
                 return shared
             if shared.models:
                 raise TensorParallelError(
