@@ -92,6 +92,13 @@ def test_plan_valid_sizes_and_errors():
         check_tp_size(2, 4, 2, (63,))
 
 
+def test_device_map_decides_the_backend_devices():
+    from hf_fastinfer.parallel import _device_type
+
+    assert [_device_type(m) for m in (None, "cpu", {"": "cpu"}, "cuda", {"": 1}, {"": "cuda:0"}, torch.device("cuda"))] \
+        == ["cpu", "cpu", "cpu", "cuda", "cuda", "cuda", "cuda"]
+
+
 def _saved(tmp_path, **overrides) -> Path:
     folder = tmp_path / "model"
     models.tiny("llama", **overrides).save_pretrained(folder)

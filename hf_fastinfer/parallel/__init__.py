@@ -56,6 +56,13 @@ def tensor_parallel_state(model: nn.Module) -> TensorParallelState | None:
     return getattr(model, _STATE_ATTR, None)
 
 
+def _device_type(device_map) -> str:
+    """"cuda" when ``device_map`` places the model on a GPU ("cuda", "cuda:1", {"": 0}, ...), else "cpu"."""
+    values = device_map.values() if isinstance(device_map, dict) else [device_map]
+    gpu = any((isinstance(v, int) and not isinstance(v, bool)) or (v is not None and "cuda" in str(v)) for v in values)
+    return "cuda" if gpu else "cpu"
+
+
 def _load_arguments(model: nn.Module, config, dtype, device_map) -> dict:
     """What a worker passes to from_pretrained to load the same model (notebook mode)."""
     path = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
@@ -143,7 +150,7 @@ def prepare(quantizer, model: nn.Module, dtype=None, device_map=None) -> TensorP
         from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
 
         model._tp_plan = {replace_layer_number_by_wildcard(name): ALREADY_SHARDED for name in plan.rules}
-    device_type = "cuda" if "cuda" in str(device_map) else "cpu"
+    device_type = _device_type(device_map)
     backend = runtime.check_backend(config.tp_backend, device_type)
     runtime.check_world(tp_size)
     workers = Workers._shared if Workers._shared is not None and not Workers._shared._closed else None
@@ -159,7 +166,8 @@ def prepare(quantizer, model: nn.Module, dtype=None, device_map=None) -> TensorP
         group = ProcessGroupInfo(0, tp_size, backend, "notebook")
     quantizer._tp_state = TensorParallelState(plan, group, workers, model_id)
     try:
-        shard_before_loading(model, plan, group.rank, quantizer.pre_quantized)
+        shard_before_loading(model, plan, group.rank, quantizer.pre_quantized,
+                             "cuda" if group.backend == "nccl" else "cpu")
     except Exception:
         abort(quantizer)
         raise

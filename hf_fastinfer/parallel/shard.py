@@ -67,9 +67,10 @@ def _local_module(module: nn.Module, rule: ShardRule, tp_size: int) -> nn.Module
     return nn.Linear(in_l, out_l, bias, device="meta", dtype=module.weight.dtype)
 
 
-def shard_before_loading(model: nn.Module, plan: TensorParallelPlan, rank: int, pre_quantized: bool) -> None:
+def shard_before_loading(model: nn.Module, plan: TensorParallelPlan, rank: int, pre_quantized: bool,
+                         device_type: str = "cpu") -> None:
     """Replace each planned module (on the meta device) by one of this rank's shape whose tensors transformers'
-    loader fills with this rank's slices."""
+    loader fills with this rank's slices. ``device_type``: the process group's devices ("cuda" with NCCL)."""
     from ..quant.moq_linear import MoQLinear
 
     tp_size = plan.tp_size
@@ -77,7 +78,7 @@ def shard_before_loading(model: nn.Module, plan: TensorParallelPlan, rank: int, 
     for name, rule in plan.rules.items():
         module = model.get_submodule(name)
         if rule.style == "vocab":  # an embedding: its weight's rows, this rank's slice of the vocabulary
-            mesh = mesh if mesh is not None else _mesh("cuda" if module.weight.device.type == "cuda" else "cpu")
+            mesh = mesh if mesh is not None else _mesh(device_type)
             local = torch.empty(module.weight.shape[0] // tp_size, module.weight.shape[1], dtype=module.weight.dtype,
                                 device="meta")
             module._parameters["weight"] = nn.Parameter(_meta_dtensor(local, mesh, 0, tp_size), requires_grad=False)
@@ -90,7 +91,7 @@ def shard_before_loading(model: nn.Module, plan: TensorParallelPlan, rank: int, 
         if rule.style == "packed_colwise":
             setattr(local, ROWS_ATTR, rule.rows(rank, tp_size))
         else:
-            mesh = mesh if mesh is not None else _mesh("cuda" if module.weight.device.type == "cuda" else "cpu")
+            mesh = mesh if mesh is not None else _mesh(device_type)
             dim = 1 if rule.style == "rowwise" else 0
             names = ["weight"] + (["bias"] if dim == 0 and local.bias is not None else [])
             if pre_quantized and quantized:
