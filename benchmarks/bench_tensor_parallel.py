@@ -1,7 +1,7 @@
 """Tensor parallelism on this machine: tp=1 against tp=2 / tp=3, decode and prefill tokens/s, memory per rank.
 
     python benchmarks/bench_tensor_parallel.py            # prints the tables
-    python benchmarks/bench_tensor_parallel.py --write    # and writes BENCHMARKS.md's section
+    python benchmarks/bench_tensor_parallel.py --large --write    # with a 0.79 B model, into BENCHMARKS.md
 
 Each size runs in its own processes, started the way a user starts them: tp=1 is one plain process with every
 core's thread, tp>1 runs under torchrun with one thread per rank. Rank 0 times greedy generation (batch 1, the
@@ -116,15 +116,19 @@ def run_size(path: str, bits: str, tp: int, args, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def build_gqa_llama(folder: Path) -> str:
-    """A random-weight Llama with 12 query / 4 KV heads (so tp=2 divides), about the default model's size."""
+def build_gqa_llama(folder: Path, large: bool = False) -> str:
+    """A random-weight Llama with 12 query / 4 KV heads (so tp=2 divides), about the default model's size; or
+    (``large``) one with 16 / 4 heads and 0.79 B parameters (3.2 GB in fp32), where the ~400 MiB each process
+    carries for its interpreter and libraries no longer dominates its memory."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if not (folder / "config.json").exists():
-        config = LlamaConfig(vocab_size=32768, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                             num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=True,
-                             max_position_embeddings=4096)
+        shape = (dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16)
+                 if large else dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                                    num_attention_heads=12))
+        config = LlamaConfig(vocab_size=32768, num_key_value_heads=4, tie_word_embeddings=True,
+                             max_position_embeddings=4096, **shape)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             LlamaForCausalLM(config).save_pretrained(folder)
@@ -166,6 +170,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--large", action="store_true",
+                        help="also a 0.79 B-parameter random Llama (3.2 GB fp32; tp=1 and tp=2, fp32)")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md's tensor-parallel section")
     args = parser.parse_args()
     if args.rank:
@@ -179,10 +185,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="hf_fastinfer_tp_bench_"))
     default = str(models.default_model_path())
     gqa = build_gqa_llama(Path(tempfile.gettempdir()) / "hf_fastinfer_gqa_llama")
+    runs = [("default model (9/3 heads)", default, (1, 3), args.bits.split(",")),
+            ("Llama 12/4 heads", gqa, (1, 2), args.bits.split(","))]
+    if args.large:
+        large = build_gqa_llama(Path(tempfile.gettempdir()) / "hf_fastinfer_gqa_llama_large", large=True)
+        runs.append(("Llama 16/4 heads, 0.79 B", large, (1, 2), ["none"]))
     bandwidth = read_bandwidth_gbs()[0]
     rows, base, plans = [], {}, {}
-    for label, path, sizes in (("default model (9/3 heads)", default, (1, 3)), ("Llama 12/4 heads", gqa, (1, 2))):
-        for bits in args.bits.split(","):
+    for label, path, sizes, bits_list in runs:
+        for bits in bits_list:
             for tp in sizes:
                 result = run_size(path, bits, tp, args, work / f"{tp}-{bits}.json")
                 print(f"{label} bits={bits} tp={tp}: decode {statistics.median(result['decode']):.1f} tok/s, "
@@ -194,7 +205,7 @@ def main() -> None:
                     plans[(label, tp)] = result["plan"]
     text = table(rows, base)
     print(text)
-    command = "python benchmarks/bench_tensor_parallel.py --write"
+    command = "python benchmarks/bench_tensor_parallel.py --large --write"
     plan_text = "\n\n".join(f"{label}, tp={tp}:\n\n```\n{plan}\n```" for (label, tp), plan in plans.items())
     body = (f"Command: `{command}` (defaults: fp32 and int8 weights, batch 1, {args.prompt_tokens}-token prompt, "
             f"{args.new_tokens} new tokens, {args.repeats} rounds, medians with min-max). Machine: {machine()}; read "
