@@ -78,9 +78,15 @@ def _storages(t: torch.Tensor):
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the model's tensors of two or more dimensions, each storage once (a tied lm_head counts once)."""
+    return tensor_bytes(list(model.parameters()) + list(model.buffers()), min_dim=2)
+
+
+def tensor_bytes(tensors, min_dim: int = 0) -> int:
+    """Bytes of ``tensors`` with at least ``min_dim`` dimensions, each piece of storage once (tied or shared
+    tensors, given several times, count once)."""
     seen, total = set(), 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.dim() < 2:
+    for tensor in tensors:
+        if tensor is None or tensor.dim() < min_dim:
             continue
         for inner in _storages(tensor):
             key = (inner.untyped_storage().data_ptr(), inner.storage_offset(), inner.numel())

@@ -177,6 +177,8 @@ def test_torchrun_default_model_tp3(tmp_path):
     for key in ("default/None", "default/8"):
         assert results[key]["equal"], (key, results[key]["expected"], results[key]["got"])
         assert results[key]["q_rows"] == 3 * 64  # 9 heads of 64 over 3 ranks
+        total, split = results[key]["rank_bytes"]
+        assert 0 < split <= total  # the tied embedding / output pair, both split, counts once
 
 
 def _free_port() -> int:

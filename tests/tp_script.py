@@ -21,6 +21,7 @@ from transformers.utils import logging as hf_logging
 
 import hf_fastinfer
 from hf_fastinfer.injection import injection_report
+from hf_fastinfer.parallel import rank_bytes
 
 RANK = int(os.environ["RANK"])
 WORLD = int(os.environ["WORLD_SIZE"])
@@ -63,7 +64,8 @@ def compare(folder, bits, config=None, inputs=None, new_tokens=12, **kwargs) -> 
             # model class's own, which a config cannot remove)
             "plan_sources": sorted({r.source for r in model._hf_fastinfer_tp.plan.rules.values()
                                     if not r.style.startswith("vocab")}),
-            "vocab_rows": int(model.get_input_embeddings().weight.shape[0])}
+            "vocab_rows": int(model.get_input_embeddings().weight.shape[0]),
+            "rank_bytes": rank_bytes(model)}
 
 
 def main() -> None:

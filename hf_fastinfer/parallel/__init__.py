@@ -212,13 +212,15 @@ def start_mirroring(model: nn.Module) -> None:
     weakref.finalize(model, state.workers.release, state.model_id)
 
 
-def _tensor_bytes(module: nn.Module) -> int:
-    seen, total = set(), 0
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if tensor is not None and tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            total += tensor.numel() * tensor.element_size()
-    return total
+def rank_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of every tensor this rank holds, bytes of those that are split), each storage once: a tied
+    embedding / output projection pair, both split, counts once."""
+    from ..bench import tensor_bytes
+
+    state = tensor_parallel_state(model)
+    split_modules = [model.get_submodule(name) for name in state.plan.rules]
+    split = tensor_bytes([t for m in split_modules for t in list(m.parameters()) + list(m.buffers())])
+    return tensor_bytes(list(model.parameters()) + list(model.buffers())), split
 
 
 def tensor_parallel_summary(model: nn.Module) -> str | None:
@@ -227,8 +229,7 @@ def tensor_parallel_summary(model: nn.Module) -> str | None:
     if state is None:
         return None
     plan = state.plan
-    split = sum(_tensor_bytes(model.get_submodule(name)) for name in plan.rules)
-    total = _tensor_bytes(model)
+    total, split = rank_bytes(model)
     hidden = model.config.get_text_config(decoder=True).hidden_size
     dtype_bytes = next(p for p in model.parameters() if p.is_floating_point()).element_size()
     blocks = len({name.rsplit(".", 2)[0] for name, rule in plan.rules.items() if not rule.style.startswith("vocab")})
