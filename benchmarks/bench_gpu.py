@@ -29,6 +29,7 @@ from _common import machine  # noqa: E402
 
 import hf_fastinfer  # noqa: E402
 from hf_fastinfer import models  # noqa: E402
+from hf_fastinfer._compat import cache_kwarg  # noqa: E402
 
 
 class _Clock(BaseStreamer):
@@ -125,11 +126,11 @@ def graph_decode_rate(model, ids, steps: int) -> float:
     mask = torch.zeros(1, 1, 1, max_len, dtype=torch.bool, device="cuda")
     mask[..., :prompt] = True
     prefill_mask = torch.arange(max_len, device="cuda")[None, :] <= torch.arange(prompt, device="cuda")[:, None]
-    out = model(ids, attention_mask=prefill_mask[None, None], past_key_values=cache, use_cache=True,
+    out = model(ids, attention_mask=prefill_mask[None, None], use_cache=True, **{cache_kwarg(): cache},
                 position_ids=torch.arange(prompt, device="cuda")[None])
     token = out.logits[:, -1:].argmax(-1)
     position = torch.tensor([[prompt]], device="cuda")
-    step_args = dict(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True,
+    step_args = dict(input_ids=token, attention_mask=mask, use_cache=True, **{cache_kwarg(): cache},
                      position_ids=position)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

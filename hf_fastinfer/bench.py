@@ -38,6 +38,8 @@ from typing import Any, Callable
 
 import torch
 
+from ._compat import output_cache
+
 __all__ = ["BenchPath", "PathResult", "BenchReport", "plan_paths", "run_bench", "format_tables", "plot_report",
            "read_bandwidth_gbs", "weight_bytes", "decode_read_bytes", "cache_bytes", "PeakMemory", "load_measured",
            "timed_generate", "main"]
@@ -315,7 +317,7 @@ def timed_generate(model, inputs: dict, new_tokens: int, generate_kwargs: dict, 
                            "(with a chat prompt: raise the token limit or change the prompt)")
     prefill = batch * prompt / (clock.times[0] - start)
     decode = batch * (steps - 1) / (clock.times[-1] - clock.times[0])
-    return prefill, decode, tokens.cpu(), (out.past_key_values if return_cache else None)
+    return prefill, decode, tokens.cpu(), (output_cache(out) if return_cache else None)
 
 
 @dataclass

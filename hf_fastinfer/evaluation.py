@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ._compat import cache_kwarg
+
 __all__ = ["reference_text", "reference_tokens", "perplexity"]
 
 
@@ -59,7 +61,7 @@ def perplexity(
             break
         kwargs = {"use_cache": True}
         if cache_factory is not None:
-            kwargs["past_key_values"] = cache_factory()
+            kwargs[cache_kwarg()] = cache_factory()
         logits = model(chunk, **kwargs).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 
+from ._compat import cache_from, cache_kwarg
 from .cache import CACHE_IMPLEMENTATIONS, FastInferCache, build_cache
 
 __all__ = ["enable", "disable", "is_enabled"]
@@ -27,7 +28,7 @@ def _prepare_cache_for_generation(original, self, generation_config, model_kwarg
     if name not in CACHE_IMPLEMENTATIONS:
         return original(self, generation_config, model_kwargs, *args, **kwargs)
     args_by_name = dict(zip(("generation_mode", "batch_size", "max_cache_length"), args), **kwargs)
-    existing = model_kwargs.get("past_key_values")
+    existing = cache_from(model_kwargs)
     if generation_config.is_assistant and isinstance(existing, FastInferCache):
         # An assistant model whose generation_config names our cache gets its own cache handed back by the
         # candidate generator on every call after the first: keep using it.
@@ -48,7 +49,7 @@ def _prepare_cache_for_generation(original, self, generation_config, model_kwarg
         config=self.config.get_text_config(decoder=True),
         max_cache_len=args_by_name["max_cache_length"],
     )
-    model_kwargs["past_key_values"] = cache
+    model_kwargs[cache_kwarg()] = cache
     # When transformers will compile the decode step (GPU, compileable cache), keep shapes fixed between steps.
     cache.static_shapes = bool(self._valid_auto_compile_criteria(model_kwargs, generation_config))
     if generation_config.is_assistant:

@@ -25,6 +25,7 @@ import warnings
 import torch
 from torch import nn
 
+from .._compat import CACHE_KWARGS, cache_kwarg
 from ..quant._pages import release_free_heap
 from .detect import BlockPlan, find_blocks, norm_kind
 from .fuse import fuse_projections, unfuse_projections
@@ -113,15 +114,16 @@ def _probe(model: nn.Module, plans: list[BlockPlan]) -> dict[str, dict]:
 
     handles = [p.layer.register_forward_hook(recorder(p.name), with_kwargs=True) for p in plans]
     try:
-        model(input_ids=ids[None, :3], past_key_values=cache, use_cache=True)
-        model(input_ids=ids[None, 3:], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[None, :3], use_cache=True, **{cache_kwarg(): cache})
+        model(input_ids=ids[None, 3:], use_cache=True, **{cache_kwarg(): cache})
     finally:
         for h in handles:
             h.remove()
     cache.crop(-1)  # back to the 3 prompt tokens, for the decode calls
     for records in calls.values():
         # the prompt's call again on an empty cache of its own
-        records[0]["kwargs"]["past_key_values"] = DynamicCache(config=model.config)
+        kwargs = records[0]["kwargs"]
+        kwargs[next((n for n in CACHE_KWARGS if n in kwargs), cache_kwarg())] = DynamicCache(config=model.config)
     return {name: {"prefill": records[0], "decode": records[-1]} for name, records in calls.items()
             if len(records) == 2}
 

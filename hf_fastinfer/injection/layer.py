@@ -17,6 +17,7 @@ import weakref
 import torch
 from torch import nn
 
+from .._compat import CACHE_KWARGS, cache_from
 from ..cache import FastInferCache
 from ..kernels import decoder_layer as fused
 from ..kernels.decoder_layer import rotate_ref
@@ -95,7 +96,7 @@ class FusedDecoderLayer:
             expected, c_cos, c_sin, c_mask, c_cache, out, _, _ = self._chained
             position_embeddings = kwargs.get("position_embeddings") or (None, None)
             if (not args and hidden is expected and position_embeddings[0] is c_cos and position_embeddings[1] is c_sin
-                    and kwargs.get("attention_mask") is c_mask and kwargs.get("past_key_values") is c_cache
+                    and kwargs.get("attention_mask") is c_mask and cache_from(kwargs) is c_cache
                     and not kwargs.get("output_attentions")):
                 self._chained = None
                 self.decode_calls += 1
@@ -122,7 +123,7 @@ class FusedDecoderLayer:
             q, k, v = stash[3]  # computed by the block before, in its own call
         else:
             q, k, v = fused.attn_in(self.spec, hidden, cos, sin)
-        cache = kwargs.get("past_key_values")
+        cache = cache_from(kwargs)
         eager_cpu = hidden.device.type == "cpu" and not torch.compiler.is_compiling()
         slot, attend_len, k_scale, v_scale = -1, 0, None, None
         own = cache.layers[self.layer_idx] if eager_cpu and isinstance(cache, FastInferCache) else None
@@ -242,10 +243,10 @@ class FusedDecoderLayer:
             # rounding from fp32) does not; a prompt's rotary is a few elementwise ops, so they are the model's
             c, s = cos[:, None, :, : spec.rotary_dim], sin[:, None, :, : spec.rotary_dim]
             q, k = rotate_ref(q, c, s, spec.rotary_dim), rotate_ref(k, c, s, spec.rotary_dim)
-        cache = kwargs.get("past_key_values")
+        cache = cache_from(kwargs)
         keys, values = cache.update(k, v, self.layer_idx) if cache is not None else (k, v)
         rest = {n: value for n, value in kwargs.items()
-                if n not in ("attention_mask", "position_embeddings", "past_key_values", "hidden_states")}
+                if n not in ("attention_mask", "position_embeddings", "hidden_states", *CACHE_KWARGS)}
         attn, _ = attention_fn(self.attention, q, keys, values, kwargs.get("attention_mask"), dropout=0.0,
                                scaling=spec.scaling, **rest)
         o = spec.o(attn.reshape(batch, length, hq * d))
