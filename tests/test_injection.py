@@ -402,3 +402,72 @@ def test_chained_decode_runs_every_block_of_the_model():
     assert torch.equal(got, expected)
     assert len(calls) >= 15  # the first block ran the chain at every decode step
     assert decode_calls(fast) >= 5 * 15
+
+
+def step_calls(model) -> int:
+    step = model._hf_fastinfer_injection.step
+    return 0 if step is None else step.decode_calls
+
+
+@pytest.mark.parametrize("family", models.TINY_FAMILIES)
+def test_whole_decode_step_gives_transformers_tokens(family):
+    """With hf_fastinfer's cache a decoded token is one call of the whole step (embedding, blocks, norm, output
+    projection) where the model's forward is only that; a padded batch, greedy, against transformers' tokens."""
+    reference, fast = pair(family)
+    report = injection_report(fast)
+    if family == "mistral":
+        # the tiny Mistral's layers all slide: the step leaves them to the per-block path
+        assert not report.decode_step and "not one the whole step covers" in report.decode_step_left
+    else:
+        assert report.decode_step, report.decode_step_left
+    kwargs = dict(attention_mask=MASK, max_new_tokens=16, do_sample=False)
+    expected = reference.generate(PROMPTS, **kwargs)
+    got = fast.generate(PROMPTS, cache_implementation="fastinfer", **kwargs)
+    assert torch.equal(got, expected)
+    assert step_calls(fast) >= (15 if report.decode_step else 0)
+
+
+def test_whole_decode_step_steps_aside_and_undoes():
+    """Calls it does not cover take the model's own forward (hidden states asked for, a DynamicCache, a forward
+    hook on the base model); uninject gives the model its class's forward back."""
+    _, fast = pair("llama")
+    assert "forward" in fast.__dict__
+    ids = PROMPTS[:1]
+
+    def one_step(cache, **kwargs) -> int:
+        """step calls made by one decode call after a prompt"""
+        with torch.no_grad():
+            fast(ids, past_key_values=cache, use_cache=True)
+            before = step_calls(fast)
+            out = fast(ids[:, -1:], past_key_values=cache, use_cache=True, **kwargs)
+        assert out.logits.shape == (1, 1, fast.config.vocab_size)
+        return step_calls(fast) - before
+
+    ours = lambda: hf_fastinfer.build_cache("fastinfer", config=fast.config)  # noqa: E731
+    assert one_step(ours()) == 1
+    assert one_step(ours(), output_hidden_states=True) == 0
+    assert one_step(DynamicCache(config=fast.config)) == 0
+    handle = fast.model.register_forward_hook(lambda module, args, output: None)
+    assert one_step(ours()) == 0
+    handle.remove()
+    assert one_step(ours()) == 1
+    hf_fastinfer.uninject(fast)
+    assert "forward" not in fast.__dict__
+
+
+def test_whole_decode_step_left_out_when_the_models_forward_does_more():
+    """A causal LM whose forward changes the logits after the output projection (here they are halved, as a
+    final logit softcap would change them): the probe sees other logits and keeps the per-block path."""
+    from transformers import LlamaForCausalLM
+
+    class HalvedLogits(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 0.5
+            return out
+
+    model = HalvedLogits._from_config(models.tiny_config("llama"), attn_implementation="fastinfer").eval()
+    report = hf_fastinfer.inject(model)
+    assert report.fused_blocks and not report.decode_step
+    assert "logits differ" in report.decode_step_left
+    assert "forward" not in model.__dict__

@@ -30,6 +30,7 @@ from ..quant._pages import release_free_heap
 from .detect import BlockPlan, find_blocks, norm_kind
 from .fuse import fuse_projections, unfuse_projections
 from .layer import FastLinearForward, FastNormForward, FusedDecoderLayer
+from .step import FusedDecodeStep, find_rotary, probe_step
 
 __all__ = ["InjectionReport", "inject", "uninject", "is_injected", "injection_report"]
 
@@ -54,11 +55,17 @@ class InjectionReport:
     forwards: list[str]  # other modules given a kernel-library forward (lm_head, final norm)
     fused_projections: int  # q/k/v and gate/up groups now sharing one tensor
     prefill_left: dict[str, str] = dataclasses.field(default_factory=dict)  # fused block -> why its prefill is not
+    #: whether the whole decode step (embedding, blocks, norm, output projection) runs as one forward, else why not
+    decode_step: bool = False
+    decode_step_left: str | None = None
 
     def __str__(self) -> str:
         lines = [f"hf_fastinfer kernel injection: {len(self.fused_blocks)} decoder blocks fused"
                  + (f" ({len(self.attention_only)} attention only)" if self.attention_only else "")
-                 + (f", {', '.join(self.forwards)} on kernel-library forwards" if self.forwards else "")]
+                 + (f", {', '.join(self.forwards)} on kernel-library forwards" if self.forwards else "")
+                 + (", whole decode step fused" if self.decode_step else "")]
+        if self.decode_step_left:
+            lines.append(f"  decode step: per block, not whole ({self.decode_step_left})")
         for name, why in self.attention_only.items():
             lines.append(f"  {name}: attention fused, MLP left to transformers ({why})")
         for name, why in self.left_alone.items():
@@ -74,6 +81,7 @@ class _State:
     layers: dict[str, FusedDecoderLayer]
     fused_groups: list[list[nn.Module]]
     forwards: list[nn.Module]
+    step: FusedDecodeStep | None = None
 
 
 def is_injected(model: nn.Module) -> bool:
@@ -229,6 +237,7 @@ def inject(model: nn.Module, *, verbose: bool = False) -> InjectionReport:
     release_free_heap()  # the replaced q/k/v and gate/up tensors and the probe's temporaries (quant/_pages.py)
     if report.fused_blocks:
         _inject_forwards(model, plans, state)
+        _inject_step(model, plans, state)
     setattr(model, _STATE_ATTR, state)
     _log(report)
     if verbose:
@@ -289,6 +298,46 @@ def _inject_forwards(model: nn.Module, plans: list[BlockPlan], state: _State) ->
                 state.report.forwards.append(names.get(id(kid), "norm"))
 
 
+def _inject_step(model: nn.Module, plans: list[BlockPlan], state: _State) -> None:
+    """The whole decode step as the model's forward (:mod:`.step`), when every block of the model is fused, the
+    model is the base model plus an output projection, and the probe token gives the same logits both ways."""
+    report = state.report
+    layers = list(state.layers.values())
+    blocks = {id(layer._layer()) for layer in layers}
+    base = next((m for m in model.modules() for kid in m.children()
+                 if isinstance(kid, nn.ModuleList) and any(id(b) in blocks for b in kid)), None)
+    stack = next((kid for kid in base.children() if isinstance(kid, nn.ModuleList)), None) if base else None
+    norms = [kid for kid in base.children() if norm_kind(kid) is not None] if base is not None else []
+    rotary = find_rotary(base) if base is not None else None
+    why = None
+    if any(layer.spec.all_reduce is not None for layer in layers) or hasattr(model, "_hf_fastinfer_tp"):
+        why = "tensor parallelism: each block's collectives"
+    elif stack is None or [id(b) for b in stack] != [id(layer._layer()) for layer in layers]:
+        why = "not every block of the model is fused"
+    elif model is base or not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        why = "the model has no output projection"
+    elif len(norms) != 1 or rotary is None:
+        why = "the base model has no single final norm and rotary module"
+    elif layers[0].device.type != "cpu":
+        why = "the model is not on the CPU (the GPU path captures the step in a graph instead)"
+    if why is None:
+        was_training = model.training
+        model.eval()
+        try:
+            step = FusedDecodeStep(model, base, layers, rotary, norms[0])
+            why = probe_step(model, step)
+        except Exception as exc:  # a model whose forward the probe cannot drive
+            why = f"the probe failed ({type(exc).__name__}: {exc})"
+        finally:
+            model.train(was_training)
+    if why is not None:
+        report.decode_step_left = why
+        return
+    model.forward = step
+    state.step = step
+    report.decode_step = True
+
+
 def _log(report: InjectionReport) -> None:
     if not report.fused_blocks:
         warnings.warn("hf_fastinfer kernel injection found no decoder block it can fuse in this model; it runs "
@@ -313,7 +362,8 @@ def uninject(model: nn.Module) -> None:
     if state is None:
         return
     for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), (FusedDecoderLayer, FastLinearForward, FastNormForward)):
+        if isinstance(module.__dict__.get("forward"),
+                      (FusedDecoderLayer, FastLinearForward, FastNormForward, FusedDecodeStep)):
             del module.forward
     for group in state.fused_groups:
         unfuse_projections(group)

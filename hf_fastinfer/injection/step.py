@@ -1,0 +1,154 @@
+"""The whole decode step of an injected causal LM: embedding, every fused block, final norm, output projection.
+
+Once every block of a model is fused, what is left of a decoded token's cost on CPU is Python: the base model's
+forward (position ids, the mask, the rotary module, a loop over 30 ``nn.Module.__call__`` with their keyword
+dictionaries) and the causal LM's forward around it, about 1.5 ms a token for the default model against a
+compiled chain of blocks of 10 ms (bf16). :class:`FusedDecodeStep` becomes the ``forward`` of the top-level
+model instance and, for a decode call it covers, does only what the model's own forward does in that case::
+
+    hidden = embed(input_ids)                         # the model's embedding module (a scaled one included)
+    cos, sin = rotary(hidden, position_ids)           # the model's rotary module
+    for block in blocks: hidden = block(hidden, mask, (cos, sin), cache)   # the fused layers, chained on CPU
+    logits = lm_head(norm(hidden))                    # the model's modules (kernel-library forwards)
+
+Every other call (prefill, inputs_embeds, hidden states or attentions asked for, labels, another cache, a
+module with hooks) runs the model's own forward. It is installed only when, on a probe token, its logits equal
+the model's own forward's bit for bit (same fused blocks, same modules: any difference means the model's forward
+does something more, e.g. a final logit softcap, and the step is left out).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from .._compat import cache_from, cache_kwarg
+from ..cache import FastInferCache
+from .layer import FusedDecoderLayer
+
+__all__ = ["FusedDecodeStep", "find_rotary", "probe_step"]
+
+#: keyword arguments a decode call may carry and the step still covers (generate() passes these)
+_COVERED = frozenset({"input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "use_cache",
+                      "logits_to_keep", "cache_position", "return_dict"})
+
+
+def find_rotary(base: nn.Module) -> nn.Module | None:
+    """The base model's one rotary-embedding module, by structure: a child with an ``inv_freq`` buffer (None when
+    there is none or more than one, e.g. separate local and global rotaries)."""
+    found = [m for m in base.children() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    return found[0] if len(found) == 1 else None
+
+
+class FusedDecodeStep:
+    """``forward`` of an injected causal LM (the instance's, no class is changed)."""
+
+    def __init__(self, model: nn.Module, base: nn.Module, layers: list[FusedDecoderLayer], rotary: nn.Module,
+                 norm: nn.Module):
+        self._model = weakref.ref(model)
+        self._base = weakref.ref(base)
+        self._original = type(model).forward
+        self.layers = layers
+        self.blocks = [weakref.ref(layer._layer()) for layer in layers]
+        self.rotary, self.norm = weakref.ref(rotary), weakref.ref(norm)
+        self.output_type = None  # the class of the model's own outputs, set by probe_step
+        self.cache_name = cache_kwarg()
+        self.decode_calls = 0  # how many calls took the whole step (tests read it)
+
+    def __call__(self, *args, **kwargs):
+        if len(args) <= 1 and not torch.compiler.is_compiling():
+            # model(ids, ...): a causal LM's first positional argument is input_ids
+            out = self.decode({"input_ids": args[0], **kwargs} if args and "input_ids" not in kwargs else kwargs) \
+                if not args or "input_ids" not in kwargs else None
+            if out is not None:
+                return out
+        return self._original(self._model(), *args, **kwargs)
+
+    def _hooked(self) -> bool:
+        """Hooks on a module the step does not call through ``nn.Module.__call__`` (the base model, the blocks),
+        other than transformers' own output-capturing hooks, which stay installed once a call asked for hidden
+        states or attentions and do nothing unless a call asks again (the step never covers such a call)."""
+        from torch.nn.modules import module as torch_module
+
+        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+            return True
+        for module in [self._base()] + [ref() for ref in self.blocks]:
+            if module._forward_pre_hooks:
+                return True
+            if any(not getattr(hook, "__module__", "").startswith("transformers.") for hook in module._forward_hooks.values()):
+                return True
+        return False
+
+    @torch.no_grad()
+    def decode(self, kwargs: dict):
+        """The model output for a one-token-per-sequence call on hf_fastinfer's cache, or None (not covered)."""
+        if not kwargs.keys() <= _COVERED or kwargs.get("use_cache") is False or kwargs.get("return_dict") is False:
+            return None
+        config = self._model().config
+        if getattr(config, "output_hidden_states", False) or getattr(config, "output_attentions", False):
+            return None  # asked for by the config: the model's forward records them
+        input_ids, cache = kwargs.get("input_ids"), cache_from(kwargs)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] != 1:
+            return None
+        if not isinstance(cache, FastInferCache) or cache.static_shapes or len(cache.layers) != len(self.layers):
+            return None
+        if input_ids.device.type != "cpu" or torch.is_grad_enabled() or self._model().training:
+            return None
+        first = cache.layers[0]
+        if not first.is_initialized or first.keys.shape[0] != input_ids.shape[0] or self._hooked():
+            return None
+        if any(layer.is_sliding for layer in cache.layers):
+            return None
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, dict):
+            # one mask per attention type (models with a layer_types list); every layer here is full attention
+            if "full_attention" not in mask:
+                return None
+            mask = mask["full_attention"]
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            # a 2-D padding mask over past + new positions: the decode token sees every earlier position that is
+            # not padding (no sliding layer here), as the model's mask function would say
+            if mask.shape[1] != first.length + 1:
+                return None
+            mask = None if bool(mask.all()) else mask.bool()[:, None, None, :]
+        elif mask is not None and not isinstance(mask, torch.Tensor):
+            return None  # a block mask (flex attention)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            cache_position = kwargs.get("cache_position")
+            position_ids = cache_position[None] if cache_position is not None else \
+                torch.full((1, 1), first.length, dtype=torch.long)
+        model = self._model()
+        hidden = model.get_input_embeddings()(input_ids)  # [B, 1, H]
+        position_embeddings = self.rotary()(hidden, position_ids)
+        layer_kwargs = {"attention_mask": mask, "position_embeddings": position_embeddings, self.cache_name: cache,
+                        "use_cache": True, "position_ids": position_ids}
+        for layer in self.layers:
+            hidden = layer(hidden, **layer_kwargs)
+        logits = model.get_output_embeddings()(self.norm()(hidden))  # [B, 1, V]
+        self.decode_calls += 1
+        return self.output_type(logits=logits, **{self.cache_name: cache})
+
+
+@torch.no_grad()
+def probe_step(model: nn.Module, step: FusedDecodeStep) -> str | None:
+    """None when the step's logits for a decoded token equal the model's own forward's bit for bit (two caches
+    filled by the same 3-token prompt), else why not."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = (torch.arange(4) * 7919 + 17) % vocab
+    config = model.config.get_text_config(decoder=True)
+    caches = [FastInferCache(config=config, max_cache_len=8) for _ in range(2)]
+    name = cache_kwarg()
+    for cache in caches:
+        model(input_ids=ids[None, :3], use_cache=True, **{name: cache})
+    expected = model(input_ids=ids[None, 3:], use_cache=True, **{name: caches[0]})
+    step.output_type = type(expected)
+    got = step.decode({"input_ids": ids[None, 3:], "use_cache": True, name: caches[1]})
+    if got is None:
+        return "the model's decode call is not one the whole step covers"
+    if not torch.equal(got.logits, expected.logits):
+        return "its logits differ from the model's own forward (the model's forward does more than embed, blocks, " \
+               "norm and output projection)"
+    return None
