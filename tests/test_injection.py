@@ -8,6 +8,7 @@ summation order (about 1e-7 relative), far below the gap between the top two log
 from __future__ import annotations
 
 import collections
+import inspect
 import json
 import logging
 import subprocess
@@ -430,8 +431,11 @@ def test_whole_decode_step_gives_transformers_tokens(family):
 def test_whole_decode_step_steps_aside_and_undoes():
     """Calls it does not cover take the model's own forward (hidden states asked for, a DynamicCache, a forward
     hook on the base model); uninject gives the model its class's forward back."""
-    _, fast = pair("llama")
+    reference, fast = pair("llama")
     assert "forward" in fast.__dict__
+    # generate() reads the forward's signature (e.g. to compute a prompt's logits for its last token only)
+    assert inspect.signature(fast.forward) == inspect.signature(reference.forward)
+    assert fast._supports_logits_to_keep()
     ids = PROMPTS[:1]
 
     def one_step(cache, **kwargs) -> int:

@@ -19,6 +19,7 @@ does something more, e.g. a final logit softcap, and the step is left out).
 
 from __future__ import annotations
 
+import inspect
 import weakref
 
 import torch
@@ -50,6 +51,9 @@ class FusedDecodeStep:
         self._model = weakref.ref(model)
         self._base = weakref.ref(base)
         self._original = type(model).forward
+        # generate() reads the forward's signature (logits_to_keep, attention_mask, position_ids, which model_kwargs
+        # are valid): it must see the model's own
+        self.__signature__ = inspect.signature(self._original.__get__(model))
         self.layers = layers
         self.blocks = [weakref.ref(layer._layer()) for layer in layers]
         self.rotary, self.norm = weakref.ref(rotary), weakref.ref(norm)
