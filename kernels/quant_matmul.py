@@ -17,6 +17,7 @@ import torch
 
 from . import _backend
 from ._cpu_ext import cpu_extension
+from .linear import native_half_gemm
 from .quant_format import QuantizedWeight, dequantize_weight, num_groups
 
 try:
@@ -306,7 +307,9 @@ def quant_matmul_cpu(x, qweight, scales, zeros, bias, bits, group_size, in_featu
     at most max|x_g| / 65534 per element, about a tenth of a bf16 output's own rounding); fp16 and fp32
     activations stay float throughout. More rows (prefill): the compiled kernel dequantizes the weight to fp32
     (vectorised, across the threads) and one BLAS product follows, where the arithmetic dominates (bf16 / fp16
-    activations are multiplied in fp32 and rounded once). Without a compiler, in-place group ops dequantize and
+    activations are multiplied in fp32 and rounded once); bf16 activations on a CPU with native bf16 products
+    (AMX, AVX512-BF16) get the weight dequantized to bf16 and one bf16 GEMM instead, as F.linear would run on
+    that bf16 weight, several times faster there. Without a compiler, in-place group ops dequantize and
     F.linear multiplies, for every size.
     """
     rows = x.numel() // in_features if in_features else 0
@@ -314,6 +317,7 @@ def quant_matmul_cpu(x, qweight, scales, zeros, bias, bits, group_size, in_featu
     if ext is not None:  # dtype conversions and reshapes happen inside: cheaper there than from Python
         if rows <= CPU_GEMV_MAX_ROWS:
             return ext.quant_gemv(x, qweight, scales, zeros, bias, bits, group_size, in_features, x.dtype is torch.bfloat16)
-        return ext.prefill_linear(x, qweight, scales, zeros, bias, bits, group_size, in_features)
+        return ext.prefill_linear(x, qweight, scales, zeros, bias, bits, group_size, in_features,
+                                  x.dtype is torch.bfloat16 and native_half_gemm(torch.bfloat16))
     w = _dequantize_fast(qweight, scales, zeros, bits, group_size, in_features, x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))

@@ -319,3 +319,29 @@ def test_stale_build_lock_is_removed(tmp_path):
     with pytest.warns(RuntimeWarning, match="stale build lock"):
         _cpu_ext._clear_stale_lock(lock)
     assert not lock.exists()
+
+
+@pytest.mark.parametrize("bits, group_size, symmetric", [(8, 32, True), (4, 32, False), (4, 48, False)])
+def test_prefill_bf16_gemm_equals_f_linear_on_the_bf16_weight(bits, group_size, symmetric):
+    """Many rows of bf16 activations on a CPU with native bf16 products: the weight dequantized to bf16 (each
+    value in fp32, rounded once) and one bf16 GEMM, i.e. F.linear on that bf16 weight; the other road (fp32
+    BLAS) stays within the bf16 tolerance of the exact product. Both roads are taken here whatever this CPU is
+    (the flag is what the CPU path passes when it multiplies bf16 natively)."""
+    ext = _ext_or_skip()
+    _, qw = _qweight(70, 130, bits, group_size, symmetric)
+    x = torch.randn(37, 130).bfloat16()
+    bias = torch.randn(70)
+    args = (qw.qweight, qw.scales, qw.zeros, bias, bits, group_size, 130)
+    native = ext.prefill_linear(x, *args, native_bf16=True)
+    w16 = dequantize_weight(qw, torch.float32).bfloat16()  # the reference's fp32 value, rounded once
+    expected = torch.nn.functional.linear(x, w16, bias.bfloat16())
+    assert native.dtype == torch.bfloat16 and native.shape == (37, 70)
+    # the dequantized value's fp32 formula (s * q - s * shift, against s * (q - shift)) may round a weight to the
+    # neighbouring bf16 value: outputs agree to a few bf16 ulps of the output's scale
+    _close(native, expected, torch.bfloat16)
+    assert (native == expected).float().mean() > 0.9
+    via_fp32 = ext.prefill_linear(x, *args, native_bf16=False)
+    _close(via_fp32, quant_matmul_ref(x, qw.qweight, qw.scales, qw.zeros, bias, bits, group_size, 130), torch.bfloat16)
+    # fp32 activations never take the bf16 GEMM
+    xf = x.float()
+    assert torch.equal(ext.prefill_linear(xf, *args, native_bf16=True), ext.prefill_linear(xf, *args, native_bf16=False))

@@ -18,10 +18,11 @@ at::Tensor quant_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::
 // dense_gemv.cpp: float-weight GEMV for a few activation rows (hf_fastinfer.kernels.linear)
 at::Tensor dense_gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
-// prefill_linear.cpp: many-row products with a bf16 / fp16 or quantized weight through fp32 BLAS
+// prefill_linear.cpp: many-row products with a bf16 / fp16 or quantized weight through fp32 BLAS, or (bf16
+// activations on a CPU with native bf16 products, native_bf16) the weight in bf16 and one bf16 GEMM
 at::Tensor prefill_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scales,
                         const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& bias, int64_t bits,
-                        int64_t group_size, int64_t in_features);
+                        int64_t group_size, int64_t in_features, bool native_bf16);
 
 // rms_norm.cpp: RMSNorm with an optional fused residual add (hf_fastinfer.kernels.rms_norm)
 std::vector<at::Tensor> rms_norm(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> residual, double eps,
@@ -57,8 +58,9 @@ class Projection {
   void rows(const float* x, const QuantActivations& qa, int64_t M, float* y, int64_t begin, int64_t end) const;
   // the fp32 weight rows [n0, n1) (dequantized, or converted from bf16 / fp16) into out [n1 - n0, K]
   void dequantize_rows(int64_t n0, int64_t n1, float* out) const;
-  // x [..., K] -> [..., N] in x's dtype for many rows (prefill): the weight in fp32, then BLAS (prefill_linear.cpp)
-  at::Tensor matmul(const at::Tensor& x) const;
+  // x [..., K] -> [..., N] in x's dtype for many rows (prefill): the weight in fp32, then BLAS; with bf16 x and
+  // native_bf16, the weight in bf16, then one bf16 GEMM (prefill_linear.cpp)
+  at::Tensor matmul(const at::Tensor& x, bool native_bf16 = false) const;
 
  private:
   at::Tensor weight_, scales_, zeros_, bias_;
