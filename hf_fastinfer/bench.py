@@ -52,20 +52,46 @@ SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 # measurements
 
 
+def _huge_page_ones(nbytes: int) -> torch.Tensor | None:
+    """An fp32 tensor of ones in transparent huge pages (Linux, THP not off), or None."""
+    import mmap
+
+    from .injection.hugepages import thp_mode
+
+    if thp_mode() not in ("always", "madvise"):
+        return None
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buffer.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(buffer, dtype=torch.float32).fill_(1.0)
+
+
 def read_bandwidth_gbs(device: str = "cpu", repeats: int = 7, nbytes: int = 1 << 30) -> tuple[float, float, float]:
-    """Memory read bandwidth from a large fp32 ``sum()`` on ``device``: (median, min, max) GB/s."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    x.sum()
-    sync()
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    """Memory read bandwidth from a large fp32 ``sum()`` on ``device``: (median, min, max) GB/s.
+
+    On CPU the buffer is read in ordinary 4 KiB pages and, where the kernel has transparent huge pages, in huge
+    pages too, and the faster of the two counts: kernel injection streams its weights from huge pages
+    (``injection/hugepages.py``), which reads faster on machines whose TLB misses are dear (a VM: 21 vs 29 GB/s
+    measured), so a roofline from 4 KiB pages alone would flatter it."""
+    buffers = [torch.ones(nbytes // 4, dtype=torch.float32, device=device)]
+    if device == "cpu":
+        huge = _huge_page_ones(nbytes)
+        if huge is not None:
+            buffers.append(huge)
+    best = None
+    for x in buffers:
+        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
         x.sum()
         sync()
-        rates.append(nbytes / (time.perf_counter() - start) / 1e9)
-    del x
-    return statistics.median(rates), min(rates), max(rates)
+        rates = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            x.sum()
+            sync()
+            rates.append(nbytes / (time.perf_counter() - start) / 1e9)
+        result = (statistics.median(rates), min(rates), max(rates))
+        best = result if best is None or result[0] > best[0] else best
+    del buffers
+    return best
 
 
 def _storages(t: torch.Tensor):

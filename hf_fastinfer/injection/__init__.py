@@ -28,7 +28,9 @@ from torch import nn
 from .._compat import CACHE_KWARGS, cache_kwarg
 from ..quant._pages import release_free_heap
 from .detect import BlockPlan, find_blocks, norm_kind
+from ..kernels.decoder_layer import LayerProjection
 from .fuse import fuse_projections, unfuse_projections
+from .hugepages import move_out_of_huge_pages, move_to_huge_pages
 from .layer import FastLinearForward, FastNormForward, FusedDecoderLayer
 from .step import FusedDecodeStep, find_rotary, probe_step
 
@@ -58,12 +60,15 @@ class InjectionReport:
     #: whether the whole decode step (embedding, blocks, norm, output projection) runs as one forward, else why not
     decode_step: bool = False
     decode_step_left: str | None = None
+    #: bytes of the weights a decode step reads that live in transparent huge pages (0: not moved)
+    huge_page_bytes: int = 0
 
     def __str__(self) -> str:
         lines = [f"hf_fastinfer kernel injection: {len(self.fused_blocks)} decoder blocks fused"
                  + (f" ({len(self.attention_only)} attention only)" if self.attention_only else "")
                  + (f", {', '.join(self.forwards)} on kernel-library forwards" if self.forwards else "")
-                 + (", whole decode step fused" if self.decode_step else "")]
+                 + (", whole decode step fused" if self.decode_step else "")
+                 + (f", {self.huge_page_bytes / 2**20:.0f} MiB of weights in huge pages" if self.huge_page_bytes else "")]
         if self.decode_step_left:
             lines.append(f"  decode step: per block, not whole ({self.decode_step_left})")
         for name, why in self.attention_only.items():
@@ -82,6 +87,7 @@ class _State:
     fused_groups: list[list[nn.Module]]
     forwards: list[nn.Module]
     step: FusedDecodeStep | None = None
+    huge_pages: int | None = None  # the huge-page arena's address (hugepages.py)
 
 
 def is_injected(model: nn.Module) -> bool:
@@ -237,6 +243,7 @@ def inject(model: nn.Module, *, verbose: bool = False) -> InjectionReport:
     release_free_heap()  # the replaced q/k/v and gate/up tensors and the probe's temporaries (quant/_pages.py)
     if report.fused_blocks:
         _inject_forwards(model, plans, state)
+        _move_to_huge_pages(model, state)
         _inject_step(model, plans, state)
     setattr(model, _STATE_ATTR, state)
     _log(report)
@@ -296,6 +303,35 @@ def _inject_forwards(model: nn.Module, plans: list[BlockPlan], state: _State) ->
                 kid.forward = FastNormForward(kid, eps, kind == "gemma")
                 state.forwards.append(kid)
                 state.report.forwards.append(names.get(id(kid), "norm"))
+
+
+def _spec_tensors(spec) -> list[torch.Tensor]:
+    """Every tensor a fused layer's spec reads (norms, each projection's weight, scales, zero points, bias)."""
+    found = []
+    for field in dataclasses.fields(spec):
+        value = getattr(spec, field.name)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, LayerProjection):
+                found += [t for t in (item.weight, item.scales, item.zeros, item.bias) if t is not None]
+            elif isinstance(item, torch.Tensor):
+                found.append(item)
+    return found
+
+
+def _move_to_huge_pages(model: nn.Module, state: _State) -> None:
+    """The weights a decode step streams (the fused blocks', the output projection's) into transparent huge
+    pages on CPU (hugepages.py: fewer TLB misses while streaming them, and a warm TLB for the Python between
+    the compiled calls)."""
+    hot = [t for layer in state.layers.values() if layer.device.type == "cpu" for t in _spec_tensors(layer.spec)]
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None:
+        hot += list(output.parameters()) + list(output.buffers())
+    every = list(model.parameters()) + list(model.buffers()) + hot
+    moved, state.huge_pages = move_to_huge_pages(hot, every)
+    state.report.huge_page_bytes = moved
+    if moved:
+        for layer in state.layers.values():
+            layer.spec._compiled = None  # compiled again on first use, on the moved tensors
 
 
 def _inject_step(model: nn.Module, plans: list[BlockPlan], state: _State) -> None:
@@ -367,4 +403,6 @@ def uninject(model: nn.Module) -> None:
             del module.forward
     for group in state.fused_groups:
         unfuse_projections(group)
+    if state.huge_pages is not None:
+        move_out_of_huge_pages(list(model.parameters()) + list(model.buffers()), state.huge_pages)
     delattr(model, _STATE_ATTR)
