@@ -5,16 +5,17 @@ A decoded token streams every weight of the model once: 270 MB for the default m
 every other translation the process had, so the Python that runs between the compiled calls (the generate
 loop, the embedding, the rotary module) starts each step on a cold TLB. In 2 MiB pages the same weights are
 135 translations. Measured on the default model, bf16, 2 cores in a VM (A/B in one process, BENCHMARKS.md):
-decode 52.8 -> 69.0 tokens/s, the same tokens; a plain ``sum()`` over 1 GiB reads 21 GB/s in 4 KiB pages and
+decode 1.14-1.25x (three runs), the same tokens; a plain ``sum()`` over 1 GiB reads 21 GB/s in 4 KiB pages and
 29 GB/s in huge pages, which is why the bench measures the roofline both ways and uses the faster.
 
-:func:`move_to_huge_pages` copies the bytes of the given tensors (with every tensor of the model that overlaps
-them, views keeping their offsets, through ``Tensor.set_``, so modules, fused specs and compiled
-kernels see the new memory) into one arena allocated untouched and advised ``MADV_HUGEPAGE`` before its first
-write, so the kernel backs it with huge pages as it is filled. A storage's old pages go back as soon as it is
-copied (a memory-mapped checkpoint's pages are dropped; heap memory is freed), so the peak stays the model
-plus one tensor. :func:`move_out_of_huge_pages` is the inverse (``uninject``). Nothing happens where the kernel
-has transparent huge pages off (``never``), on other systems, or for GPU tensors.
+:func:`move_to_huge_pages` copies the bytes of the given tensors (each with the tensors of the model that
+overlap it: a fused tensor and its views move together and keep their offsets, through ``Tensor.set_``, so
+modules, fused specs and compiled kernels see the new memory) into one arena allocated untouched and advised
+``MADV_HUGEPAGE`` before its first write, so the kernel backs it with huge pages as it is filled; the heap's
+freed pages go back every few MiB, so the peak stays near the model plus one tensor. A checkpoint read in place
+(a memory-mapped fp32 safetensors file) is left where it is. :func:`move_out_of_huge_pages` is the inverse
+(``uninject``). Nothing happens where the kernel has transparent huge pages off (``never``), on other
+systems, for GPU tensors, or below MIN_TOTAL bytes in all.
 """
 
 from __future__ import annotations
