@@ -62,10 +62,9 @@ class FusedDecodeStep:
         self.decode_calls = 0  # how many calls took the whole step (tests read it)
 
     def __call__(self, *args, **kwargs):
-        if len(args) <= 1 and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and (not args or (len(args) == 1 and "input_ids" not in kwargs)):
             # model(ids, ...): a causal LM's first positional argument is input_ids
-            out = self.decode({"input_ids": args[0], **kwargs} if args and "input_ids" not in kwargs else kwargs) \
-                if not args or "input_ids" not in kwargs else None
+            out = self.decode(dict(kwargs, input_ids=args[0]) if args else kwargs)
             if out is not None:
                 return out
         return self._original(self._model(), *args, **kwargs)
