@@ -25,7 +25,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ..quant._pages import _file_mappings, _madvise, mapped_checkpoints, release_free_heap, release_tensor_pages
+from ..quant._pages import _file_mappings, _madvise, mapped_checkpoints, release_free_heap
 
 __all__ = ["thp_mode", "move_to_huge_pages", "move_out_of_huge_pages"]
 
@@ -110,7 +110,6 @@ def move_to_huge_pages(tensors: Iterable[torch.Tensor], every: Iterable[torch.Te
     if _madvise()(start, sum(spans) // HUGE_PAGE * HUGE_PAGE, _MADV_HUGEPAGE) != 0:
         return 0, None
     storage = arena.untyped_storage()
-    checkpoints = mapped_checkpoints()
     offset, untrimmed = start - arena.data_ptr(), 0
     for (first, last, members), span in zip(units, spans):
         source = members[0].untyped_storage()
@@ -119,8 +118,7 @@ def move_to_huge_pages(tensors: Iterable[torch.Tensor], every: Iterable[torch.Te
         for t in members:
             size = t.element_size()
             t.set_(storage, (offset + t.data_ptr() - first) // size, t.size(), t.stride())
-        release_tensor_pages(old, checkpoints)  # a checkpoint read in place: its pages go back
-        del old, source
+        del old, source  # heap memory (a checkpoint read in place never moves): freed with its last tensor
         untrimmed += last - first
         if untrimmed >= 4 << 20:
             # the freed storages' pages back to the kernel every 4 MiB copied (glibc keeps freed heap memory,
