@@ -71,17 +71,22 @@ def _units(tensors: list[torch.Tensor], every: list[torch.Tensor]) -> list[tuple
             by_storage.setdefault(t.untyped_storage().data_ptr(), {})[id(t)] = t
     units = []
     for ts in by_storage.values():
-        runs: list[list] = []  # [first, last, tensors, has a hot tensor]
-        for t in sorted(ts.values(), key=lambda t: _span(t)[0]):
-            first, last = _span(t)
-            if runs and first < runs[-1][1]:
-                runs[-1][1] = max(runs[-1][1], last)
-                runs[-1][2].append(t)
-                runs[-1][3] = runs[-1][3] or id(t) in hot
-            else:
-                runs.append([first, last, [t], id(t) in hot])
-        units += [(first, last, members) for first, last, members, is_hot in runs if is_hot]
+        units += [(first, last, members) for first, last, members in _runs(ts.values())
+                  if any(id(t) in hot for t in members)]
     return units
+
+
+def _runs(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int, list[torch.Tensor]]]:
+    """The connected runs of overlapping byte spans of ``tensors`` (one storage's): (first, last, members)."""
+    runs: list[list] = []  # [first, last, members]
+    for t in sorted(tensors, key=lambda t: _span(t)[0]):
+        first, last = _span(t)
+        if runs and first < runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], last)
+            runs[-1][2].append(t)
+        else:
+            runs.append([first, last, [t]])
+    return [(first, last, members) for first, last, members in runs]
 
 
 def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
@@ -139,17 +144,8 @@ def move_out_of_huge_pages(every: Iterable[torch.Tensor], arena: int) -> None:
     for t in every:
         if t.device.type == "cpu" and t.untyped_storage().data_ptr() == arena:
             arenas.setdefault(id(t), t)
-    # tensors that shared one storage before the move are views of consecutive bytes: keep them together
-    by_span: list[list[torch.Tensor]] = []
-    for t in sorted(arenas.values(), key=lambda t: t.data_ptr()):
-        end = t.data_ptr() + t.numel() * t.element_size()
-        if by_span and t.data_ptr() < by_span[-1][0]:
-            by_span[-1][0] = max(by_span[-1][0], end)
-            by_span[-1][1].append(t)
-        else:
-            by_span.append([end, [t]])
-    for end, ts in by_span:
-        begin = min(t.data_ptr() for t in ts)
+    # tensors that overlap (a fused tensor and its views) get one copy together and stay views of it
+    for begin, end, ts in _runs(arenas.values()):
         fresh = torch.empty(end - begin, dtype=torch.uint8)
         source = ts[0].untyped_storage()
         fresh.copy_(_bytes_of(source)[begin - source.data_ptr() : end - source.data_ptr()])
