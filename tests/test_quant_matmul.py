@@ -345,3 +345,30 @@ def test_prefill_bf16_gemm_equals_f_linear_on_the_bf16_weight(bits, group_size, 
     # fp32 activations never take the bf16 GEMM
     xf = x.float()
     assert torch.equal(ext.prefill_linear(xf, *args, native_bf16=True), ext.prefill_linear(xf, *args, native_bf16=False))
+
+
+@pytest.mark.parametrize("bits, group_size, k, symmetric, scale_dtype", [
+    (4, 32, 576, True, torch.float16),  # whole 32-column groups: the one-table-per-group bf16 path
+    (4, 64, 192, False, torch.float32),
+    (4, 128, 256, False, torch.float16),
+    (8, 32, 576, True, torch.float16),  # whole 16-column chunks: the int8 bf16 path
+    (8, 16, 96, False, torch.float32),
+    (4, 16, 96, True, torch.float16),  # int4 groups shorter than 32 columns: the fp32 rows, then rounded
+    (4, 32, 100, False, torch.float16),  # K not a multiple of the group size: likewise
+])
+def test_prefill_bf16_weight_is_the_fp32_dequantized_value_rounded_once(bits, group_size, k, symmetric, scale_dtype):
+    """The bf16 weight the native-bf16 prefill multiplies: every value s * u - s * shift in fp32 (u the stored
+    integer, shift the zero point plus int4's offset of 8), rounded once to bf16, whichever road computed it
+    (a bf16 table per group, or fp32 rows then rounded). Read back exactly by multiplying the identity."""
+    ext = _ext_or_skip()
+    w = torch.randn(40, k, generator=torch.Generator().manual_seed(bits * k))
+    qw = quantize_weight(w, bits, group_size, symmetric, scale_dtype=scale_dtype)
+    identity = torch.eye(k, dtype=torch.bfloat16)
+    got = ext.prefill_linear(identity, qw.qweight, qw.scales, qw.zeros, None, bits, group_size, k, native_bf16=True)
+    stored = qw.int_values().float() + (8.0 if bits == 4 else 0.0)  # u: the stored integer (int4: nibble q + 8)
+    s = qw.scales.float().repeat_interleave(group_size, dim=1)[:, :k]
+    shift = torch.full_like(s, 8.0 if bits == 4 else 0.0)
+    if qw.zeros is not None:
+        shift = shift + qw.zeros.float().repeat_interleave(group_size, dim=1)[:, :k]
+    expected = (s * stored + (-s) * shift).bfloat16()  # a product, then a sum: the kernel's fp32 rounding
+    assert torch.equal(got.t(), expected)

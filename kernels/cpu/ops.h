@@ -58,6 +58,9 @@ class Projection {
   void rows(const float* x, const QuantActivations& qa, int64_t M, float* y, int64_t begin, int64_t end) const;
   // the fp32 weight rows [n0, n1) (dequantized, or converted from bf16 / fp16) into out [n1 - n0, K]
   void dequantize_rows(int64_t n0, int64_t n1, float* out) const;
+  // rows [n0, n1) of a quantized weight as bf16, the values dequantize_rows gives rounded once (AVX512-BF16);
+  // false when this CPU or this weight's group layout has no such path (nothing written)
+  bool dequantize_rows_bf16(int64_t n0, int64_t n1, c10::BFloat16* out) const;
   // x [..., K] -> [..., N] in x's dtype for many rows (prefill): the weight in fp32, then BLAS; with bf16 x and
   // native_bf16, the weight in bf16, then one bf16 GEMM (prefill_linear.cpp)
   at::Tensor matmul(const at::Tensor& x, bool native_bf16 = false) const;

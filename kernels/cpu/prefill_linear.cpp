@@ -76,6 +76,51 @@ void Projection::dequantize_rows(int64_t n0, int64_t n1, float* out) const {
 
 namespace {
 
+#if defined(__AVX512BF16__) && defined(HF_FASTINFER_AVX512)
+// Rows [n0, n1) of a quantized weight straight to bf16, out [n1 - n0, K]: each value is s * u + offset in fp32
+// (the rounding of dequantize_rows: a product, then a sum), rounded once to bf16 (nearest even), so the result
+// equals dequantize_rows followed by to_bf16. Per group, the 16 possible int4 values are computed once as a
+// bf16 table in one register, and each 32 columns are one vpermw of their nibbles (spread to 16-bit indices in
+// column order: byte j holds column 2j in its low nibble, 2j + 1 in its high one); int8 converts 16 values at a
+// time. About 10x the fp32 road's loops plus a conversion pass, which cost as much as the bf16 GEMM itself on a
+// 256-token prefill (BENCHMARKS.md). Only for groups of whole vectors (int4: a multiple of 32 columns, int8:
+// of 16) and K a multiple of the group size; the caller checks (bf16_dequantize_fast).
+template <int BITS, typename ST>
+void dequantize_rows_bf16_avx512(const uint8_t* w, const ST* sp, const ST* zp, int64_t K, int64_t G, int64_t n0,
+                                 int64_t n1, c10::BFloat16* out) {
+  const int64_t groups = K / G, row_bytes = BITS == 8 ? K : K / 2;
+  const __m512 steps = _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f, 12.f, 13.f, 14.f, 15.f);
+  const __m512i low4 = _mm512_set1_epi32(0x0F);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    uint16_t* o = reinterpret_cast<uint16_t*>(out + (n - n0) * K);
+    for (int64_t g = 0; g < groups; ++g) {
+      const float s = to_f32(sp[n * groups + g]);
+      const float shift = (zp != nullptr ? to_f32(zp[n * groups + g]) : 0.f) + (BITS == 4 ? 8.f : 0.f);
+      const __m512 sv = _mm512_set1_ps(s), ov = _mm512_set1_ps(-s * shift);
+      if constexpr (BITS == 4) {
+        // the table: lane u holds bf16(s * u + offset), u = 0..15
+        const __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_mul_ps(sv, steps), ov)));
+        const uint8_t* bytes = row + g * G / 2;
+        for (int64_t c = 0; c < G; c += 32) {
+          // 16 bytes -> 32-bit lanes; lane j = low nibble | high nibble << 16: 32 16-bit indices in column order
+          const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + c / 2)));
+          const __m512i idx = _mm512_or_si512(_mm512_and_si512(b, low4), _mm512_slli_epi32(_mm512_srli_epi32(b, 4), 16));
+          _mm512_storeu_si512(o + g * G + c, _mm512_permutexvar_epi16(idx, table));
+        }
+      } else {
+        const int8_t* q = reinterpret_cast<const int8_t*>(row + g * G);
+        for (int64_t c = 0; c < G; c += 16) {
+          const __m512 u = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c))));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + g * G + c),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_mul_ps(sv, u), ov)));
+        }
+      }
+    }
+  }
+}
+#endif
+
 // fp32 values -> bf16, rounded to nearest even (c10::BFloat16's rounding)
 inline void to_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
   int64_t i = 0;
@@ -87,6 +132,26 @@ inline void to_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
 }
 
 }  // namespace
+
+bool Projection::dequantize_rows_bf16(int64_t n0, int64_t n1, c10::BFloat16* out) const {
+#if defined(__AVX512BF16__) && defined(HF_FASTINFER_AVX512)
+  const int64_t K = in_features_, G = group_size_;
+  if (bits_ == 0 || K % G != 0 || G % (bits_ == 4 ? 32 : 16) != 0) return false;
+  const uint8_t* w = reinterpret_cast<const uint8_t*>(weight_.data_ptr());
+  const auto run = [&](const auto* sp, const auto* zp) {
+    if (bits_ == 4) dequantize_rows_bf16_avx512<4>(w, sp, zp, K, G, n0, n1, out);
+    else dequantize_rows_bf16_avx512<8>(w, sp, zp, K, G, n0, n1, out);
+  };
+  if (scales_.scalar_type() == at::kHalf)
+    run(scales_.data_ptr<c10::Half>(), zeros_.defined() ? zeros_.data_ptr<c10::Half>() : nullptr);
+  else
+    run(scales_.data_ptr<float>(), zeros_.defined() ? zeros_.data_ptr<float>() : nullptr);
+  return true;
+#else
+  (void)n0, (void)n1, (void)out;
+  return false;
+#endif
+}
 
 at::Tensor Projection::matmul(const at::Tensor& x_in, bool native_bf16) const {
   const int64_t K = in_features_, N = out_features_;
@@ -105,11 +170,13 @@ at::Tensor Projection::matmul(const at::Tensor& x_in, bool native_bf16) const {
       {
         int64_t begin, end;
         thread_share(N, 16, omp_get_thread_num(), omp_get_num_threads(), begin, end);
-        std::vector<float> rows(16 * K);
-        for (int64_t n = begin; n < end; n += 16) {
-          const int64_t n1 = std::min(end, n + 16);
-          dequantize_rows(n, n1, rows.data());
-          to_bf16(rows.data(), wp + n * K, (n1 - n) * K);
+        if (!dequantize_rows_bf16(begin, end, wp + begin * K)) {
+          std::vector<float> rows(16 * K);
+          for (int64_t n = begin; n < end; n += 16) {
+            const int64_t n1 = std::min(end, n + 16);
+            dequantize_rows(n, n1, rows.data());
+            to_bf16(rows.data(), wp + n * K, (n1 - n) * K);
+          }
         }
       }
     }
