@@ -350,6 +350,20 @@ def rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim
     return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
 
 
+def rotate_q_k(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int):
+    """:func:`rotate_ref` of q and k [B, H, S, D] with cos, sin [B or 1, S, >= R] (the model's rotary module
+    output, in q's dtype): on CPU one compiled call with the same roundings (each product rounded to the dtype,
+    then the sum), new contiguous tensors; elsewhere, or without the compiled kernels, the torch ops."""
+    ext = cpu_extension() if q.device.type == "cpu" else None
+    if (ext is not None and cos.dim() == 3 and cos.dtype == q.dtype == k.dtype == sin.dtype
+            and cos.stride(-1) == 1 and sin.stride(-1) == 1 and q.stride(-1) == 1 and k.stride(-1) == 1
+            and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))):
+        q_out, k_out = ext.rotary_model(q, k, cos, sin, rotary_dim)
+        return q_out, k_out
+    c, s = cos[:, None, :, :rotary_dim], sin[:, None, :, :rotary_dim]
+    return rotate_ref(q, c, s, rotary_dim), rotate_ref(k, c, s, rotary_dim)
+
+
 def attn_in_ref(spec: DecoderLayerSpec, hidden, cos, sin):
     batch = hidden.shape[0]
     x = hidden.reshape(batch, spec.hidden_size)

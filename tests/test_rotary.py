@@ -208,3 +208,32 @@ def test_bad_input_is_refused(change, error, message):
     args = _bad(change)
     with pytest.raises(error, match=message):
         rotary(args["q"], args["k"], args["cos"], args["sin"], args["positions"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("b, hq, hk, s, d, r, batch_tables", [
+    (1, 9, 3, 37, 64, 64, False),  # the default model's heads, one table row per token
+    (2, 4, 2, 5, 64, 32, True),  # partial rotary, a table row per sequence and token (padded batches)
+    (3, 2, 1, 7, 40, 20, True),  # a rotated half of 10: the last lanes of a vector masked
+])
+def test_rotate_q_k_equals_transformers_apply_rotary_pos_emb(dtype, b, hq, hk, s, d, r, batch_tables):
+    """The prompt path's rotary (one compiled call on CPU): bit for bit transformers' own apply_rotary_pos_emb
+    in the model dtype, with q / k as the strided views a fused q/k/v projection gives."""
+    from hf_fastinfer.kernels._cpu_ext import cpu_extension
+    from hf_fastinfer.kernels.decoder_layer import rotate_q_k
+
+    if cpu_extension() is None:
+        pytest.skip("needs the compiled CPU kernels (a C++ compiler); without them rotate_q_k is the torch ops")
+    g = torch.Generator().manual_seed(b * 100 + d)
+    y = torch.randn(b, s, (hq + hk) * d, generator=g).to(dtype)  # one projection's output, q and k side by side
+    q = y[..., : hq * d].reshape(b, s, hq, d).transpose(1, 2)
+    k = y[..., hq * d :].reshape(b, s, hk, d).transpose(1, 2)
+    angles = torch.rand(b if batch_tables else 1, s, r // 2, generator=g) * 50
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    got_q, got_k = rotate_q_k(q, k, cos, sin, r)
+    # transformers rotates the first R dims (partial rotary: the rest passes through)
+    eq, ek = apply_rotary_pos_emb(q[..., :r], k[..., :r], cos, sin)
+    expected_q, expected_k = torch.cat([eq, q[..., r:]], -1), torch.cat([ek, k[..., r:]], -1)
+    assert got_q.dtype == dtype and got_q.shape == q.shape and got_k.shape == k.shape
+    assert torch.equal(got_q, expected_q) and torch.equal(got_k, expected_k)

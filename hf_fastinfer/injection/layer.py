@@ -20,7 +20,7 @@ from torch import nn
 from .._compat import CACHE_KWARGS, cache_from
 from ..cache import FastInferCache
 from ..kernels import decoder_layer as fused
-from ..kernels.decoder_layer import rotate_ref
+from ..kernels.decoder_layer import rotate_q_k
 from ..kernels.gated_act import gated_act
 from ..kernels.linear import CPU_GEMV_MAX_ROWS, linear
 from ..kernels.rms_norm import rms_norm
@@ -239,10 +239,10 @@ class FusedDecoderLayer:
                 tokens.expand(batch, length).contiguous()
             q, k = rotary(q, k, table_cos, table_sin, positions, check_range=False)
         else:
-            # bf16 / fp16: the model rounds each product to its dtype before the sum, which the kernel (one
-            # rounding from fp32) does not; a prompt's rotary is a few elementwise ops, so they are the model's
-            c, s = cos[:, None, :, : spec.rotary_dim], sin[:, None, :, : spec.rotary_dim]
-            q, k = rotate_ref(q, c, s, spec.rotary_dim), rotate_ref(k, c, s, spec.rotary_dim)
+            # bf16 / fp16: the model rounds each product to its dtype before the sum, which the table kernel
+            # (one rounding from fp32) does not; rotate_q_k computes it with the model's roundings in one call
+            # (as torch ops, a quarter of a bf16 prompt's time)
+            q, k = rotate_q_k(q, k, cos, sin, spec.rotary_dim)
         cache = cache_from(kwargs)
         keys, values = cache.update(k, v, self.layer_idx) if cache is not None else (k, v)
         rest = {n: value for n, value in kwargs.items()

@@ -18,6 +18,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm with an optional fused residual add");
   m.def("kv_append", &kv_append, "int8 KV-cache quantize-and-append at given slots");
   m.def("rotary", &rotary, "rotary embedding of q and k (in place when the outputs are the inputs)");
+  m.def("rotary_model", &rotary_model, "rotary embedding of q and k in the model's dtype arithmetic (prompts)",
+        py::arg("q"), py::arg("k"), py::arg("cos"), py::arg("sin"), py::arg("rotary_dim"));
 #ifdef HF_FASTINFER_AVX512
   m.def("gated_act", &gated_act, "act(gate) * up of a fused gate/up tensor (SiLU or GELU-tanh)");
 #endif

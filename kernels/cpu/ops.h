@@ -35,6 +35,9 @@ void kv_append(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cach
 // rotary.cpp: rotary embedding of q and k (hf_fastinfer.kernels.rotary)
 void rotary(at::Tensor q, at::Tensor k, at::Tensor q_out, at::Tensor k_out, at::Tensor cos, at::Tensor sin,
             at::Tensor positions, bool interleaved);
+// the model's own rotary arithmetic in its dtype (each product rounded, then the sum): new q, k [B, H, S, D]
+std::vector<at::Tensor> rotary_model(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                     const at::Tensor& sin, int64_t rotary_dim);
 
 // gated_act.cpp: act(gate) * up (hf_fastinfer.kernels.gated_act); None for input it does not take
 c10::optional<at::Tensor> gated_act(const at::Tensor& x, const std::string& activation);
