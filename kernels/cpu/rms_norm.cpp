@@ -15,7 +15,18 @@ void rms_norm_rows(const T* x, const T* r, const float* w, T* out, T* res_out, i
     std::vector<float> h(hidden);
     for (int64_t row = begin; row < end; ++row) {
       const T* xr = x + row * hidden;
-      for (int64_t d = 0; d < hidden; ++d) {
+      int64_t d = 0;
+#ifdef HF_FASTINFER_AVX512
+      if constexpr (!std::is_same<T, double>::value)
+      for (; d < hidden; d += 16) {
+        const __mmask16 m = tail_mask(hidden - d);
+        __m512 v = load16(xr + d, m);
+        if (r) v = round16(_mm512_add_ps(v, load16(r + row * hidden + d, m)), xr);
+        if (res_out) store16(res_out + row * hidden + d, v, m);
+        _mm512_mask_storeu_ps(h.data() + d, m, v);
+      }
+#endif
+      for (; d < hidden; ++d) {
         T v = r ? static_cast<T>(static_cast<float>(xr[d]) + static_cast<float>(r[row * hidden + d])) : xr[d];
         if (res_out) res_out[row * hidden + d] = v;
         h[d] = static_cast<float>(v);
