@@ -134,112 +134,196 @@ inline __m512 load_key16(const KT* p, __mmask16 m) {
 }
 #endif
 
-// Attention of one query head against its KV head's keys: scores in fp32, softmax, weighted values; the
-// result rounded to T. K/V element type KT: T, or int8 with a float16 scale per position (the int8 cache).
-// mask: bool (True = attend) or additive float, read through strides; None attends to every key.
+// the most query heads one attend_heads call takes (a longer GQA group is split into runs)
+constexpr int kMaxRunHeads = 32;
+
+// The PV product of NH heads of one KV group: o_h = sum_j p_h[j] * v_j, each V row loaded (and converted)
+// once for all NH heads, the positions in order (each head's sums are what a loop of its own would give).
+// p: [NH rows of L] probabilities, rounded to T; vs: the int8 cache's value scales or null; dead[h]: a head with
+// nothing to attend to (left at zero).
+#ifdef HF_FASTINFER_AVX512
+template <typename T, typename KT, int NH>
+void pv_heads(const float* p, int64_t L, const KT* v, int64_t stride_vl, const c10::Half* vs, int64_t stride_vsl,
+              int64_t D, const bool* dead, float* o_out /* [NH, D] unscaled sums */) {
+  constexpr bool quantized = std::is_same<KT, int8_t>::value;
+  const int64_t chunks = (D + 15) / 16;
+  __m512 o[NH][8];
+  __mmask16 om[8];
+  for (int64_t c = 0; c < chunks; ++c) {
+    om[c] = tail_mask(D - 16 * c);
+    for (int h = 0; h < NH; ++h) o[h][c] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < L; ++j) {
+    float ph[NH];
+    bool any = false;
+    for (int h = 0; h < NH; ++h) {
+      ph[h] = dead[h] ? 0.f : p[h * L + j];  // already rounded to T by attend_heads' exp pass
+      if constexpr (quantized) ph[h] *= to_f32(vs[j * stride_vsl]);
+      any |= ph[h] != 0.f;
+    }
+    if (!any) continue;  // masked (or underflowed) for every head: adds nothing
+    const KT* vr = v + j * stride_vl;
+    __m512 vv[8];
+    for (int64_t c = 0; c < chunks; ++c) vv[c] = load_key16(vr + 16 * c, om[c]);
+    for (int h = 0; h < NH; ++h) {
+      if (ph[h] == 0.f) continue;  // as a head of its own would skip it
+      const __m512 pv = _mm512_set1_ps(ph[h]);
+      for (int64_t c = 0; c < chunks; ++c) o[h][c] = _mm512_fmadd_ps(pv, vv[c], o[h][c]);
+    }
+  }
+  for (int h = 0; h < NH; ++h)
+    for (int64_t c = 0; c < chunks; ++c) _mm512_mask_storeu_ps(o_out + h * D + 16 * c, om[c], o[h][c]);
+}
+#endif
+
+// Attention of nh query heads that share one KV head (consecutive heads of a GQA group) against its keys:
+// scores in fp32, softmax, weighted values; each result rounded to T. Each key and value row is read and
+// converted once for the nh heads (the group's heads used to read the cache once each); every head's
+// arithmetic is the same as a pass of its own. K/V element type KT: T, or int8 with a float16 scale per
+// position (the int8 cache). mask: bool (True = attend) or additive float, read through strides; None attends
+// to every key. q: [nh, D]; scores: [nh, L] scratch; kbuf: [16, 16 * ceil(D / 16)] scratch; out: [nh, D].
 template <typename T, typename KT>
-void attend_one(const float* q, const KT* k, const KT* v, int64_t stride_kl, int64_t stride_vl, const c10::Half* ks,
-                const c10::Half* vs, int64_t stride_ksl, int64_t stride_vsl, int64_t L, int64_t D, float scaling,
-                float softcap, const bool* mask_b, const float* maskf, const T* maskt, int64_t stride_ml, float* scores,
-                float* out) {
+void attend_heads(int nh, const float* q, const KT* k, const KT* v, int64_t stride_kl, int64_t stride_vl,
+                  const c10::Half* ks, const c10::Half* vs, int64_t stride_ksl, int64_t stride_vsl, int64_t L, int64_t D,
+                  float scaling, float softcap, const bool* mask_b, const float* maskf, const T* maskt,
+                  int64_t stride_ml, float* scores, float* kbuf, float* out) {
   constexpr bool quantized = std::is_same<KT, int8_t>::value;
   // raw dot products q . k_l (masked positions too: cheaper than branching on them)
   int64_t l = 0;
   const int64_t chunks = (D + 15) / 16;
 #ifdef HF_FASTINFER_AVX512
   if (chunks <= 8) {
-    __m512 qv[8];
     __mmask16 qm[8];
-    for (int64_t c = 0; c < chunks; ++c) {
-      qm[c] = tail_mask(D - 16 * c);
-      qv[c] = _mm512_maskz_loadu_ps(qm[c], q + 16 * c);
-    }
-    for (; l + 16 <= L; l += 16) {  // 16 keys, their sums reduced together
-      __m512 acc[16];
+    for (int64_t c = 0; c < chunks; ++c) qm[c] = tail_mask(D - 16 * c);
+    const int64_t row = 16 * chunks;  // floats per key in kbuf
+    for (; l + 16 <= L; l += 16) {  // 16 keys as float once, then each head's 16 sums reduced together
       for (int j = 0; j < 16; ++j) {
         const KT* kr = k + (l + j) * stride_kl;
-        __m512 a = _mm512_setzero_ps();
-        for (int64_t c = 0; c < chunks; ++c) a = _mm512_fmadd_ps(qv[c], load_key16(kr + 16 * c, qm[c]), a);
-        acc[j] = a;
+        for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(kbuf + j * row + 16 * c, load_key16(kr + 16 * c, qm[c]));
       }
-      _mm512_storeu_ps(scores + l, reduce16(acc));
+      for (int h = 0; h < nh; ++h) {
+        __m512 qv[8];
+        for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm512_maskz_loadu_ps(qm[c], q + h * D + 16 * c);
+        __m512 acc[16];
+        for (int j = 0; j < 16; ++j) {
+          __m512 a = _mm512_setzero_ps();
+          for (int64_t c = 0; c < chunks; ++c) a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kbuf + j * row + 16 * c), a);
+          acc[j] = a;
+        }
+        _mm512_storeu_ps(scores + h * L + l, reduce16(acc));
+      }
     }
   }
 #endif
-  for (; l < L; ++l) {
-    const KT* kr = k + l * stride_kl;
-    float s = 0.f;
-    for (int64_t d = 0; d < D; ++d) s += q[d] * static_cast<float>(kr[d]);
-    scores[l] = s;
-  }
-  // scaling, the int8 keys' scales, softcap, the mask; the maximum for the softmax
-  float best = -std::numeric_limits<float>::infinity();
-  for (l = 0; l < L; ++l) {
-    if (mask_b != nullptr && !mask_b[l * stride_ml]) {
-      scores[l] = -std::numeric_limits<float>::infinity();
-      continue;
+  for (int h = 0; h < nh; ++h)
+    for (int64_t i = l; i < L; ++i) {
+      const KT* kr = k + i * stride_kl;
+      float s = 0.f;
+      for (int64_t d = 0; d < D; ++d) s += q[h * D + d] * static_cast<float>(kr[d]);
+      scores[h * L + i] = s;
     }
-    float s = scores[l];
-    if constexpr (quantized) s *= to_f32(ks[l * stride_ksl]);
-    s *= scaling;
-    if (softcap > 0.f) s = std::tanh(s / softcap) * softcap;
-    if (maskf != nullptr) s += maskf[l * stride_ml];
-    if (maskt != nullptr) s += static_cast<float>(maskt[l * stride_ml]);
-    scores[l] = s;
-    best = std::max(best, s);
-  }
-  std::fill(out, out + D, 0.f);
-  if (best == -std::numeric_limits<float>::infinity()) return;  // nothing to attend to: zeros, not NaN
-  float total = 0.f;
-  l = 0;
+  // per head: scaling, the int8 keys' scales, softcap, the mask; the maximum; the exponentials and their sum
+  bool dead[kMaxRunHeads];
+  float inv[kMaxRunHeads];
+  for (int h = 0; h < nh; ++h) {
+    float* sc = scores + h * L;
+    float best = -std::numeric_limits<float>::infinity();
+    l = 0;
 #ifdef HF_FASTINFER_AVX512
-  const __m512 shift = _mm512_set1_ps(best);
-  __m512 sum = _mm512_setzero_ps();
-  for (; l < L; l += 16) {
-    const __mmask16 m = tail_mask(L - l);
-    const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + l), shift));
-    _mm512_mask_storeu_ps(scores + l, m, p);
-    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, p));
-  }
-  total = _mm512_reduce_add_ps(sum);
+    // 16 positions at a time where the mask and the key scales are contiguous and there is no softcap (the
+    // same operations in the same order as the loop below; the maximum ignores NaN scores as std::max does)
+    const bool contiguous = (mask_b == nullptr && maskf == nullptr && maskt == nullptr) || stride_ml == 1;
+    if (softcap == 0.f && contiguous && (!quantized || stride_ksl == 1)) {
+      const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), sv = _mm512_set1_ps(scaling);
+      __m512 bv = ninf;
+      for (; l < L; l += 16) {
+        const __mmask16 m = tail_mask(L - l);
+        __m512 x = _mm512_maskz_loadu_ps(m, sc + l);
+        if constexpr (quantized) x = _mm512_mul_ps(x, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, ks + l)));
+        x = _mm512_mul_ps(x, sv);
+        if (maskf != nullptr) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, maskf + l));
+        if (maskt != nullptr) x = _mm512_add_ps(x, load16(maskt + l, m));
+        __mmask16 keep = m;
+        if (mask_b != nullptr)  // bool: one byte per position, nonzero = attend
+          keep &= _mm_test_epi8_mask(_mm_maskz_loadu_epi8(m, mask_b + l), _mm_set1_epi8(static_cast<char>(0xFF)));
+        x = _mm512_mask_blend_ps(keep, ninf, x);
+        _mm512_mask_storeu_ps(sc + l, m, x);
+        bv = _mm512_max_ps(x, bv);
+      }
+      best = _mm512_reduce_max_ps(bv);
+    }
+#endif
+    for (; l < L; ++l) {
+      if (mask_b != nullptr && !mask_b[l * stride_ml]) {
+        sc[l] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      float s = sc[l];
+      if constexpr (quantized) s *= to_f32(ks[l * stride_ksl]);
+      s *= scaling;
+      if (softcap > 0.f) s = std::tanh(s / softcap) * softcap;
+      if (maskf != nullptr) s += maskf[l * stride_ml];
+      if (maskt != nullptr) s += static_cast<float>(maskt[l * stride_ml]);
+      sc[l] = s;
+      best = std::max(best, s);
+    }
+    dead[h] = best == -std::numeric_limits<float>::infinity();  // nothing to attend to: zeros, not NaN
+    if (dead[h]) continue;
+    float total = 0.f;
+    l = 0;
+#ifdef HF_FASTINFER_AVX512
+    const __m512 shift = _mm512_set1_ps(best);
+    __m512 sum = _mm512_setzero_ps();
+    for (; l < L; l += 16) {
+      const __mmask16 m = tail_mask(L - l);
+      const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + l), shift));
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, p));
+      // stored rounded to T, the value that meets V (pv_heads reads it as is)
+      _mm512_mask_storeu_ps(sc + l, m, round16(p, static_cast<const T*>(nullptr)));
+    }
+    total = _mm512_reduce_add_ps(sum);
 #else
-  for (; l < L; ++l) {
-    scores[l] = std::exp(scores[l] - best);
-    total += scores[l];
+    for (; l < L; ++l) {
+      sc[l] = std::exp(sc[l] - best);
+      total += sc[l];
+    }
+#endif
+    inv[h] = 1.f / total;
+  }
+  // the probabilities meet V rounded to T, as PyTorch's CPU SDPA kernels (transformers' path) round them before
+  // their P·V product; the sums above are of the unrounded values, as there
+  std::fill(out, out + nh * D, 0.f);
+  int h0 = 0;
+#ifdef HF_FASTINFER_AVX512
+  if (chunks <= 8) {  // the output rows in registers: up to 4 heads of 64 dims (2 of 128) per pass
+    const int per_pass = chunks <= 4 ? 4 : 2;
+    for (; h0 < nh; h0 += per_pass) {
+      const int count = std::min(per_pass, nh - h0);
+      const float* p = scores + h0 * L;
+      float* o = out + h0 * D;
+      switch (count) {
+        case 1: pv_heads<T, KT, 1>(p, L, v, stride_vl, vs, stride_vsl, D, dead + h0, o); break;
+        case 2: pv_heads<T, KT, 2>(p, L, v, stride_vl, vs, stride_vsl, D, dead + h0, o); break;
+        case 3: pv_heads<T, KT, 3>(p, L, v, stride_vl, vs, stride_vsl, D, dead + h0, o); break;
+        default: pv_heads<T, KT, 4>(p, L, v, stride_vl, vs, stride_vsl, D, dead + h0, o); break;
+      }
+    }
   }
 #endif
-  const float inv = 1.f / total;
-  // the probabilities meet V rounded to T, as PyTorch's CPU SDPA kernels (transformers' path) round them before
-  // their P·V product; the sum above is of the unrounded values, as there
-#ifdef HF_FASTINFER_AVX512
-  if (chunks <= 8) {  // the output row in registers
-    __m512 o[8];
-    __mmask16 om[8];
-    for (int64_t c = 0; c < chunks; ++c) {
-      o[c] = _mm512_setzero_ps();
-      om[c] = tail_mask(D - 16 * c);
-    }
+  for (int h = h0; h < nh; ++h) {
+    if (dead[h]) continue;
     for (int64_t j = 0; j < L; ++j) {
-      float p = round_to<T>(scores[j]);
-      if (p == 0.f) continue;  // masked (or underflowed) positions add nothing
-      if constexpr (quantized) p *= to_f32(vs[j * stride_vsl]);
-      const KT* vr = v + j * stride_vl;
-      const __m512 pv = _mm512_set1_ps(p);
-      for (int64_t c = 0; c < chunks; ++c) o[c] = _mm512_fmadd_ps(pv, load_key16(vr + 16 * c, om[c]), o[c]);
-    }
-    for (int64_t c = 0; c < chunks; ++c) _mm512_mask_storeu_ps(out + 16 * c, om[c], o[c]);
-  } else
-#endif
-  {
-    for (int64_t j = 0; j < L; ++j) {
-      float p = round_to<T>(scores[j]);
+      float p = round_to<T>(scores[h * L + j]);
       if (p == 0.f) continue;
       if constexpr (quantized) p *= to_f32(vs[j * stride_vsl]);
       const KT* vr = v + j * stride_vl;
-      for (int64_t d = 0; d < D; ++d) out[d] += p * static_cast<float>(vr[d]);
+      for (int64_t d = 0; d < D; ++d) out[h * D + d] += p * static_cast<float>(vr[d]);
     }
   }
-  for (int64_t d = 0; d < D; ++d) out[d] = round_to<T>(out[d] * inv);
+  for (int h = 0; h < nh; ++h) {
+    if (dead[h]) continue;
+    for (int64_t d = 0; d < D; ++d) out[h * D + d] = round_to<T>(out[h * D + d] * inv[h]);
+  }
 }
 
 }  // namespace
@@ -527,20 +611,25 @@ void DecoderLayer::run_out_team(void* work_ptr, int tid, int n) const {
     }
 #pragma omp barrier
   }
-  // 1. attention, one (sequence, query head) per item
+  // 1. attention: this thread's share of the (sequence, query head) items, in runs of consecutive heads that
+  // share a KV head (up to kMaxRunHeads), each run one attend_heads call
   {
-    std::vector<float> scores(L), qf(D);
     int64_t begin, end;
     thread_share(M * Hq, 1, tid, n, begin, end);
-    for (int64_t item = begin; item < end; ++item) {
+    std::vector<float> scores(std::min<int64_t>(kMaxRunHeads, G) * L), qf(std::min<int64_t>(kMaxRunHeads, G) * D), kbuf(16 * 16 * ((D + 15) / 16));
+    for (int64_t item = begin; item < end;) {
       const int64_t m = item / Hq, h = item % Hq, kvh = h / G;
-      for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(w.qp[(m * Hq + h) * D + d]);
-      attend_one<T, KT>(qf.data(), w.kp + m * w.k0 + kvh * w.k1, w.vp + m * w.v0 + kvh * w.v1, w.k2, w.v2,
-                        quantized ? w.ksp + m * w.ks0 + kvh * w.ks1 : nullptr,
-                        quantized ? w.vsp + m * w.vs0 + kvh * w.vs1 : nullptr, w.ks2, w.vs2, L, D, scaling_, softcap_,
-                        w.mb ? w.mb + m * w.stride_mb : nullptr, w.mf ? w.mf + m * w.stride_mb : nullptr,
-                        w.mt ? w.mt + m * w.stride_mb : nullptr, w.stride_ml, scores.data(),
-                        w.attn.data() + (m * Hq + h) * D);
+      // the run: heads h.. of this sequence with the same KV head, within this thread's share
+      const int64_t run = std::min<int64_t>({end - item, (kvh + 1) * G - h, static_cast<int64_t>(kMaxRunHeads)});
+      for (int64_t r = 0; r < run; ++r)
+        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(w.qp[(m * Hq + h + r) * D + d]);
+      attend_heads<T, KT>(static_cast<int>(run), qf.data(), w.kp + m * w.k0 + kvh * w.k1, w.vp + m * w.v0 + kvh * w.v1,
+                          w.k2, w.v2, quantized ? w.ksp + m * w.ks0 + kvh * w.ks1 : nullptr,
+                          quantized ? w.vsp + m * w.vs0 + kvh * w.vs1 : nullptr, w.ks2, w.vs2, L, D, scaling_, softcap_,
+                          w.mb ? w.mb + m * w.stride_mb : nullptr, w.mf ? w.mf + m * w.stride_mb : nullptr,
+                          w.mt ? w.mt + m * w.stride_mb : nullptr, w.stride_ml, scores.data(), kbuf.data(),
+                          w.attn.data() + (m * Hq + h) * D);
+      item += run;
     }
   }
 #pragma omp barrier
