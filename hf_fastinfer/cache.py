@@ -360,6 +360,14 @@ class FastInferCache(Cache):
         for layer in self.layers:
             layer.static_shapes = bool(value)
 
+    def mark_eager(self) -> None:
+        """Declare that no step reading this cache will be compiled (``generate()`` runs eagerly: the CPU, or
+        compilation off): ``is_compileable`` becomes False. transformers builds a 4-D attention mask for every
+        decoded token when the cache is compileable (for a fixed-shape compiled step), and keeps even a one-token
+        step's mask that an eager step goes without; on the CPU that mask is about 2% of a decoded int4 token."""
+        for layer in self.layers:
+            layer.is_compileable = False
+
     def stored_bytes(self) -> int:
         """Bytes held for the stored positions across all layers (K, V and, for int8, their scales)."""
         return sum(layer.stored_bytes() for layer in self.layers)

@@ -52,6 +52,8 @@ def _prepare_cache_for_generation(original, self, generation_config, model_kwarg
     model_kwargs[cache_kwarg()] = cache
     # When transformers will compile the decode step (GPU, compileable cache), keep shapes fixed between steps.
     cache.static_shapes = bool(self._valid_auto_compile_criteria(model_kwargs, generation_config))
+    if not cache.static_shapes:
+        cache.mark_eager()  # no per-token 4-D mask from generate() for a step that is not compiled
     if generation_config.is_assistant:
         # assisted decoding rolls the assistant's cache back: sliding layers must keep their past
         cache.activate_past_recording()

@@ -113,3 +113,27 @@ def test_attention_reference_against_float64_formula(softcap, with_sinks):
     expected = _attention_float64(q, k, v, mask, 0.3, softcap=softcap, sinks=sinks)
     # fp32 matmuls over d=8 and lk=7 terms: errors stay near 1e-6
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_generate_builds_no_four_d_mask_per_token():
+    """On the CPU generate() does not compile the step, so the hook marks the cache it builds eager (not
+    compileable): generate() then hands the model the 2-D padding mask instead of building a 4-D mask for every
+    decoded token, and the tokens stay transformers' own."""
+    model = models.tiny("llama", attn_implementation="fastinfer")
+    ids, mask = _prompts()
+    seen = []
+    original = type(model).forward
+
+    def forward(self, *args, **kwargs):
+        m = kwargs.get("attention_mask")
+        seen.append(None if m is None else (m.dim() if isinstance(m, torch.Tensor) else type(m).__name__))
+        return original(self, *args, **kwargs)
+
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+    expected = models.tiny("llama", attn_implementation="sdpa").generate(ids, **kwargs)
+    model.forward = forward.__get__(model)
+    out = model.generate(ids, cache_implementation="fastinfer", return_dict_in_generate=True, **kwargs)
+    cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+    assert cache.is_compileable is False and cache.static_shapes is False
+    assert seen and all(d == 2 for d in seen), seen
+    torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
