@@ -23,19 +23,11 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, summarize, write_section  # noqa: E402
+from bench_generation import PATHS  # noqa: E402  (the same six paths, one table of them)
 
 import hf_fastinfer  # noqa: E402
 from hf_fastinfer import evaluation, models  # noqa: E402
 
-PATHS = {
-    # label: (dtype, FastInferConfig kwargs or None, the transformers path it is compared with)
-    "transformers fp32": (torch.float32, None, "transformers fp32"),
-    "hf_fastinfer fp32": (torch.float32, dict(bits=None), "transformers fp32"),
-    "transformers bf16": (torch.bfloat16, None, "transformers bf16"),
-    "hf_fastinfer bf16": (torch.bfloat16, dict(bits=None), "transformers bf16"),
-    "hf_fastinfer int8": (torch.bfloat16, dict(bits=8), "transformers bf16"),
-    "hf_fastinfer int4": (torch.bfloat16, dict(bits=4), "transformers bf16"),
-}
 
 
 def prefill_seconds(model, inputs, cache: str | None) -> float:
@@ -57,18 +49,16 @@ def main() -> None:
     ids = evaluation.reference_tokens(tokenizer, args.prompt)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     loaded = {}
-    for label, (dtype, config, _) in PATHS.items():
+    for label, (dtype, config, attention, _, _) in PATHS.items():
         kwargs = {"quantization_config": hf_fastinfer.FastInferConfig(**config)} if config else {}
-        attention = "sdpa" if config is None else "fastinfer"
         loaded[label] = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attention,
                                                              **kwargs).eval()
-    caches = {label: None if PATHS[label][1] is None else "fastinfer" for label in PATHS}
     for label, model in loaded.items():  # warm-up
-        prefill_seconds(model, inputs, caches[label])
+        prefill_seconds(model, inputs, PATHS[label][3])
     times = {label: [] for label in PATHS}
     for _ in range(args.rounds):
         for label, model in loaded.items():
-            times[label].append(prefill_seconds(model, inputs, caches[label]))
+            times[label].append(prefill_seconds(model, inputs, PATHS[label][3]))
     lines = [
         f"Command: `python benchmarks/bench_prefill.py --rounds {args.rounds} --prompt {args.prompt} --write`",
         "",
@@ -83,8 +73,9 @@ def main() -> None:
     ]
     for label in PATHS:
         median, low, high = summarize(times[label])
-        base = summarize(times[PATHS[label][2]])[0]
-        versus = "" if label == PATHS[label][2] else f" ({PATHS[label][2].split()[1]})"
+        base_label = PATHS[label][4]
+        base = summarize(times[base_label])[0]
+        versus = "" if label == base_label else f" ({base_label.split()[1]})"
         lines.append(f"| {label} | {median * 1e3:.0f} ({low * 1e3:.0f}-{high * 1e3:.0f}) | "
                      f"{args.prompt / median:.0f} | {base / median:.2f}x{versus} |")
     table = "\n".join(lines)
