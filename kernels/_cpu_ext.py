@@ -39,6 +39,29 @@ def _clear_stale_lock(lock: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
+def _build(name: str, defines: tuple[str, ...] = ()):
+    """Compile (or load from torch's extension cache) the sources as extension ``name``."""
+    from torch.utils.cpp_extension import _get_build_directory, load
+
+    build_dir = Path(_get_build_directory(name, False))
+    built = build_dir / f"{name}.so"
+    _clear_stale_lock(build_dir / "lock")
+    if not built.exists():
+        print("hf_fastinfer: compiling the CPU kernels for this machine (once, a minute or two)...",
+              file=sys.stderr, flush=True)
+    return load(
+        name=name,
+        sources=[str(p) for p in sorted(_SOURCE_DIR.glob("*.cpp"))],
+        # -fopenmp: at::parallel_for is an OpenMP loop inlined from ATen's headers (and the fused
+        # kernels' parallel regions are OpenMP); without the flag they silently run on one thread.
+        # -ffp-contract=off: scalar code rounds each product as torch's elementwise ops do (the GEMV
+        # loops use explicit FMA instructions).
+        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", *(f"-D{d}" for d in defines)],
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
+
+
 def cpu_extension():
     """The loaded extension module, or None when it cannot be built here."""
     if "module" in _state:
@@ -49,26 +72,7 @@ def cpu_extension():
         module = None
         if os.environ.get("HF_FASTINFER_NO_CPU_EXT") != "1":
             try:
-                from torch.utils.cpp_extension import _get_build_directory, load
-
-                build_dir = Path(_get_build_directory(_NAME, False))
-                built = build_dir / f"{_NAME}.so"
-                _clear_stale_lock(build_dir / "lock")
-                if not built.exists():
-                    print("hf_fastinfer: compiling the CPU kernels for this machine (once, a minute or two)...",
-                          file=sys.stderr, flush=True)
-
-                module = load(
-                    name=_NAME,
-                    sources=[str(p) for p in sorted(_SOURCE_DIR.glob("*.cpp"))],
-                    # -fopenmp: at::parallel_for is an OpenMP loop inlined from ATen's headers (and the fused
-                    # kernels' parallel regions are OpenMP); without the flag they silently run on one thread.
-                    # -ffp-contract=off: scalar code rounds each product as torch's elementwise ops do (the GEMV
-                    # loops use explicit FMA instructions).
-                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
-                    extra_ldflags=["-fopenmp"],
-                    verbose=False,
-                )
+                module = _build(_NAME)
             except Exception as exc:  # no compiler, no ninja, unsupported flags ...
                 warnings.warn(
                     f"hf_fastinfer: could not build the CPU kernels ({type(exc).__name__}: "
@@ -79,3 +83,15 @@ def cpu_extension():
                 )
         _state["module"] = module
         return module
+
+
+def use_phase_profiling_build():
+    """Build the kernels with their per-phase cycle counters (``kernels/cpu/phases.h``) and make that build the
+    one this process uses; returns it. For ``benchmarks/profile_decode.py``: it must run before anything in the
+    process has used the compiled kernels (two builds cannot both be loaded: they register the same classes)."""
+    with _lock:
+        if _state.get("module") is not None and not hasattr(_state["module"], "phase_cycles"):
+            raise RuntimeError("the compiled kernels are already loaded in this process; profile in a new one")
+        if _state.get("module") is None:
+            _state["module"] = _build(_NAME + "_phases", ("HF_FASTINFER_PHASES",))
+        return _state["module"]

@@ -307,6 +307,29 @@ def test_composed_layer_on_gpu_matches_reference(dtype, bits):
 
 
 @needs_compiled
+def test_decode_chain_keeps_its_buffers_but_never_writes_into_what_it_returned():
+    """The compiled chain keeps its layers' buffers between calls; a later call (here a longer chain, in which
+    the slot that returned the next layer's q, k, v before is now inside the chain) leaves every tensor an
+    earlier call returned as it was, and gives what a first call would."""
+    specs = [make_spec(torch.bfloat16, 4, seed=s) for s in range(4)]
+    inputs = make_inputs(specs[0], batch=1, cached=6)
+    hidden, cos, sin, *_ = inputs
+
+    def caches(count):
+        return [dl.CacheSlot(*_buffers(s, make_inputs(s, batch=1, cached=6, seed=9), 12), 6, 7) for s in specs[:count]]
+
+    q, k, v = dl.attn_in(specs[0], hidden, cos, sin)
+    outs2, next2 = dl.decode_chain(specs[:2], hidden, q, k, v, caches(2), None, cos, sin, specs[2])
+    kept = [t.clone() for t in (*outs2, *next2)]
+    first = dl.decode_chain(specs[:3], hidden * 2, q, k, v, caches(3), None, cos, sin, specs[3])
+    for a, b in zip((*outs2, *next2), kept):
+        assert torch.equal(a, b)
+    again = dl.decode_chain(specs[:3], hidden * 2, q, k, v, caches(3), None, cos, sin, specs[3])
+    for a, b in zip((*first[0], *first[1]), (*again[0], *again[1])):
+        assert torch.equal(a, b)
+
+
+@needs_compiled
 @pytest.mark.parametrize("int8_kv", [False, True])
 @pytest.mark.parametrize("dtype,bits", [(torch.float32, 0), (torch.bfloat16, 4)])
 def test_decode_chain_matches_layer_by_layer(int8_kv, dtype, bits):
@@ -343,3 +366,14 @@ def test_decode_chain_matches_layer_by_layer(int8_kv, dtype, bits):
                                      new_kv=qkv[1:], slot=6, attend_len=7, next_spec=specs[j + 1], next_cos=cos,
                                      next_sin=sin)
         assert_close(outs[j], x, dtype, f"layer {j}")
+
+
+@needs_compiled
+def test_phase_counters_are_compiled_out_of_the_normal_build():
+    # benchmarks/profile_decode.py builds them into a second extension; the one every user loads has no counter
+    # in its loops, and a process that already uses it cannot switch (both register the same classes)
+    from hf_fastinfer.kernels import _cpu_ext
+
+    assert not hasattr(cpu_extension(), "phase_cycles")
+    with pytest.raises(RuntimeError, match="already loaded"):
+        _cpu_ext.use_phase_profiling_build()

@@ -24,6 +24,7 @@
 #include "gated_act.h"
 #include "kv_quant.h"
 #include "ops.h"
+#include "phases.h"
 #include "quant_gemv.h"
 #include "rms_norm.h"
 #include "simd.h"
@@ -402,7 +403,9 @@ void DecoderLayer::attn_in_team(const T* hp, int64_t M, const T* cp, int64_t str
     thread_share(qkv_[i].out_features(), 4, tid, nt, begin, end);
     qkv_[i].rows(xn.data(), qa, M, ys[i].data(), begin, end);
   }
+  HF_PHASE(tid, kQkv);
 #pragma omp barrier
+  HF_PHASE(tid, kWaitQkv);
   // 3. per (sequence, head): the projection's output rounded to T, q/k norm, rotary; v copied
   const int64_t total = (Hq + 2 * Hkv) * D, R = rotary_dim_, half = R / 2;
   // column c of row m of the q | k | v output: one fused projection, or q, k, v apart
@@ -439,6 +442,7 @@ void DecoderLayer::attn_in_team(const T* hp, int64_t M, const T* cp, int64_t str
     }
     for (int64_t j = R; j < D; ++j) dst[j] = static_cast<T>(head[j]);
   }
+  HF_PHASE(tid, kRope);
 }
 
 // the per-projection output buffers attn_in_team writes
@@ -521,11 +525,12 @@ struct OutWork {
   const DecoderLayer* next = nullptr;
   std::vector<at::Tensor> next_qkv;
   std::vector<std::vector<float>> next_ys;
+  bool returned = false;  // next_qkv went out to the caller: the next call must not write into it
   std::pair<const void*, int64_t> next_c{nullptr, 0}, next_s{nullptr, 0};
 };
 
 template <typename T, typename KT>
-void DecoderLayer::prepare_out(const AttnOutArgs& a, void* work_ptr) const {
+void DecoderLayer::prepare_out(const AttnOutArgs& a, void* work_ptr, bool returns_next) const {
   auto& w = *static_cast<OutWork<T, KT>*>(work_ptr);
   constexpr bool quantized = std::is_same<KT, int8_t>::value;
   const int64_t M = a.hidden.size(0), H = hidden_, D = head_dim_, Hq = num_heads_, I = intermediate_;
@@ -535,10 +540,8 @@ void DecoderLayer::prepare_out(const AttnOutArgs& a, void* work_ptr) const {
   w.slot = a.slot;
   w.hp = a.hidden.data_ptr<T>();
   w.qp = a.q.data_ptr<T>();
-  if (a.slot >= 0) {
-    w.kn = a.k.data_ptr<T>();
-    w.vn = a.v.data_ptr<T>();
-  }
+  w.kn = a.slot >= 0 ? a.k.data_ptr<T>() : nullptr;
+  w.vn = a.slot >= 0 ? a.v.data_ptr<T>() : nullptr;
   w.kp = a.keys.data_ptr<KT>();
   w.vp = a.values.data_ptr<KT>();
   w.k0 = a.keys.stride(0), w.k1 = a.keys.stride(1), w.k2 = a.keys.stride(2);
@@ -550,6 +553,9 @@ void DecoderLayer::prepare_out(const AttnOutArgs& a, void* work_ptr) const {
     w.vs0 = a.v_scale.stride(0), w.vs1 = a.v_scale.stride(1), w.vs2 = a.v_scale.stride(2);
   }
   // mask [Bm, 1, 1, Lm] (Bm 1 or B, Lm >= L): bool, or additive float32 / T
+  w.mb = nullptr;
+  w.mf = nullptr;
+  w.mt = nullptr;
   if (a.mask.defined()) {
     w.stride_mb = a.mask.size(0) == 1 ? 0 : a.mask.stride(0);
     w.stride_ml = a.mask.stride(3);
@@ -561,6 +567,7 @@ void DecoderLayer::prepare_out(const AttnOutArgs& a, void* work_ptr) const {
       w.mt = a.mask.data_ptr<T>();
   }
   const bool mlp = !gate_up_.empty();
+  // (the buffers keep their size from the call before: resizing to it neither allocates nor fills)
   w.attn.resize(M * Hq * D);
   w.yo.resize(M * H);
   if (mlp) {
@@ -569,12 +576,22 @@ void DecoderLayer::prepare_out(const AttnOutArgs& a, void* work_ptr) const {
     w.yg.resize(M * (gate_up_.size() == 1 ? 2 * I : I));
     if (gate_up_.size() == 2) w.yu.resize(M * I);
   }
+  // the output goes to the caller: a new tensor every call
   w.out = at::detail::empty_cpu({M, 1, H}, dtype_, false, c10::nullopt);
-  if (!mlp) w.normed = at::detail::empty_cpu({M, 1, H}, dtype_, false, c10::nullopt);
+  w.normed = mlp ? at::Tensor() : at::detail::empty_cpu({M, 1, H}, dtype_, false, c10::nullopt);
   w.next = a.next;
   if (a.next != nullptr) {
-    w.next_qkv = a.next->new_qkv(M);
-    w.next_ys = a.next->qkv_buffers(M);
+    // q / k / v of the next layer: kept from the call before when the chain goes on to that layer in this
+    // parallel region (nothing outside reads them), new when they are returned
+    const auto& q0 = w.next_qkv.empty() ? at::Tensor() : w.next_qkv[0];
+    const bool reuse = !returns_next && !w.returned && q0.defined() && q0.size(0) == M && q0.scalar_type() == dtype_ &&
+                       q0.size(1) == a.next->num_heads_ && q0.size(3) == a.next->head_dim_ &&
+                       w.next_qkv[1].size(1) == a.next->num_kv_heads_;
+    if (!reuse) w.next_qkv = a.next->new_qkv(M);
+    w.returned = returns_next;
+    const auto& projections = a.next->qkv_;
+    w.next_ys.resize(projections.size());
+    for (size_t i = 0; i < projections.size(); ++i) w.next_ys[i].resize(M * projections[i].out_features());
     w.next_c = a.next->rotary_rows(a.next_cos, M, "next_cos");
     w.next_s = a.next->rotary_rows(a.next_sin, M, "next_sin");
   }
@@ -609,7 +626,9 @@ void DecoderLayer::run_out_team(void* work_ptr, int tid, int n) const {
         std::copy(vsrc, vsrc + D, vdst);
       }
     }
+    HF_PHASE(tid, kKvWrite);
 #pragma omp barrier
+    HF_PHASE(tid, kWaitKvWrite);
   }
   // 1. attention: this thread's share of the (sequence, query head) items, in runs of consecutive heads that
   // share a KV head (up to kMaxRunHeads), each run one attend_heads call
@@ -632,7 +651,9 @@ void DecoderLayer::run_out_team(void* work_ptr, int tid, int n) const {
       item += run;
     }
   }
+  HF_PHASE(tid, kAttention);
 #pragma omp barrier
+  HF_PHASE(tid, kWaitAttention);
   // 2. o_proj, rows split across the team
   {
     QuantActivations qa;
@@ -641,7 +662,9 @@ void DecoderLayer::run_out_team(void* work_ptr, int tid, int n) const {
     thread_share(H, 4, tid, n, begin, end);
     o_.rows(w.attn.data(), qa, M, w.yo.data(), begin, end);
   }
+  HF_PHASE(tid, kO);
 #pragma omp barrier
+  HF_PHASE(tid, kWaitO);
   // 3. residual add and post-attention norm; every thread computes them whole (a few hundred values: cheaper
   // than another barrier)
   std::vector<float> h(M * H), n2(M * H);
@@ -658,6 +681,7 @@ void DecoderLayer::run_out_team(void* work_ptr, int tid, int n) const {
     }
     return;
   }
+  HF_PHASE(tid, kNorm);
   // 4. gate and up rows [begin, end) on this thread, then act(gate) * up for the same columns
   int64_t begin, end;
   thread_share(I, 16, tid, n, begin, end);
@@ -694,7 +718,9 @@ void DecoderLayer::run_out_team(void* work_ptr, int tid, int n) const {
     }
 #endif
   }
+  HF_PHASE(tid, kGateUp);
 #pragma omp barrier
+  HF_PHASE(tid, kWaitGateUp);
   // 5. down projection and the second residual add, rows split across the team
   QuantActivations qa;
   down_->prepare(w.act.data(), M, bf16, qa);
@@ -703,8 +729,10 @@ void DecoderLayer::run_out_team(void* work_ptr, int tid, int n) const {
   for (int64_t m = 0; m < M; ++m)
     for (int64_t j = begin; j < end; ++j) op[m * H + j] = static_cast<T>(h[m * H + j] + round_to<T>(w.yd[m * H + j]));
   // 6. the next layer's attn_in on the finished output
+  HF_PHASE(tid, kDown);
   if (w.next != nullptr) {
 #pragma omp barrier
+    HF_PHASE(tid, kWaitDown);
     w.next->template attn_in_team<T>(op, M, static_cast<const T*>(w.next_c.first), w.next_c.second,
                             static_cast<const T*>(w.next_s.first), w.next_s.second, w.next_qkv[0].template data_ptr<T>(),
                             w.next_qkv[1].template data_ptr<T>(), w.next_qkv[2].template data_ptr<T>(), w.next_ys, tid, n);
@@ -717,32 +745,47 @@ void DecoderLayer::run_out_team(void* work_ptr, int tid, int n) const {
 // a single layer without a fused MLP returns {residual, normed}.
 template <typename T, typename KT>
 std::vector<at::Tensor> run_chain(const std::vector<const DecoderLayer*>& layers, std::vector<AttnOutArgs>& args) {
-  std::vector<OutWork<T, KT>> works(layers.size());
-  for (size_t j = 0; j < layers.size(); ++j) {
+  // The layers' buffers stay with the calling thread between calls (their sizes rarely change): a chain's
+  // setup allocated and zero-filled them for every layer and token, about 7 us a layer (0.2 ms of an int4
+  // token of the default model, benchmarks/profile_decode.py).
+  static thread_local std::vector<OutWork<T, KT>> kept;
+  const size_t count = layers.size();
+  if (kept.size() < count) kept.resize(count);
+  OutWork<T, KT>* const works = kept.data();  // (a plain pointer: inside the parallel region `kept` would name
+                                               // each thread's own, empty, vector)
+  for (size_t j = 0; j < count; ++j) {
     if (j > 0) {
-      args[j].hidden = works[j - 1].out.view({works[j - 1].M, -1});
+      args[j].hidden = works[j - 1].out;  // [M, 1, H]
       args[j].q = works[j - 1].next_qkv[0];
       args[j].k = works[j - 1].next_qkv[1];
       args[j].v = works[j - 1].next_qkv[2];
     }
-    layers[j]->template prepare_out<T, KT>(args[j], &works[j]);
+    layers[j]->template prepare_out<T, KT>(args[j], &works[j], j + 1 == count);
   }
   const int nt = team_size();
+  HF_PHASE(0, kSetup);  // (the calling thread)
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-    for (size_t j = 0; j < layers.size(); ++j) {
+    HF_PHASE_START();
+    for (size_t j = 0; j < count; ++j) {
       if (j > 0) {
 #pragma omp barrier
+        HF_PHASE(tid, kWaitLayer);
       }
       layers[j]->template run_out_team<T, KT>(&works[j], tid, n);
     }
+    HF_PHASE_STOP();
   }
-  if (works.back().normed.defined()) return {works.back().out, works.back().normed};  // (a single layer)
+  HF_PHASE_START();
+  auto& last = works[count - 1];
+  if (last.normed.defined()) return {last.out, last.normed};  // (a single layer)
   std::vector<at::Tensor> outs;
-  for (auto& w : works) outs.push_back(w.out);
-  if (works.back().next != nullptr)
-    for (auto& t : works.back().next_qkv) outs.push_back(t);
+  for (size_t j = 0; j < count; ++j) outs.push_back(works[j].out);
+  if (last.next != nullptr)
+    for (auto& t : last.next_qkv) outs.push_back(t);
+  HF_PHASE(0, kOutputs);
+  HF_PHASE_STOP();
   return outs;
 }
 
@@ -852,6 +895,7 @@ std::vector<at::Tensor> DecoderLayer::decode_chain(const std::vector<const Decod
                                                    const std::vector<int64_t>& attend_lens,
                                                    const c10::optional<at::Tensor>& mask, const at::Tensor& cos,
                                                    const at::Tensor& sin, const DecoderLayer* next) {
+  HF_PHASE_START();
   const size_t n = chain.size();
   TORCH_CHECK(n >= 1 && chain[0] == this && keys.size() == n && values.size() == n && k_scales.size() == n &&
               v_scales.size() == n && slots.size() == n && attend_lens.size() == n,
@@ -863,6 +907,7 @@ std::vector<at::Tensor> DecoderLayer::decode_chain(const std::vector<const Decod
     args.push_back(chain[j]->make_args(hidden, q, k, v, keys[j], values[j], k_scales[j], v_scales[j], mask, slots[j],
                                        attend_lens[j], following, cos, sin, j == 0));
   }
+  HF_PHASE(0, kArgs);
   return run(chain, args);
 }
 

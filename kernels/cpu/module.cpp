@@ -2,12 +2,37 @@
 #include <torch/extension.h>
 
 #include "ops.h"
+#include "phases.h"
 #include "simd.h"
 
 namespace py = pybind11;
 using namespace hf_fastinfer;
 
+#ifdef HF_FASTINFER_PHASES
+namespace hf_fastinfer {
+namespace phases {
+uint64_t counters[kMaxThreads][kCount] = {};
+thread_local uint64_t last = 0;
+}  // namespace phases
+}  // namespace hf_fastinfer
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef HF_FASTINFER_PHASES
+  // the profiling build only (phases.h): cycles per [thread][phase] since the last reset, and the phase names
+  m.def("phase_cycles", []() {
+    std::vector<std::vector<uint64_t>> out(phases::kMaxThreads, std::vector<uint64_t>(phases::kCount));
+    for (int t = 0; t < phases::kMaxThreads; ++t)
+      for (int p = 0; p < phases::kCount; ++p) out[t][p] = phases::counters[t][p];
+    return out;
+  });
+  m.def("phase_reset", []() {
+    for (auto& row : phases::counters)
+      for (auto& c : row) c = 0;
+  });
+  m.def("phase_names", []() { return std::vector<std::string>(phases::kNames, phases::kNames + phases::kCount); });
+  m.def("read_tsc", []() { return static_cast<uint64_t>(__rdtsc()); });
+#endif
   m.def("team_size", &team_size, "threads the compiled kernels' parallel regions use (torch.get_num_threads())");
   m.def("quant_gemv", &quant_gemv, "weight-only quantized GEMV for a few activation rows");
   m.def("dense_gemv", &dense_gemv, "float-weight GEMV for a few activation rows");

@@ -137,8 +137,9 @@ class DecoderLayer {
                         const c10::optional<at::Tensor>& v_scale, const c10::optional<at::Tensor>& mask, int64_t slot,
                         int64_t attend_len, const DecoderLayer* next, const c10::optional<at::Tensor>& next_cos,
                         const c10::optional<at::Tensor>& next_sin, bool inputs) const;
+  // (returns_next: the next layer's q, k, v go out to the caller, else they stay inside the chain)
   template <typename T, typename KT>
-  void prepare_out(const AttnOutArgs& a, void* work) const;
+  void prepare_out(const AttnOutArgs& a, void* work, bool returns_next) const;
   template <typename T, typename KT>
   void run_out_team(void* work, int tid, int nt) const;
   template <typename T>
