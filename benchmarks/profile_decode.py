@@ -146,7 +146,8 @@ def main() -> None:
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     tsc = tsc_per_second()
     bandwidth = read_bandwidth_gbs()[0]
-    lines = [f"Command: `python benchmarks/profile_decode.py --precisions {args.precisions} --rounds {args.rounds} "
+    lines = ["## Decode step on CPU, phase by phase", "",
+             f"Command: `python benchmarks/profile_decode.py --precisions {args.precisions} --rounds {args.rounds} "
              f"--new-tokens {args.new_tokens} --prompt {args.prompt} --write`", "",
              f"Machine: {machine()}. Read bandwidth (fp32 sum of 1 GiB): {bandwidth:.1f} GB/s.", "",
              f"SmolLM2-135M-Instruct, batch 1, greedy, {args.prompt}-token prompt, {args.new_tokens} new tokens; "
