@@ -31,6 +31,20 @@
 
 namespace hf_fastinfer {
 
+namespace {
+// The scratch a thread of a team uses inside one layer step (the normalised input, the residual, attention's
+// scores, the activations prepared for a quantized projection), kept with the thread between steps: allocating
+// them in every layer cost some 70 allocations a layer and thread, inside the parallel region.
+struct TeamScratch {
+  std::vector<float> xn, row, head, h, n2, scores, qf, kbuf;
+  QuantActivations qkv, qa, qb;  // attn_in's projections; the layer's others (two at a time: gate, up)
+};
+TeamScratch& team_scratch() {
+  static thread_local TeamScratch scratch;
+  return scratch;
+}
+}  // namespace
+
 Projection::Projection(at::Tensor weight, c10::optional<at::Tensor> scales, c10::optional<at::Tensor> zeros,
                        c10::optional<at::Tensor> bias, int64_t bits, int64_t group_size, int64_t in_features)
     : bits_(bits), in_features_(in_features), group_size_(group_size) {
@@ -390,14 +404,18 @@ void DecoderLayer::attn_in_team(const T* hp, int64_t M, const T* cp, int64_t str
   const int64_t H = hidden_, D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_;
   const bool bf16 = std::is_same<T, c10::BFloat16>::value;
   // 1. the normalised input (T values held as float): every thread its own copy, a few hundred values
-  std::vector<float> xn(M * H), row(H);
+  TeamScratch& scratch = team_scratch();
+  std::vector<float>& xn = scratch.xn;
+  std::vector<float>& row = scratch.row;
+  xn.resize(M * H);
+  row.resize(H);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t d = 0; d < H; ++d) row[d] = static_cast<float>(hp[m * H + d]);
     rms_norm_row<T>(row.data(), norm1_.data_ptr<float>(), xn.data() + m * H, H, eps_, gemma_norm_);
   }
   // 2. each projection's rows split across the team
   for (size_t i = 0; i < qkv_.size(); ++i) {
-    QuantActivations qa;
+    QuantActivations& qa = scratch.qkv;
     qkv_[i].prepare(xn.data(), M, bf16, qa);
     int64_t begin, end;
     thread_share(qkv_[i].out_features(), 4, tid, nt, begin, end);
@@ -415,7 +433,8 @@ void DecoderLayer::attn_in_team(const T* hp, int64_t M, const T* cp, int64_t str
     const int64_t start = which == 0 ? 0 : (which == 1 ? Hq * D : (Hq + Hkv) * D);
     return ys[which].data() + m * qkv_[which].out_features() + (c - start);
   };
-  std::vector<float> head(D);
+  std::vector<float>& head = scratch.head;
+  head.resize(D);
   int64_t begin, end;
   thread_share(M * (Hq + 2 * Hkv), 1, tid, nt, begin, end);
   for (int64_t item = begin; item < end; ++item) {
@@ -607,6 +626,7 @@ void DecoderLayer::run_out_team(void* work_ptr, int tid, int n) const {
   const int64_t G = Hq / Hkv, L = w.L, I = intermediate_;
   const bool bf16 = std::is_same<T, c10::BFloat16>::value;
   const bool mlp = !gate_up_.empty();
+  TeamScratch& scratch = team_scratch();
   T* op = w.out.template data_ptr<T>();
   // 0. the new token's K/V into the cache's own buffers at `slot` (int8: quantized as kv_append does)
   if (w.slot >= 0) {
@@ -635,7 +655,12 @@ void DecoderLayer::run_out_team(void* work_ptr, int tid, int n) const {
   {
     int64_t begin, end;
     thread_share(M * Hq, 1, tid, n, begin, end);
-    std::vector<float> scores(std::min<int64_t>(kMaxRunHeads, G) * L), qf(std::min<int64_t>(kMaxRunHeads, G) * D), kbuf(16 * 16 * ((D + 15) / 16));
+    std::vector<float>& scores = scratch.scores;
+    std::vector<float>& qf = scratch.qf;
+    std::vector<float>& kbuf = scratch.kbuf;
+    scores.resize(std::min<int64_t>(kMaxRunHeads, G) * L);
+    qf.resize(std::min<int64_t>(kMaxRunHeads, G) * D);
+    kbuf.resize(16 * 16 * ((D + 15) / 16));
     for (int64_t item = begin; item < end;) {
       const int64_t m = item / Hq, h = item % Hq, kvh = h / G;
       // the run: heads h.. of this sequence with the same KV head, within this thread's share
@@ -656,7 +681,7 @@ void DecoderLayer::run_out_team(void* work_ptr, int tid, int n) const {
   HF_PHASE(tid, kWaitAttention);
   // 2. o_proj, rows split across the team
   {
-    QuantActivations qa;
+    QuantActivations& qa = scratch.qa;
     o_.prepare(w.attn.data(), M, bf16, qa);
     int64_t begin, end;
     thread_share(H, 4, tid, n, begin, end);
@@ -667,7 +692,10 @@ void DecoderLayer::run_out_team(void* work_ptr, int tid, int n) const {
   HF_PHASE(tid, kWaitO);
   // 3. residual add and post-attention norm; every thread computes them whole (a few hundred values: cheaper
   // than another barrier)
-  std::vector<float> h(M * H), n2(M * H);
+  std::vector<float>& h = scratch.h;
+  std::vector<float>& n2 = scratch.n2;
+  h.resize(M * H);
+  n2.resize(M * H);
   for (int64_t i = 0; i < M * H; ++i) h[i] = round_to<T>(static_cast<float>(w.hp[i]) + round_to<T>(w.yo[i]));
   for (int64_t m = 0; m < M; ++m)
     rms_norm_row<T>(h.data() + m * H, norm2_.data_ptr<float>(), n2.data() + m * H, H, eps_, gemma_norm_);
@@ -687,12 +715,13 @@ void DecoderLayer::run_out_team(void* work_ptr, int tid, int n) const {
   thread_share(I, 16, tid, n, begin, end);
   const int64_t ldg = gate_up_.size() == 1 ? 2 * I : I;
   if (gate_up_.size() == 1) {  // fused [2I, H]: gate rows, then up rows
-    QuantActivations qa;
+    QuantActivations& qa = scratch.qa;
     gate_up_[0].prepare(n2.data(), M, bf16, qa);
     gate_up_[0].rows(n2.data(), qa, M, w.yg.data(), begin, end);
     gate_up_[0].rows(n2.data(), qa, M, w.yg.data(), I + begin, I + end);
   } else {
-    QuantActivations qg, qu;
+    QuantActivations& qg = scratch.qa;
+    QuantActivations& qu = scratch.qb;
     gate_up_[0].prepare(n2.data(), M, bf16, qg);
     gate_up_[1].prepare(n2.data(), M, bf16, qu);
     gate_up_[0].rows(n2.data(), qg, M, w.yg.data(), begin, end);
@@ -722,7 +751,7 @@ void DecoderLayer::run_out_team(void* work_ptr, int tid, int n) const {
 #pragma omp barrier
   HF_PHASE(tid, kWaitGateUp);
   // 5. down projection and the second residual add, rows split across the team
-  QuantActivations qa;
+  QuantActivations& qa = scratch.qa;
   down_->prepare(w.act.data(), M, bf16, qa);
   thread_share(H, 4, tid, n, begin, end);
   down_->rows(w.act.data(), qa, M, w.yd.data(), begin, end);

@@ -69,6 +69,15 @@ inline void block_scales(const ST* sp, const ST* zp, int64_t n, int64_t groups, 
   for (int64_t i = 0; i < 4 * groups; ++i) zs[i] = ((zp != nullptr ? zs[i] : 0.f) + offset) * sf[i];
 }
 
+// The block loops' scale buffers (this block's scales, and (z + offset) * s), kept with the calling thread:
+// otherwise two allocations per projection and thread, inside the decode step's parallel region. Every value
+// a block reads is written for that block first.
+inline float* block_buffer(int which, int64_t n) {
+  static thread_local std::vector<float> buffers[2];
+  if (static_cast<int64_t>(buffers[which].size()) < n) buffers[which].resize(n);
+  return buffers[which].data();
+}
+
 // Software prefetch: the block `ahead` rows on (about kPrefetchBytes), or with none left (the end of the
 // weight) the current block, which is harmless.
 inline int64_t prefetch_rows_ahead(int64_t row_bytes) {
@@ -125,7 +134,8 @@ int64_t gemv_blocks(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin,
   const bool has_offset = zp != nullptr || BITS == 4;
   // groups of exactly CH chunks, then the last, shorter group (K not a multiple of the group size)
   const int64_t full_groups = CH > 0 ? K / gs : 0;
-  std::vector<float> sf(4 * groups), zs(4 * groups, 0.f);  // this block's scales, (z + offset) * s
+  float* const sf = block_buffer(0, 4 * groups);  // this block's scales
+  float* const zs = block_buffer(1, 4 * groups);  // (z + offset) * s (read only with a zero point or int4's offset)
   // Software prefetch of the block `ahead` rows on, a few lines per group: the hardware prefetcher alone
   // keeps too few misses in flight while the core converts integers, and a burst of prefetches fills the
   // line-fill buffers and stalls the core (both measured).
@@ -133,7 +143,7 @@ int64_t gemv_blocks(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin,
   const int64_t lines = (4 * rb + 63) / 64, per_group = (lines + groups - 1) / groups;
   int64_t n = begin;
   for (; n + 4 <= end; n += 4) {
-    block_scales(sp, zp, n, groups, a.offset, sf.data(), zs.data());
+    block_scales(sp, zp, n, groups, a.offset, sf, zs);
     const char* pf0 = prefetch_target(a, n, ahead);
     for (int64_t m = 0; m < a.M; ++m) {
       // The group loop walks pointers forward (the loop body is short at group 32: no index arithmetic,
@@ -142,7 +152,7 @@ int64_t gemv_blocks(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin,
       const float* xe = BITS == 4 ? a.xe + m * half : nullptr;
       const float* xo = BITS == 4 ? a.xo + m * half : nullptr;
       const uint8_t* p[4] = {a.w + n * rb, a.w + (n + 1) * rb, a.w + (n + 2) * rb, a.w + (n + 3) * rb};
-      const float* s[4] = {sf.data(), sf.data() + groups, sf.data() + 2 * groups, sf.data() + 3 * groups};
+      const float* s[4] = {sf, sf + groups, sf + 2 * groups, sf + 3 * groups};
       const int64_t step = BITS == 8 ? gs : gs / 2;  // bytes of a row per group (and floats of xe / xo)
       const char* pf = pf0;
       __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
@@ -174,7 +184,7 @@ int64_t gemv_blocks(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin,
       }
       #pragma GCC unroll 4
       for (int r = 0; r < 4; ++r) {
-        const float zero_term = has_offset ? dot16(zs.data() + r * groups, a.xsum + m * groups, groups) : 0.f;
+        const float zero_term = has_offset ? dot16(zs + r * groups, a.xsum + m * groups, groups) : 0.f;
         a.y[m * a.N + n + r] = _mm512_reduce_add_ps(acc[r]) - zero_term + (a.bias ? a.bias[n + r] : 0.f);
       }
     }
@@ -195,14 +205,16 @@ int64_t gemv_blocks(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin,
 template <int CPG, typename ST>
 int64_t gemv_blocks_a16(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin, int64_t end) {
   const int64_t groups = a.groups, rb = a.row_bytes, h16 = a.half16;
-  std::vector<float> sf(4 * groups + 2, 0.f), zs(4 * groups, 0.f);  // (+2: the odd last pair of group 32)
+  float* const sf = block_buffer(0, 4 * groups + 2);  // (+2: the odd last pair of group 32, zero)
+  float* const zs = block_buffer(1, 4 * groups);
+  sf[4 * groups] = sf[4 * groups + 1] = 0.f;
   const int64_t ahead = prefetch_rows_ahead(rb);
   const int64_t chunks = (rb + 31) / 32;  // 32-byte chunks per row
   const __m512i low = _mm512_set1_epi16(15);
   const __m512i pair_idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
   int64_t n = begin;
   for (; n + 4 <= end; n += 4) {
-    block_scales(sp, zp, n, groups, a.offset, sf.data(), zs.data());  // (int4: offset 8, so zs is always set)
+    block_scales(sp, zp, n, groups, a.offset, sf, zs);  // (int4: offset 8, so zs is always set)
     const char* pf0 = prefetch_target(a, n, ahead);
     for (int64_t m = 0; m < a.M; ++m) {
       const int16_t* xe = a.xe16 + m * h16;
@@ -233,7 +245,7 @@ int64_t gemv_blocks_a16(const GemvArgs a, const ST* sp, const ST* zp, int64_t be
           const __m128 xs2 = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xs + 2 * c)));
           #pragma GCC unroll 4
           for (int r = 0; r < 4; ++r) {
-            const __m128 s2 = _mm_mul_ps(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sf.data() + r * groups + 2 * c))), xs2);
+            const __m128 s2 = _mm_mul_ps(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sf + r * groups + 2 * c))), xs2);
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[r]), _mm512_permutexvar_ps(pair_idx, _mm512_castps128_ps512(s2)), acc[r]);
           }
         }
@@ -250,7 +262,7 @@ int64_t gemv_blocks_a16(const GemvArgs a, const ST* sp, const ST* zp, int64_t be
       for (int r = 0; r < 4; ++r) {
         // with the sums of x as held in int16, so the int16 rounding meets the centred weights (q - z), not
         // the stored nibbles (about twice the size): measured 2-3x smaller error
-        const float zero_term = dot16(zs.data() + r * groups, a.xsum16 + m * groups, groups);
+        const float zero_term = dot16(zs + r * groups, a.xsum16 + m * groups, groups);
         a.y[m * a.N + n + r] = _mm512_reduce_add_ps(acc[r]) - zero_term + (a.bias ? a.bias[n + r] : 0.f);
       }
     }
