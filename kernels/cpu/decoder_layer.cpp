@@ -464,11 +464,11 @@ void DecoderLayer::attn_in_team(const T* hp, int64_t M, const T* cp, int64_t str
   HF_PHASE(tid, kRope);
 }
 
-// the per-projection output buffers attn_in_team writes
-std::vector<std::vector<float>> DecoderLayer::qkv_buffers(int64_t M) const {
-  std::vector<std::vector<float>> ys(qkv_.size());
+// the per-projection output buffers attn_in_team writes, sized for M rows in place (a vector kept from an
+// earlier call of the same size neither allocates nor fills)
+void DecoderLayer::qkv_buffers(int64_t M, std::vector<std::vector<float>>& ys) const {
+  ys.resize(qkv_.size());
   for (size_t i = 0; i < qkv_.size(); ++i) ys[i].resize(M * qkv_[i].out_features());
-  return ys;
 }
 
 // cos / sin [B or 1, 1, >= R] of the layer's dtype as rows: (pointer, stride between sequences)
@@ -493,7 +493,8 @@ std::vector<at::Tensor> DecoderLayer::attn_in_impl(const at::Tensor& hidden, con
   const auto [cp, stride_c] = rotary_rows(cos, M, "cos");
   const auto [sp, stride_s] = rotary_rows(sin, M, "sin");
   auto qkv = new_qkv(M);
-  auto ys = qkv_buffers(M);
+  std::vector<std::vector<float>> ys;
+  qkv_buffers(M, ys);
   const int nt = team_size();
 #pragma omp parallel num_threads(nt)
   attn_in_team<T>(hidden.data_ptr<T>(), M, static_cast<const T*>(cp), stride_c, static_cast<const T*>(sp), stride_s,
@@ -608,9 +609,7 @@ void DecoderLayer::prepare_out(const AttnOutArgs& a, void* work_ptr, bool return
                        w.next_qkv[1].size(1) == a.next->num_kv_heads_;
     if (!reuse) w.next_qkv = a.next->new_qkv(M);
     w.returned = returns_next;
-    const auto& projections = a.next->qkv_;
-    w.next_ys.resize(projections.size());
-    for (size_t i = 0; i < projections.size(); ++i) w.next_ys[i].resize(M * projections[i].out_features());
+    a.next->qkv_buffers(M, w.next_ys);
     w.next_c = a.next->rotary_rows(a.next_cos, M, "next_cos");
     w.next_s = a.next->rotary_rows(a.next_sin, M, "next_sin");
   }

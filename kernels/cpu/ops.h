@@ -145,7 +145,7 @@ class DecoderLayer {
   template <typename T>
   void attn_in_team(const T* hidden, int64_t M, const T* cos, int64_t stride_c, const T* sin, int64_t stride_s, T* q,
                     T* k, T* v, std::vector<std::vector<float>>& ys, int tid, int nt) const;
-  std::vector<std::vector<float>> qkv_buffers(int64_t M) const;
+  void qkv_buffers(int64_t M, std::vector<std::vector<float>>& ys) const;
   std::vector<at::Tensor> new_qkv(int64_t M) const;
   std::pair<const void*, int64_t> rotary_rows(const at::Tensor& t, int64_t M, const char* name) const;
 
