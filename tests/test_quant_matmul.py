@@ -266,14 +266,17 @@ def test_compiled_kernel_is_used_for_decode_rows():
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
 @pytest.mark.parametrize("n, k", [(37, 63), (8, 576), (13, 577), (6, 1536)])
 @pytest.mark.parametrize("m", [1, 3])
-def test_int4_with_int16_activations_within_its_error_bound(group_size, n, k, m):
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_with_int16_activations_within_its_error_bound(group_size, n, k, m, symmetric):
     # The int4 x bf16 path holds x as int16 per group (scale max|x_g| / 32767), so each element is off by at
     # most max|x_g| / 65534: the output may differ from the exact product by at most
     # sum_k |w[n, k]| * max|x_g(k)| / 65534 (plus float32 summation slack), and by no more.
     ext = _ext_or_skip()
     g = torch.Generator().manual_seed(group_size * 1000 + k + m)
     w = torch.randn(n, k, generator=g)
-    qw = quantize_weight(w, 4, group_size, symmetric=False)
+    # asymmetric with float32 scales and zero points; symmetric with the float16 scales MoQ stores (group 32 with
+    # k a multiple of 64 takes the 64-byte block kernel: k 576 ends in a 32-byte block, 1536 does not)
+    qw = quantize_weight(w, 4, group_size, symmetric=symmetric, scale_dtype=torch.float16 if symmetric else torch.float32)
     x = torch.randn(m, k, generator=g).bfloat16().float()
     x[0, min(5, k - 1)] = 40.0                       # an outlier channel
     x[-1, :min(group_size, k)] = 0.0                 # an all-zero group

@@ -29,7 +29,13 @@ struct QuantActivations {
   std::vector<float> xe, xo;        // int4: [M, half] even / odd columns (zero-padded)
   std::vector<int16_t> xe16, xo16;  // int4 x int16: [M, half16]
   std::vector<float> xs, xsum16;    // int4 x int16: [M, groups + 1] scales, [M, groups] sums as held in int16
-  bool a16 = false;
+  // int4 group 32 x int16 with K a multiple of 64 (gemv_blocks_a16_g32): per 64-byte weight block b (4 groups),
+  // x16 [M, blocks, 128] in the lane order of the block's unpacked nibbles, xs4 / xq4 [M, blocks, 16] each
+  // group's int16 scale and quarter sum (as held in int16) on the four lanes that hold its products
+  std::vector<int16_t> x16;
+  std::vector<float> xs4, xq4;
+  int64_t blocks64 = 0;
+  bool a16 = false, g32 = false;
 };
 
 // Prepare x for weights of `bits` and `group_size`. int16_activations: int4 against x held as int16 per group
