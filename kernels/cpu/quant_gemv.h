@@ -27,7 +27,7 @@ struct QuantActivations {
   int64_t M = 0, K = 0, groups = 0, group_size = 0, half = 0, half16 = 0;
   std::vector<float> xsum;          // [M, groups]
   std::vector<float> xe, xo;        // int4: [M, half] even / odd columns (zero-padded)
-  std::vector<int16_t> xe16, xo16;  // int4 x int16: [M, half16]
+  std::vector<int16_t> xe16, xo16;  // int4 x int16 except g32 below: [M, half16]
   std::vector<float> xs, xsum16;    // int4 x int16: [M, groups + 1] scales, [M, groups] sums as held in int16
   // int4 group 32 x int16 with K a multiple of 64 (gemv_blocks_a16_g32): per 64-byte weight block b (4 groups),
   // x16 [M, blocks, 128] in the lane order of the block's unpacked nibbles, xs4 / xq4 [M, blocks, 16] each
