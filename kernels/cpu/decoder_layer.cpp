@@ -149,6 +149,23 @@ inline __m512 load_key16(const KT* p, __mmask16 m) {
 }
 #endif
 
+#ifdef HF_FASTINFER_AVX512
+// Software prefetch into L1 of rows [r0, r1) of a cache buffer (stride and row size in elements of KT). The
+// cache's rows are cold at every decode step (a token's weights pass through the caches after them), and the
+// hardware prefetcher alone keeps too few misses in flight: one core read a KV head's keys and values at
+// about 5 GB/s without it, 2.5x slower than with it (BENCHMARKS.md, "Kernel library, CPU paths").
+template <typename KT>
+inline void prefetch_rows(const KT* base, int64_t stride, int64_t r0, int64_t r1, int64_t row) {
+  const int64_t bytes = row * static_cast<int64_t>(sizeof(KT));
+  for (int64_t r = r0; r < r1; ++r) {
+    const char* p = reinterpret_cast<const char*>(base + r * stride);
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+  }
+}
+// the keys ahead of the ones being read that attend_heads prefetches (one block of 16: further gained nothing)
+constexpr int64_t kPrefetchKeys = 16;
+#endif
+
 // the most query heads one attend_heads call takes (a longer GQA group is split into runs)
 constexpr int kMaxRunHeads = 32;
 
@@ -211,7 +228,17 @@ void attend_heads(int nh, const float* q, const KT* k, const KT* v, int64_t stri
     __mmask16 qm[8];
     for (int64_t c = 0; c < chunks; ++c) qm[c] = tail_mask(D - 16 * c);
     const int64_t row = 16 * chunks;  // floats per key in kbuf
+    prefetch_rows(k, stride_kl, 0, std::min(kPrefetchKeys, L), D);
     for (; l + 16 <= L; l += 16) {  // 16 keys as float once, then each head's 16 sums reduced together
+      // the keys of the block ahead, and this block's values (read after the softmax: they arrive meanwhile)
+      prefetch_rows(k, stride_kl, l + 16, std::min(l + 16 + kPrefetchKeys, L), D);
+      prefetch_rows(v, stride_vl, l, l + 16, D);
+      if constexpr (quantized) {  // their float16 scales, 32 positions a line
+        if (stride_ksl == 1 && stride_vsl == 1) {
+          _mm_prefetch(reinterpret_cast<const char*>(ks + std::min(l + 16, L - 1)), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(vs + l), _MM_HINT_T0);
+        }
+      }
       for (int j = 0; j < 16; ++j) {
         const KT* kr = k + (l + j) * stride_kl;
         for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(kbuf + j * row + 16 * c, load_key16(kr + 16 * c, qm[c]));
@@ -228,6 +255,7 @@ void attend_heads(int nh, const float* q, const KT* k, const KT* v, int64_t stri
         _mm512_storeu_ps(scores + h * L + l, reduce16(acc));
       }
     }
+    prefetch_rows(v, stride_vl, l, L, D);  // the last values, whose keys the scalar loop below takes
   }
 #endif
   for (int h = 0; h < nh; ++h)
