@@ -130,6 +130,18 @@ def test_compiled_layer_variants(variant, dtype):
 
 
 @needs_compiled
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+@pytest.mark.parametrize("int8_kv", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_layer_attention_over_blocks_of_positions(head_dim, int8_kv, dtype):
+    """41 attended positions: two 16-position blocks of the vectorised attention loops (with their prefetches)
+    and a scalar tail, at head dims whose chunk count the kernel fixes at compile time (64, 128) and one it
+    does not (16); three query heads per KV head, a padding mask."""
+    spec = make_spec(dtype, head_dim=head_dim, heads=6, kv_heads=2, hidden=128, inter=96)
+    check(spec, make_inputs(spec, cached=40, int8_kv=int8_kv, mask="float"))
+
+
+@needs_compiled
 @pytest.mark.parametrize("mask", [None, "bool", "float"])
 @pytest.mark.parametrize("int8_kv", [False, True])
 @pytest.mark.parametrize("batch", [1, 3])
