@@ -35,9 +35,9 @@ def _projection(gen, n, k, dtype, bits, bias, group_size=16):
 
 def make_spec(dtype=torch.float32, bits=0, *, hidden=64, heads=4, kv_heads=2, head_dim=16, inter=96, fused=True,
               bias=False, qk_norm=False, rotary_dim=None, gemma=False, activation="silu", mlp=True, softcap=None,
-              seed=0):
+              seed=0, group_size=16):
     gen = torch.Generator().manual_seed(seed)
-    proj = lambda n, k, b=False: _projection(gen, n, k, dtype, bits, b)  # noqa: E731
+    proj = lambda n, k, b=False: _projection(gen, n, k, dtype, bits, b, group_size)  # noqa: E731
     nq, nk = heads * head_dim, kv_heads * head_dim
     qkv = [proj(nq + 2 * nk, hidden, bias)] if fused else [proj(nq, hidden, bias), proj(nk, hidden, bias),
                                                             proj(nk, hidden, bias)]
@@ -127,6 +127,20 @@ def test_compiled_layer_matches_reference(dtype, bits):
 def test_compiled_layer_variants(variant, dtype):
     spec = make_spec(dtype, **variant)
     check(spec, make_inputs(spec))
+
+
+@needs_compiled
+@pytest.mark.parametrize("other", [dict(bits=8), dict(bits=4, group_size=16)])
+def test_compiled_layers_of_other_formats_after_int4_group_32(other):
+    """Each team thread prepares every quantized projection's input in buffers of its own, which serve every
+    layer and model in the process: an int4 group-32 layer with bf16 activations (K a multiple of 64: the
+    block layout of the int16 activations) run first must leave nothing that an int8 or an int4 group-16
+    layer reads. (It once did: an int4 model loaded before an int8 one made the int8 model's probe give NaN,
+    and its injection was refused.)"""
+    first = make_spec(torch.bfloat16, 4, group_size=32)
+    then = make_spec(torch.bfloat16, **other)
+    for spec in (first, then, first, then):
+        check(spec, make_inputs(spec))
 
 
 @needs_compiled

@@ -459,7 +459,10 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
   const int64_t half = (K + 1) / 2;
   out.half = half;
   out.half16 = (half + 31) / 32 * 32;
+  // every field a format sets is reset here: one thread's buffers serve every projection it prepares for, of
+  // any model in the process (an int4 group-32 layout left over from one made an int8 projection read it)
   out.a16 = false;
+  out.blocks64 = 0;
   if (bits == 4) {
     out.xe.assign(M * half, 0.f);
     out.xo.assign(M * half, 0.f);
@@ -481,7 +484,6 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
     // group 32 with whole 32-byte chunks: x16 in gemv_blocks_a16_g32's lane order instead of xe16 / xo16
     const bool g32 = group_size == 32 && K % 64 == 0;
     const int64_t blocks = (half + 63) / 64;
-    out.g32 = g32;
     out.blocks64 = g32 ? blocks : 0;
     out.xe16.assign(g32 ? 0 : M * half16, 0);
     out.xo16.assign(g32 ? 0 : M * half16, 0);
@@ -549,11 +551,12 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
 
 void quant_rows(const QuantWeight& w, const QuantActivations& x, float* y, int64_t begin, int64_t end) {
   const int64_t half = (w.K + 1) / 2;
+  const bool g32 = x.a16 && x.blocks64 > 0;
   const GemvArgs args{x.x, x.xe.data(), x.xo.data(), x.xsum.data(), w.w, w.bias, y,
                       x.M, w.N, w.K, w.groups, w.group_size, half, w.bits == 8 ? w.K : half, w.bits == 4 ? 8.f : 0.f,
-                      x.a16 && !x.g32 ? x.xe16.data() : nullptr, x.a16 && !x.g32 ? x.xo16.data() : nullptr,
+                      x.a16 && !g32 ? x.xe16.data() : nullptr, x.a16 && !g32 ? x.xo16.data() : nullptr,
                       x.a16 ? x.xs.data() : nullptr, x.a16 ? x.xsum16.data() : nullptr, x.half16,
-                      x.g32 ? x.x16.data() : nullptr, x.g32 ? x.xs4.data() : nullptr, x.g32 ? x.xq4.data() : nullptr,
+                      g32 ? x.x16.data() : nullptr, g32 ? x.xs4.data() : nullptr, g32 ? x.xq4.data() : nullptr,
                       x.blocks64};
   if (w.half_scales)
     rows_range<c10::Half>(args, static_cast<const c10::Half*>(w.scales), static_cast<const c10::Half*>(w.zeros), begin, end);

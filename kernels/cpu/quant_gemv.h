@@ -32,10 +32,11 @@ struct QuantActivations {
   // int4 group 32 x int16 with K a multiple of 64 (gemv_blocks_a16_g32): per 64-byte weight block b (4 groups),
   // x16 [M, blocks, 128] in the lane order of the block's unpacked nibbles, xs4 / xq4 [M, blocks, 16] each
   // group's int16 scale and quarter sum (as held in int16) on the four lanes that hold its products
+  // (blocks64 > 0 marks this layout; 0 otherwise)
   std::vector<int16_t> x16;
   std::vector<float> xs4, xq4;
   int64_t blocks64 = 0;
-  bool a16 = false, g32 = false;
+  bool a16 = false;
 };
 
 // Prepare x for weights of `bits` and `group_size`. int16_activations: int4 against x held as int16 per group
