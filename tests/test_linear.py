@@ -37,6 +37,20 @@ def test_linear_matches_reference(dtype, rows, bias):
     _close(lin.linear(x, w, b), lin.linear_ref(x, w, b), dtype)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs PyTorch built with oneDNN")
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp32_prefill_rows_through_onednn(monkeypatch, bias):
+    """The oneDNN product that fp32 prefill rows take on AMD CPUs, run here whatever the CPU: a strided
+    [2, 20, k] input (a transposed view), odd sizes, with and without bias."""
+    monkeypatch.setitem(lin._ONEDNN_FP32, "amd", True)
+    gen = torch.Generator().manual_seed(5)
+    n, k = 83, 70
+    w = torch.randn(n, k, generator=gen) * 0.1
+    b = torch.randn(n, generator=gen) if bias else None
+    x = torch.randn(20, 2, k, generator=gen).transpose(0, 1)  # [2, 20, k], not contiguous
+    _close(lin.linear_cpu(x, w, b), lin.linear_ref(x, w, b), torch.float32)
+
+
 @needs_compiled
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_prefill_linear_float_weights(dtype):
