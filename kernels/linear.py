@@ -14,6 +14,8 @@ Kernel injection gives the projections of injected blocks and a float model's ou
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _backend
@@ -58,28 +60,24 @@ def native_half_gemm(dtype: torch.dtype) -> bool:
     return _NATIVE_HALF[dtype]
 
 
-_ONEDNN_FP32: dict[str, bool] = {}
-
-
+@functools.cache
 def onednn_fp32_gemm() -> bool:
     """Whether fp32 products of many rows go to oneDNN (``torch.ops.mkldnn._linear_pointwise``, the weight as it
     is) rather than to BLAS through ``F.linear``: on AMD CPUs. PyTorch's CPU BLAS is MKL, whose sgemm takes a
     slower code path on CPUs that are not Intel's; oneDNN picks its kernels by instruction set. Measured on an
     AMD EPYC (AVX-512), the default model's prefill shapes (256 rows): oneDNN 2.0-2.3x MKL, the results
     within 8e-7 relative of each other (summation order). On Intel CPUs MKL stays, as transformers runs it."""
-    if "amd" not in _ONEDNN_FP32:
-        vendor = ""
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("vendor_id"):
-                        vendor = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
-        available = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-        _ONEDNN_FP32["amd"] = available and vendor == "AuthenticAMD"
-    return _ONEDNN_FP32["amd"]
+    vendor = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    vendor = line.split(":", 1)[1].strip()
+                    break
+    except OSError:  # not Linux: BLAS, as before
+        return False
+    return (vendor == "AuthenticAMD" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def linear_cpu(x, weight, bias=None):

@@ -27,10 +27,10 @@ namespace {
 // while the core is busy converting integers (measured: lm_head int8 at 8.7 GB/s without, 11.3 GB/s with
 // a software prefetch this far ahead, on a 19 GB/s machine).
 constexpr int64_t kPrefetchBytes = 16384;
-// The prefetches are non-temporal: a decode step reads each weight (and its scales) once, and in L1 only they
-// leave L2 and L3 to what the step reads again (the activations, the KV cache, the Python between the
-// compiled calls). Whole decode, interleaved A/B against prefetching into L1 (T0), AMD EPYC: int8 1.057x
-// (8 rounds, 1.044-1.22x), int4 1.021x (8 rounds, 0.90-1.07x), the same tokens.
+// The prefetches are non-temporal (a decode step reads each weight and its scales once; the hint asks the
+// CPU not to keep them where the activations, the KV cache and the Python between the compiled calls live).
+// Chosen by measurement, not by a model of the caches: whole decode, interleaved A/B against prefetching into
+// L1 (T0), AMD EPYC: int8 1.057x (8 rounds, 1.044-1.22x), int4 1.021x (8 rounds, 0.90-1.07x), the same tokens.
 #ifdef HF_FASTINFER_AVX512
 constexpr auto kPrefetchHint = _MM_HINT_NTA;
 #endif
