@@ -17,7 +17,7 @@ import torch
 
 from . import _backend
 from ._cpu_ext import cpu_extension
-from .linear import native_half_gemm
+from .linear import native_half_gemm, onednn_linear, onednn_product
 from .quant_format import QuantizedWeight, dequantize_weight, num_groups
 
 try:
@@ -317,6 +317,10 @@ def quant_matmul_cpu(x, qweight, scales, zeros, bias, bits, group_size, in_featu
     if ext is not None:  # dtype conversions and reshapes happen inside: cheaper there than from Python
         if rows <= CPU_GEMV_MAX_ROWS:
             return ext.quant_gemv(x, qweight, scales, zeros, bias, bits, group_size, in_features, x.dtype is torch.bfloat16)
+        if x.dtype is torch.float32 and onednn_linear():
+            # AMD CPUs: the weight dequantized whole to fp32, then oneDNN's linear instead of MKL's sgemm
+            w = ext.dequantize_weight(qweight, scales, zeros, bits, group_size, in_features, False)
+            return onednn_product(x, w, None if bias is None else bias.float())
         return ext.prefill_linear(x, qweight, scales, zeros, bias, bits, group_size, in_features,
                                   x.dtype is torch.bfloat16 and native_half_gemm(torch.bfloat16))
     w = _dequantize_fast(qweight, scales, zeros, bits, group_size, in_features, x.dtype)

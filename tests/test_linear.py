@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hf_fastinfer.kernels import linear as lin
+from hf_fastinfer.kernels import quant_matmul as qm
 from hf_fastinfer.kernels._cpu_ext import cpu_extension
 from hf_fastinfer.kernels.quant_format import quantize_weight
 from hf_fastinfer.kernels.quant_matmul import quant_matmul_cpu, quant_matmul_ref
@@ -42,7 +43,7 @@ def test_linear_matches_reference(dtype, rows, bias):
 def test_fp32_prefill_rows_through_onednn(monkeypatch, bias):
     """The oneDNN product that fp32 prefill rows take on AMD CPUs, run here whatever the CPU: a strided
     [2, 20, k] input (a transposed view), odd sizes, with and without bias."""
-    monkeypatch.setattr(lin, "onednn_fp32_gemm", lambda: True)
+    monkeypatch.setattr(lin, "onednn_linear", lambda: True)
     gen = torch.Generator().manual_seed(5)
     n, k = 83, 70
     w = torch.randn(n, k, generator=gen) * 0.1
@@ -65,8 +66,13 @@ def test_prefill_linear_float_weights(dtype):
 @pytest.mark.parametrize("bits, group_size, k", [(8, 32, 96), (8, 48, 100), (4, 32, 96), (4, 48, 101), (4, 64, 130)])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quantized_prefill_rows_match_reference(bits, group_size, k, symmetric, dtype):
-    """More rows than the GEMV takes: the weight dequantized by the compiled kernel, then BLAS."""
+@pytest.mark.parametrize("onednn", [False, True])
+def test_quantized_prefill_rows_match_reference(bits, group_size, k, symmetric, dtype, onednn, monkeypatch):
+    """More rows than the GEMV takes: the weight dequantized by the compiled kernel, then BLAS, or (AMD CPUs'
+    path, run here whatever the CPU) dequantized whole and multiplied by oneDNN's linear."""
+    if onednn and not torch.backends.mkldnn.is_available():
+        pytest.skip("needs PyTorch built with oneDNN")
+    monkeypatch.setattr(qm, "onednn_linear", lambda: onednn)
     gen = torch.Generator().manual_seed(k)
     q = quantize_weight(torch.randn(70, k, generator=gen), bits, group_size, symmetric, scale_dtype=torch.float16)
     x = torch.randn(3, 7, k, generator=gen).to(dtype)  # 21 rows

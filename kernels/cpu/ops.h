@@ -23,6 +23,10 @@ at::Tensor dense_gemv(const at::Tensor& x, const at::Tensor& weight, const c10::
 at::Tensor prefill_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scales,
                         const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& bias, int64_t bits,
                         int64_t group_size, int64_t in_features, bool native_bf16);
+// the same weight dequantized whole, [N, K] bf16 (bf16) or fp32, for a product the caller runs (oneDNN's)
+at::Tensor dequantize_weight(const at::Tensor& weight, const c10::optional<at::Tensor>& scales,
+                             const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
+                             int64_t in_features, bool bf16);
 
 // rms_norm.cpp: RMSNorm with an optional fused residual add (hf_fastinfer.kernels.rms_norm)
 std::vector<at::Tensor> rms_norm(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> residual, double eps,
@@ -67,6 +71,9 @@ class Projection {
   // x [..., K] -> [..., N] in x's dtype for many rows (prefill): the weight in fp32, then BLAS; with bf16 x and
   // native_bf16, the weight in bf16, then one bf16 GEMM (prefill_linear.cpp)
   at::Tensor matmul(const at::Tensor& x, bool native_bf16 = false) const;
+  // the whole weight [N, K] in bf16 (bf16: the bf16 GEMM's operand) or fp32 (BLAS's), a new tensor unless it
+  // is already a bf16 float weight
+  at::Tensor dense(bool bf16) const;
 
  private:
   at::Tensor weight_, scales_, zeros_, bias_;

@@ -153,6 +153,42 @@ bool Projection::dequantize_rows_bf16(int64_t n0, int64_t n1, c10::BFloat16* out
 #endif
 }
 
+at::Tensor Projection::dense(bool bf16) const {
+  const int64_t K = in_features_, N = out_features_;
+  const int nt = team_size();
+  if (bf16) {
+    if (bits_ == 0 && weight_.scalar_type() == at::kBFloat16) return weight_;
+    // the bf16 weight, 16 rows at a time through an fp32 row buffer per thread (L1-resident)
+    at::Tensor w = at::empty({N, K}, weight_.options().dtype(at::kBFloat16));
+    auto* wp = w.data_ptr<c10::BFloat16>();
+#pragma omp parallel num_threads(nt)
+    {
+      int64_t begin, end;
+      thread_share(N, 16, omp_get_thread_num(), omp_get_num_threads(), begin, end);
+      if (!dequantize_rows_bf16(begin, end, wp + begin * K)) {
+        std::vector<float> rows(16 * K);
+        for (int64_t n = begin; n < end; n += 16) {
+          const int64_t n1 = std::min(end, n + 16);
+          dequantize_rows(n, n1, rows.data());
+          to_bf16(rows.data(), wp + n * K, (n1 - n) * K);
+        }
+      }
+    }
+    return w;
+  }
+  // the fp32 weight, rows split across the team (vectorised conversion: a few ms for a layer's largest
+  // projection); the copy lives as long as the caller keeps it
+  at::Tensor w = at::empty({N, K}, weight_.options().dtype(at::kFloat));
+  float* wp = w.data_ptr<float>();
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t begin, end;
+    thread_share(N, 16, omp_get_thread_num(), omp_get_num_threads(), begin, end);
+    if (begin < end) dequantize_rows(begin, end, wp + begin * K);
+  }
+  return w;
+}
+
 at::Tensor Projection::matmul(const at::Tensor& x_in, bool native_bf16) const {
   const int64_t K = in_features_, N = out_features_;
   TORCH_CHECK(x_in.size(-1) == K, "Projection.matmul: x must be [..., in_features]");
@@ -160,42 +196,13 @@ at::Tensor Projection::matmul(const at::Tensor& x_in, bool native_bf16) const {
   auto sizes = x_in.sizes().vec();
   sizes.back() = N;
   if (dtype == at::kBFloat16 && native_bf16) {
-    at::Tensor w = weight_;
-    if (bits_ != 0 || weight_.scalar_type() != at::kBFloat16) {
-      // the bf16 weight, 16 rows at a time through an fp32 row buffer per thread (L1-resident)
-      w = at::empty({N, K}, x_in.options());
-      auto* wp = w.data_ptr<c10::BFloat16>();
-      const int nt = team_size();
-#pragma omp parallel num_threads(nt)
-      {
-        int64_t begin, end;
-        thread_share(N, 16, omp_get_thread_num(), omp_get_num_threads(), begin, end);
-        if (!dequantize_rows_bf16(begin, end, wp + begin * K)) {
-          std::vector<float> rows(16 * K);
-          for (int64_t n = begin; n < end; n += 16) {
-            const int64_t n1 = std::min(end, n + 16);
-            dequantize_rows(n, n1, rows.data());
-            to_bf16(rows.data(), wp + n * K, (n1 - n) * K);
-          }
-        }
-      }
-    }
+    const at::Tensor w = dense(true);
     const auto x = x_in.reshape({-1, K});
     at::Tensor y = bias_.defined() ? at::addmm(bias_.to(at::kBFloat16), x, w.t()) : at::mm(x, w.t());
     return y.view(sizes);
   }
   const auto x = x_in.reshape({-1, K}).to(at::kFloat);
-  // the fp32 weight, rows split across the team (vectorised conversion: a few ms for a layer's largest
-  // projection), then one multithreaded BLAS product; the copy lives for this call only
-  at::Tensor w = at::empty({N, K}, x.options());
-  float* wp = w.data_ptr<float>();
-  const int nt = team_size();
-#pragma omp parallel num_threads(nt)
-  {
-    int64_t begin, end;
-    thread_share(N, 16, omp_get_thread_num(), omp_get_num_threads(), begin, end);
-    if (begin < end) dequantize_rows(begin, end, wp + begin * K);
-  }
+  const at::Tensor w = dense(false);  // then one multithreaded BLAS product
   at::Tensor y = bias_.defined() ? at::addmm(bias_, x, w.t()) : at::mm(x, w.t());
   if (dtype != at::kFloat) y = y.to(dtype);
   return y.view(sizes);
@@ -206,6 +213,14 @@ at::Tensor prefill_linear(const at::Tensor& x, const at::Tensor& weight, const c
                         const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& bias, int64_t bits,
                         int64_t group_size, int64_t in_features, bool native_bf16) {
   return Projection(weight, scales, zeros, bias, bits, group_size, in_features).matmul(x, native_bf16);
+}
+
+// The standalone dequantization: the weight [N, K] in bf16 (bf16 true) or fp32, as Projection::matmul
+// multiplies it, for a caller that runs the product itself.
+at::Tensor dequantize_weight(const at::Tensor& weight, const c10::optional<at::Tensor>& scales,
+                             const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
+                             int64_t in_features, bool bf16) {
+  return Projection(weight, scales, zeros, c10::nullopt, bits, group_size, in_features).dense(bf16);
 }
 
 }  // namespace hf_fastinfer
