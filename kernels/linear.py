@@ -8,7 +8,7 @@ kernel here). CPU: up to :data:`CPU_GEMV_MAX_ROWS` rows run the compiled GEMV in
 which moves the machine's read bandwidth where eager ``F.linear`` moves about half of it in bf16 (BENCHMARKS.md);
 more rows go to BLAS, where the arithmetic dominates: ``F.linear``, or for bf16 / fp16 weights on a CPU without
 native half-precision products, the weight converted to fp32 for the call (``kernels/cpu/prefill_linear.cpp``).
-On AMD CPUs fp32 products of many rows go to oneDNN's linear instead (:func:`onednn_linear`).
+On AMD CPUs every fp32 product of many rows runs oneDNN's linear instead of MKL's sgemm (:func:`onednn_linear`).
 Kernel injection gives the projections of injected blocks and a float model's output projection this forward.
 """
 
@@ -21,7 +21,7 @@ import torch
 from . import _backend
 from ._cpu_ext import cpu_extension
 
-__all__ = ["CPU_GEMV_MAX_ROWS", "linear", "linear_cpu", "linear_ref", "onednn_linear", "onednn_product"]
+__all__ = ["CPU_GEMV_MAX_ROWS", "linear", "linear_cpu", "linear_ref", "onednn_linear"]
 
 #: up to this many activation rows the compiled GEMV runs on CPU; above it, F.linear
 CPU_GEMV_MAX_ROWS = 8
@@ -62,8 +62,8 @@ def native_half_gemm(dtype: torch.dtype) -> bool:
 
 @functools.cache
 def onednn_linear() -> bool:
-    """Whether fp32 products of many rows go to oneDNN's linear (``torch.ops.mkldnn._linear_pointwise`` on the
-    weight as stored, :func:`onednn_product`) rather than to ``F.linear``, which runs MKL's sgemm: on AMD CPUs,
+    """Whether fp32 products of many rows go to oneDNN's linear (``mkldnn::_linear_pointwise`` on the fp32 weight
+    as stored or as dequantized, ``kernels/cpu/prefill_linear.cpp``) rather than to MKL's sgemm: on AMD CPUs,
     where MKL takes a slower code path (it tunes for Intel's) while oneDNN picks its kernels by instruction set.
     Measured on an AMD EPYC (AVX-512), the default model's prefill shapes (256 rows): oneDNN 2.0-2.3x MKL,
     results within 8e-7 relative (summation order). bf16 is left alone: ``F.linear`` already runs oneDNN there
@@ -82,16 +82,10 @@ def onednn_linear() -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def onednn_product(x, weight, bias=None):
-    """x [..., K] @ weight.T (+ bias) by oneDNN's linear, in x's dtype (fp32, or bf16 where native): the weight
-    [N, K] as stored, no copy; one rounding of the fp32 accumulation (bias included)."""
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
-
-
 def linear_cpu(x, weight, bias=None):
-    """CPU path: the compiled GEMV for a few rows of a contiguous weight; for more rows of a bf16 / fp16 weight
-    on a CPU without native half-precision products, the weight in fp32 and BLAS (``kernels/cpu/prefill_linear.cpp``);
-    for more rows of an fp32 weight on an AMD CPU, oneDNN's linear; else F.linear."""
+    """CPU path: the compiled GEMV for a few rows of a contiguous weight; for more rows, the compiled prefill
+    product when it beats ``F.linear``: bf16 / fp16 weights on a CPU without native half-precision products (the
+    weight in fp32, then BLAS) and fp32 weights on an AMD CPU (oneDNN's linear); else F.linear."""
     rows = x.numel() // max(x.shape[-1], 1)
     if rows > 0 and weight.is_contiguous():
         ext = cpu_extension()
@@ -99,9 +93,9 @@ def linear_cpu(x, weight, bias=None):
             if rows <= CPU_GEMV_MAX_ROWS:
                 return ext.dense_gemv(x, weight, bias)
             if weight.dtype != torch.float32 and not native_half_gemm(weight.dtype):
-                return ext.prefill_linear(x, weight, None, None, bias, 0, 0, weight.shape[1])
-        if weight.dtype == torch.float32 and onednn_linear():
-            return onednn_product(x, weight, bias)
+                return ext.prefill_linear(x, weight, None, None, bias, 0, 0, weight.shape[1], onednn=onednn_linear())
+            if weight.dtype == torch.float32 and onednn_linear():
+                return ext.prefill_linear(x, weight, None, None, bias, 0, 0, weight.shape[1], onednn=True)
     return torch.nn.functional.linear(x, weight, bias)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from . import _backend
 from ._cpu_ext import cpu_extension
-from .linear import native_half_gemm, onednn_linear, onednn_product
+from .linear import native_half_gemm, onednn_linear
 from .quant_format import QuantizedWeight, dequantize_weight, num_groups
 
 try:
@@ -307,7 +307,8 @@ def quant_matmul_cpu(x, qweight, scales, zeros, bias, bits, group_size, in_featu
     at most max|x_g| / 65534 per element, about a tenth of a bf16 output's own rounding); fp16 and fp32
     activations stay float throughout. More rows (prefill): the compiled kernel dequantizes the weight to fp32
     (vectorised, across the threads) and one BLAS product follows, where the arithmetic dominates (bf16 / fp16
-    activations are multiplied in fp32 and rounded once); bf16 activations on a CPU with native bf16 products
+    activations are multiplied in fp32 and rounded once; on AMD CPUs that product is oneDNN's linear, not MKL's
+    sgemm, :func:`~hf_fastinfer.kernels.linear.onednn_linear`); bf16 activations on a CPU with native bf16 products
     (AMX, AVX512-BF16) get the weight dequantized to bf16 and one bf16 GEMM instead, as F.linear would run on
     that bf16 weight, several times faster there. Without a compiler, in-place group ops dequantize and
     F.linear multiplies, for every size.
@@ -317,11 +318,7 @@ def quant_matmul_cpu(x, qweight, scales, zeros, bias, bits, group_size, in_featu
     if ext is not None:  # dtype conversions and reshapes happen inside: cheaper there than from Python
         if rows <= CPU_GEMV_MAX_ROWS:
             return ext.quant_gemv(x, qweight, scales, zeros, bias, bits, group_size, in_features, x.dtype is torch.bfloat16)
-        if x.dtype is torch.float32 and onednn_linear():
-            # AMD CPUs: the weight dequantized whole to fp32, then oneDNN's linear instead of MKL's sgemm
-            w = ext.dequantize_weight(qweight, scales, zeros, bits, group_size, in_features, False)
-            return onednn_product(x, w, None if bias is None else bias.float())
         return ext.prefill_linear(x, qweight, scales, zeros, bias, bits, group_size, in_features,
-                                  x.dtype is torch.bfloat16 and native_half_gemm(torch.bfloat16))
+                                  x.dtype is torch.bfloat16 and native_half_gemm(torch.bfloat16), onednn_linear())
     w = _dequantize_fast(qweight, scales, zeros, bits, group_size, in_features, x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))

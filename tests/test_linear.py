@@ -54,12 +54,19 @@ def test_fp32_prefill_rows_through_onednn(monkeypatch, bias):
 
 @needs_compiled
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_prefill_linear_float_weights(dtype):
+@pytest.mark.parametrize("onednn", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_prefill_linear_float_weights(dtype, onednn, bias):
+    """The compiled prefill product of a float weight: its fp32 product by BLAS or (AMD CPUs' road, run here
+    whatever the CPU) by oneDNN's linear, a transposed view as input."""
+    if onednn and not torch.backends.mkldnn.is_available():
+        pytest.skip("needs PyTorch built with oneDNN")
     ext = cpu_extension()
     gen = torch.Generator().manual_seed(0)
-    w, x, b = (torch.randn(130, 96, generator=gen) * 0.1).to(dtype), torch.randn(33, 96, generator=gen).to(dtype), \
-        torch.randn(130, generator=gen).to(dtype)
-    _close(ext.prefill_linear(x, w, None, None, b, 0, 0, 96), lin.linear_ref(x, w, b), dtype)
+    w = (torch.randn(130, 96, generator=gen) * 0.1).to(dtype)
+    x = torch.randn(96, 33, generator=gen).to(dtype).t()  # [33, 96], not contiguous
+    b = torch.randn(130, generator=gen).to(dtype) if bias else None
+    _close(ext.prefill_linear(x, w, None, None, b, 0, 0, 96, onednn=onednn), lin.linear_ref(x, w, b), dtype)
 
 
 @needs_compiled

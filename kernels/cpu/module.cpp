@@ -37,13 +37,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_gemv", &quant_gemv, "weight-only quantized GEMV for a few activation rows");
   m.def("dense_gemv", &dense_gemv, "float-weight GEMV for a few activation rows");
   m.def("prefill_linear", &prefill_linear, py::call_guard<py::gil_scoped_release>(),
-        "many-row product with a bf16 / fp16 or quantized weight through fp32 BLAS (or a bf16 GEMM)",
+        "many-row product with a float or quantized weight: the weight in fp32, then oneDNN's linear (onednn) or "
+        "BLAS; or, bf16 x with native_bf16, the weight in bf16 and one bf16 GEMM",
         py::arg("x"), py::arg("weight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("bits"),
-        py::arg("group_size"), py::arg("in_features"), py::arg("native_bf16") = false);
-  m.def("dequantize_weight", &dequantize_weight, py::call_guard<py::gil_scoped_release>(),
-        "a quantized (or bf16 / fp16) weight whole in bf16 or fp32, as prefill_linear multiplies it",
-        py::arg("weight"), py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"),
-        py::arg("in_features"), py::arg("bf16"));
+        py::arg("group_size"), py::arg("in_features"), py::arg("native_bf16") = false, py::arg("onednn") = false);
   m.def("rms_norm", &rms_norm, "RMSNorm with an optional fused residual add");
   m.def("kv_append", &kv_append, "int8 KV-cache quantize-and-append at given slots");
   m.def("rotary", &rotary, "rotary embedding of q and k (in place when the outputs are the inputs)");

@@ -18,15 +18,12 @@ at::Tensor quant_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::
 // dense_gemv.cpp: float-weight GEMV for a few activation rows (hf_fastinfer.kernels.linear)
 at::Tensor dense_gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
-// prefill_linear.cpp: many-row products with a bf16 / fp16 or quantized weight through fp32 BLAS, or (bf16
-// activations on a CPU with native bf16 products, native_bf16) the weight in bf16 and one bf16 GEMM
+// prefill_linear.cpp: many-row products with a float or quantized weight: the weight in fp32, then one product
+// (oneDNN's linear with onednn, else BLAS), or (bf16 activations on a CPU with native bf16 products,
+// native_bf16) the weight in bf16 and one bf16 GEMM
 at::Tensor prefill_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scales,
                         const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& bias, int64_t bits,
-                        int64_t group_size, int64_t in_features, bool native_bf16);
-// the same weight dequantized whole, [N, K] bf16 (bf16) or fp32, for a product the caller runs (oneDNN's)
-at::Tensor dequantize_weight(const at::Tensor& weight, const c10::optional<at::Tensor>& scales,
-                             const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
-                             int64_t in_features, bool bf16);
+                        int64_t group_size, int64_t in_features, bool native_bf16, bool onednn);
 
 // rms_norm.cpp: RMSNorm with an optional fused residual add (hf_fastinfer.kernels.rms_norm)
 std::vector<at::Tensor> rms_norm(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> residual, double eps,
@@ -68,11 +65,11 @@ class Projection {
   // rows [n0, n1) of a quantized weight as bf16, the values dequantize_rows gives rounded once (AVX512-BF16);
   // false when this CPU or this weight's group layout has no such path (nothing written)
   bool dequantize_rows_bf16(int64_t n0, int64_t n1, c10::BFloat16* out) const;
-  // x [..., K] -> [..., N] in x's dtype for many rows (prefill): the weight in fp32, then BLAS; with bf16 x and
-  // native_bf16, the weight in bf16, then one bf16 GEMM (prefill_linear.cpp)
-  at::Tensor matmul(const at::Tensor& x, bool native_bf16 = false) const;
-  // the whole weight [N, K] in bf16 (bf16: the bf16 GEMM's operand) or fp32 (BLAS's), a new tensor unless it
-  // is already a bf16 float weight
+  // x [..., K] -> [..., N] in x's dtype for many rows (prefill): the weight in fp32, then oneDNN's linear
+  // (onednn) or BLAS; with bf16 x and native_bf16, the weight in bf16, then one bf16 GEMM (prefill_linear.cpp)
+  at::Tensor matmul(const at::Tensor& x, bool native_bf16 = false, bool onednn = false) const;
+  // the whole weight [N, K] in bf16 (bf16: the bf16 GEMM's operand) or fp32 (the fp32 product's), a new tensor
+  // unless the float weight already has that dtype
   at::Tensor dense(bool bf16) const;
 
  private:

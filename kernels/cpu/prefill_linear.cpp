@@ -1,6 +1,8 @@
-// Many-row products (prefill) with a bf16 / fp16 or group-quantized weight: the weight is converted to fp32 by
-// the team of threads (vectorised loops), then one multithreaded BLAS product (MKL's sgemm) runs against all
-// activation rows; the fp32 copy of that one weight lives for the call only. On CPUs without native bf16 /
+// Many-row products (prefill) with a float or group-quantized weight: the weight is converted to fp32 by the
+// team of threads (vectorised loops; an fp32 weight is used as it is), then one multithreaded product runs
+// against all activation rows: MKL's sgemm, or where the caller asks (onednn: AMD CPUs, where MKL's sgemm runs
+// 2.0-2.3x slower, kernels/linear.py: onednn_linear) oneDNN's linear. The fp32 copy of a weight lives for the
+// call only. On CPUs without native bf16 /
 // fp16 arithmetic (AVX512-BF16, AMX) this is several times faster than F.linear in bf16, which converts inside
 // oneDNN on every call, and for quantized weights it replaces a dequantization of several passes of torch ops
 // (BENCHMARKS.md). Converting a tile at a time into an L2-resident buffer and multiplying each tile on one
@@ -13,6 +15,10 @@
 // times slower than the bf16 GEMM a float bf16 model's prefill gets (BENCHMARKS.md), and the caller asks for it
 // (kernels/linear.py: native_half_gemm).
 #include <ATen/EmptyTensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <optional>
+#include <string_view>
 
 #include "ops.h"
 #include "simd.h"
@@ -121,6 +127,20 @@ void dequantize_rows_bf16_avx512(const uint8_t* w, const ST* sp, const ST* zp, i
 }
 #endif
 
+// y [M, N] = x [M, K] @ w.T (+ bias), all fp32, by oneDNN's linear (``mkldnn::_linear_pointwise``, the op
+// torch.compile's CPU backend uses): the weight as given, no packed copy, fp32 accumulation and one rounding.
+// Through the dispatcher, as torch.ops.mkldnn._linear_pointwise is from Python. The caller asks for it only
+// where the op exists (kernels/linear.py: onednn_linear).
+at::Tensor onednn_fp32_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, std::string_view,
+                            c10::List<std::optional<at::Scalar>>, std::optional<std::string_view>)>();
+  return op.call(x.contiguous(), w, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, "none",
+                 c10::List<std::optional<at::Scalar>>(), std::optional<std::string_view>(""));
+}
+
 // fp32 values -> bf16, rounded to nearest even (c10::BFloat16's rounding)
 inline void to_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
   int64_t i = 0;
@@ -176,6 +196,7 @@ at::Tensor Projection::dense(bool bf16) const {
     }
     return w;
   }
+  if (bits_ == 0 && weight_.scalar_type() == at::kFloat) return weight_;
   // the fp32 weight, rows split across the team (vectorised conversion: a few ms for a layer's largest
   // projection); the copy lives as long as the caller keeps it
   at::Tensor w = at::empty({N, K}, weight_.options().dtype(at::kFloat));
@@ -189,7 +210,7 @@ at::Tensor Projection::dense(bool bf16) const {
   return w;
 }
 
-at::Tensor Projection::matmul(const at::Tensor& x_in, bool native_bf16) const {
+at::Tensor Projection::matmul(const at::Tensor& x_in, bool native_bf16, bool onednn) const {
   const int64_t K = in_features_, N = out_features_;
   TORCH_CHECK(x_in.size(-1) == K, "Projection.matmul: x must be [..., in_features]");
   const auto dtype = x_in.scalar_type();
@@ -202,8 +223,9 @@ at::Tensor Projection::matmul(const at::Tensor& x_in, bool native_bf16) const {
     return y.view(sizes);
   }
   const auto x = x_in.reshape({-1, K}).to(at::kFloat);
-  const at::Tensor w = dense(false);  // then one multithreaded BLAS product
-  at::Tensor y = bias_.defined() ? at::addmm(bias_, x, w.t()) : at::mm(x, w.t());
+  const at::Tensor w = dense(false);  // then one multithreaded product: oneDNN's, or BLAS (MKL's sgemm)
+  at::Tensor y = onednn ? onednn_fp32_linear(x, w, bias_)
+                        : (bias_.defined() ? at::addmm(bias_, x, w.t()) : at::mm(x, w.t()));
   if (dtype != at::kFloat) y = y.to(dtype);
   return y.view(sizes);
 }
@@ -211,16 +233,8 @@ at::Tensor Projection::matmul(const at::Tensor& x_in, bool native_bf16) const {
 // The standalone op: x [..., K] against one weight (float bits=0, or quantized), bias [N] or None.
 at::Tensor prefill_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scales,
                         const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& bias, int64_t bits,
-                        int64_t group_size, int64_t in_features, bool native_bf16) {
-  return Projection(weight, scales, zeros, bias, bits, group_size, in_features).matmul(x, native_bf16);
-}
-
-// The standalone dequantization: the weight [N, K] in bf16 (bf16 true) or fp32, as Projection::matmul
-// multiplies it, for a caller that runs the product itself.
-at::Tensor dequantize_weight(const at::Tensor& weight, const c10::optional<at::Tensor>& scales,
-                             const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
-                             int64_t in_features, bool bf16) {
-  return Projection(weight, scales, zeros, c10::nullopt, bits, group_size, in_features).dense(bf16);
+                        int64_t group_size, int64_t in_features, bool native_bf16, bool onednn) {
+  return Projection(weight, scales, zeros, bias, bits, group_size, in_features).matmul(x, native_bf16, onednn);
 }
 
 }  // namespace hf_fastinfer
