@@ -88,6 +88,21 @@ def test_quantized_prefill_rows_match_reference(bits, group_size, k, symmetric, 
     _close(got, quant_matmul_ref(x, q.qweight, q.scales, q.zeros, bias, bits, group_size, k), dtype)
 
 
+@pytest.mark.parametrize("onednn", [False, True])
+def test_gram_matches_float64(monkeypatch, onednn):
+    """x^T x as calibration sums it: by MKL, or by oneDNN's linear (AMD CPUs' road, run here whatever the CPU);
+    symmetric, and close to the float64 product."""
+    if onednn and not torch.backends.mkldnn.is_available():
+        pytest.skip("needs PyTorch built with oneDNN")
+    monkeypatch.setattr(lin, "onednn_linear", lambda: onednn)
+    x = torch.randn(300, 70, generator=torch.Generator().manual_seed(3))
+    got = lin.gram(x)
+    expected = x.double().T @ x.double()
+    assert got.dtype == torch.float32 and got.shape == (70, 70)
+    assert torch.equal(got, got.T)
+    assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < 1e-6
+
+
 def test_native_half_probe_is_cached_and_boolean():
     first = lin.native_half_gemm(torch.bfloat16)
     assert isinstance(first, bool) and lin.native_half_gemm(torch.bfloat16) is first

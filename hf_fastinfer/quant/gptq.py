@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hf_fastinfer.kernels.linear import gram
 from hf_fastinfer.kernels.quant_format import QuantizedWeight, pack_int4
 
 from ._pages import mapped_checkpoints, release_free_heap, release_tensor_pages
@@ -101,7 +102,7 @@ class HessianAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # [T, K]
-        self.add_product(x.T @ x, x.shape[0])
+        self.add_product(gram(x), x.shape[0])
 
     def add_product(self, product: torch.Tensor, rows: int) -> None:
         """Add x^T x [K, K] of ``rows`` input rows computed elsewhere (shared by Linears fed the same x)."""
@@ -372,7 +373,7 @@ def _hessian_hooks(linears: dict[str, nn.Linear],
             new_input = last.get("input") is not args[0]
             if new_input:
                 xf = args[0].reshape(-1, args[0].shape[-1]).float()  # [T, K]
-                last.update(input=args[0], product=xf.T @ xf, rows=xf.shape[0])
+                last.update(input=args[0], product=gram(xf), rows=xf.shape[0])
             accumulators[name].add_product(last["product"], last["rows"])
             if stages is not None and name not in staged:
                 if new_input or not stages:
