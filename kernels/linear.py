@@ -103,10 +103,9 @@ def linear_cpu(x, weight, bias=None):
         if ext is not None:
             if rows <= CPU_GEMV_MAX_ROWS:
                 return ext.dense_gemv(x, weight, bias)
-            if weight.dtype != torch.float32 and not native_half_gemm(weight.dtype):
+            fp32 = weight.dtype == torch.float32
+            if (onednn_linear() if fp32 else not native_half_gemm(weight.dtype)):
                 return ext.prefill_linear(x, weight, None, None, bias, 0, 0, weight.shape[1], onednn=onednn_linear())
-            if weight.dtype == torch.float32 and onednn_linear():
-                return ext.prefill_linear(x, weight, None, None, bias, 0, 0, weight.shape[1], onednn=True)
     return torch.nn.functional.linear(x, weight, bias)
 
 
