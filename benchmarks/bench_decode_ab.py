@@ -1,19 +1,25 @@
-"""A/B of two parts of kernel injection's decode path, interleaved in one process on one loaded model:
+"""A/B of parts of kernel injection's decode path, interleaved in one process on one loaded model
+(``--factors``, each on or off):
 
-  whole step   the injected model's forward is the whole decode step (injection/step.py), or the model's own
-               forward calling the fused blocks one by one
-  huge pages   the decode weights in transparent huge pages (injection/hugepages.py), or in ordinary pages
+  step       the injected model's forward is the whole decode step (injection/step.py), or the model's own
+             forward calling the fused blocks one by one
+  huge       the decode weights in transparent huge pages (injection/hugepages.py), or in ordinary pages
+  nta        the quantized GEMVs' software prefetches of the weights non-temporal, or into L1
+             (``kernels/cpu/quant_gemv.cpp``; chosen by CPU vendor at load)
 
 Each round times the default model's greedy decode (batch 1, ``--prompt`` prompt tokens, ``--new-tokens`` new
 tokens, hf_fastinfer's cache) in every combination, one after the other, so drifting machine load hits all
 alike; the table gives medians and ranges, tokens/s, and checks that every combination gives the same tokens.
+The factors left out keep the library's own choice.
 
     python benchmarks/bench_decode_ab.py --bits none,4 --repeats 6 --write
+    python benchmarks/bench_decode_ab.py --factors nta --bits 8,4 --repeats 8
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -28,6 +34,9 @@ from hf_fastinfer import evaluation, models  # noqa: E402
 from hf_fastinfer.bench import decode_read_bytes, timed_generate  # noqa: E402
 from hf_fastinfer.injection import _move_to_huge_pages, _spec_tensors  # noqa: E402
 from hf_fastinfer.injection.hugepages import move_out_of_huge_pages  # noqa: E402
+from hf_fastinfer.kernels._cpu_ext import cpu_extension  # noqa: E402
+
+FACTORS = {"step": "whole step", "huge": "huge pages", "nta": "non-temporal prefetch"}
 
 
 def set_huge_pages(model, on: bool) -> None:
@@ -53,6 +62,7 @@ def set_step(model, step, on: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", default="none,4", help="comma-separated: none (bf16 weights), 8, 4")
+    parser.add_argument("--factors", default="step,huge", help="comma-separated, of: " + ", ".join(FACTORS))
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=256)
@@ -63,7 +73,12 @@ def main() -> None:
     _, tokenizer = models.load_default(progress=False)
     ids = evaluation.reference_tokens(tokenizer, args.prompt)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    combos = [(step, huge) for step in (True, False) for huge in (True, False)]
+    factors = args.factors.split(",")
+    if not factors or any(f not in FACTORS for f in factors):
+        raise SystemExit(f"--factors: comma-separated, of {', '.join(FACTORS)}")
+    combos = list(itertools.product((True, False), repeat=len(factors)))
+    ext = cpu_extension()
+    library_nta = ext.quant_prefetch_nta()
     rows = []
     bandwidths = []
     for bits in args.bits.split(","):
@@ -74,28 +89,32 @@ def main() -> None:
         if state.step is None or state.huge_pages is None:
             raise SystemExit(f"bits={bits}: the whole step ({state.report.decode_step_left}) or huge pages are not "
                              "in use on this machine; nothing to compare")
+        setters = {"step": lambda on: set_step(model, state.step, on), "huge": lambda on: set_huge_pages(model, on),
+                   "nta": ext.set_quant_prefetch_nta}
         results, tokens = {c: [] for c in combos}, {}
         for _ in range(args.repeats):
             bandwidths.append(read_bandwidth_gbs()[0])
-            for step_on, huge_on in combos:
-                set_step(model, state.step, step_on)
-                set_huge_pages(model, huge_on)
+            for combo in combos:
+                for factor, on in zip(factors, combo):
+                    setters[factor](on)
                 _, decode, new, _ = timed_generate(model, inputs, args.new_tokens, {"cache_implementation": "fastinfer"})
-                results[(step_on, huge_on)].append(decode)
-                tokens.setdefault((step_on, huge_on), new)
-                print(bits, step_on, huge_on, round(decode, 1), flush=True)
+                results[combo].append(decode)
+                tokens.setdefault(combo, new)
+                print(bits, *combo, round(decode, 1), flush=True)
         set_step(model, state.step, True)
         set_huge_pages(model, True)
+        ext.set_quant_prefetch_nta(library_nta)
         same = all(torch.equal(t, tokens[combos[0]]) for t in tokens.values())
         roofline = summarize(bandwidths)[0] * 1e9 / decode_read_bytes(model)
-        base = summarize(results[(False, False)])[0]
-        for (step_on, huge_on), values in results.items():
+        base = summarize(results[combos[-1]])[0]
+        for combo, values in results.items():
             d = summarize(values)
-            rows.append((bits, step_on, huge_on, d, d[0] / base, d[0] / roofline, same))
+            rows.append((bits, combo, d, d[0] / base, d[0] / roofline, same))
         del model
     bandwidth = summarize(bandwidths)
     lines = [
-        f"Command: `python benchmarks/bench_decode_ab.py --bits {args.bits} --repeats {args.repeats} "
+        f"Command: `python benchmarks/bench_decode_ab.py{'' if args.factors == 'step,huge' else ' --factors ' + args.factors} "
+        f"--bits {args.bits} --repeats {args.repeats} "
         f"--new-tokens {args.new_tokens} --prompt {args.prompt} --write`",
         "",
         f"Machine: {machine()}. Read bandwidth (1 GiB fp32 sum, the faster of 4 KiB and huge pages): "
@@ -104,17 +123,23 @@ def main() -> None:
         f"SmolLM2-135M-Instruct, bf16 activations, batch 1, greedy, {args.prompt}-token prompt, {args.new_tokens} new "
         f"tokens, hf_fastinfer's cache; {args.repeats} interleaved rounds; decode tokens/s as median (min-max).",
         "",
-        "| weights | whole step | huge pages | decode tok/s | vs neither | share of roofline | same tokens in all |",
-        "| --- | --- | --- | ---: | ---: | ---: | --- |",
+        f"Factors not varied keep the library's choice (non-temporal prefetch, chosen for this CPU: "
+        f"{'on' if library_nta else 'off'}); \"vs none\" is against every factor off.",
+        "",
+        "| weights | " + " | ".join(FACTORS[f] for f in factors) + " | decode tok/s | vs none | share of roofline | "
+        "same tokens in all |",
+        "| --- | " + " | ".join("---" for _ in factors) + " | ---: | ---: | ---: | --- |",
     ]
-    for bits, step_on, huge_on, d, ratio, share, same in rows:
-        lines.append(f"| {'bf16' if bits == 'none' else 'int' + bits} | {'yes' if step_on else 'no'} | "
-                     f"{'yes' if huge_on else 'no'} | {d[0]:.1f} ({d[1]:.1f}-{d[2]:.1f}) | {ratio:.2f}x | {share:.0%} | "
-                     f"{'yes' if same else 'no'} |")
+    for bits, combo, d, ratio, share, same in rows:
+        lines.append(f"| {'bf16' if bits == 'none' else 'int' + bits} | " +
+                     " | ".join("yes" if on else "no" for on in combo) +
+                     f" | {d[0]:.1f} ({d[1]:.1f}-{d[2]:.1f}) | {ratio:.2f}x | {share:.0%} | {'yes' if same else 'no'} |")
     table = "\n".join(lines)
     print(table)
     if args.write:
-        write_section("bench_decode_ab", "## Decode path A/B: whole step and huge pages\n\n" + table)
+        title = " and ".join(FACTORS[f] for f in factors)
+        name = "bench_decode_ab" if args.factors == "step,huge" else "bench_decode_ab_" + "_".join(factors)
+        write_section(name, f"## Decode path A/B: {title}\n\n" + table)
 
 
 if __name__ == "__main__":

@@ -306,6 +306,37 @@ def test_bf16_activations_take_the_int16_path_and_fp32_the_float_path():
     assert torch.equal(ext.quant_gemv(x_bad, *args, True).isnan(), ext.quant_gemv(x_bad, *args, False).isnan())
 
 
+def _cpu_vendor() -> str:
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs /proc/cpuinfo (Linux) to read the CPU vendor")
+@pytest.mark.parametrize("bits, group_size, activations", [(8, 64, False), (8, 128, True), (4, 32, True), (4, 64, False)])
+def test_weight_prefetch_hint_follows_the_cpu_and_leaves_results_alone(bits, group_size, activations):
+    # The GEMVs' software prefetch of the weight stream is non-temporal on AMD CPUs and into L1 elsewhere (where
+    # non-temporal starved the stream: BENCHMARKS.md); the hint changes timing, never a value.
+    ext = _ext_or_skip()
+    default = ext.quant_prefetch_nta()
+    assert default == (_cpu_vendor() == "AuthenticAMD")
+    _, qw = _qweight(4099, 576, bits, group_size, symmetric=False)  # rows enough to prefetch ahead, an odd tail
+    x = torch.randn(2, 576).bfloat16().float()
+    args = (qw.qweight, qw.scales, qw.zeros, None, bits, group_size, 576, activations)
+    try:
+        out = {}
+        for nta in (True, False):
+            ext.set_quant_prefetch_nta(nta)
+            assert ext.quant_prefetch_nta() is nta
+            out[nta] = ext.quant_gemv(x, *args)
+    finally:
+        ext.set_quant_prefetch_nta(default)
+    assert torch.equal(out[True], out[False])
+    # and they are the product (int16 activations: within their rounding, the bound tested above)
+    ref = quant_matmul_ref(x, qw.qweight, qw.scales, qw.zeros, None, bits, group_size, 576)
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(out[False], ref, rtol=0, atol=(1e-3 if activations and bits == 4 else 1e-5) * scale)
+
+
 def test_stale_build_lock_is_removed(tmp_path):
     # a lock left by a process killed mid-compile would make every later build wait forever
     import os

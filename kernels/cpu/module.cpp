@@ -35,6 +35,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("team_size", &team_size, "threads the compiled kernels' parallel regions use (torch.get_num_threads())");
   m.def("quant_gemv", &quant_gemv, "weight-only quantized GEMV for a few activation rows");
+  m.def("quant_prefetch_nta", &quant_prefetch_nta,
+        "whether the quantized GEMVs prefetch their weights non-temporally (chosen by CPU vendor at load)");
+  m.def("set_quant_prefetch_nta", &set_quant_prefetch_nta, py::arg("nta"),
+        "override that choice, process-wide (for benchmarks' A/B in one process)");
   m.def("dense_gemv", &dense_gemv, "float-weight GEMV for a few activation rows");
   m.def("prefill_linear", &prefill_linear, py::call_guard<py::gil_scoped_release>(),
         "many-row product with a float or quantized weight: the weight in fp32, then oneDNN's linear (onednn) or "

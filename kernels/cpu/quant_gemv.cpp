@@ -27,12 +27,26 @@ namespace {
 // while the core is busy converting integers (measured: lm_head int8 at 8.7 GB/s without, 11.3 GB/s with
 // a software prefetch this far ahead, on a 19 GB/s machine).
 constexpr int64_t kPrefetchBytes = 16384;
-// The prefetches are non-temporal (a decode step reads each weight and its scales once; the hint asks the
-// CPU not to keep them where the activations, the KV cache and the Python between the compiled calls live).
-// Chosen by measurement, not by a model of the caches: whole decode, interleaved A/B against prefetching into
-// L1 (T0), AMD EPYC: int8 1.057x (8 rounds, 1.044-1.22x), int4 1.021x (8 rounds, 0.90-1.07x), the same tokens.
+// The prefetch hint depends on the CPU, chosen by measurement, not by a model of the caches. On AMD CPUs the
+// prefetches are non-temporal (a decode step reads each weight and its scales once; the hint asks the CPU not
+// to keep them where the activations, the KV cache and the Python between the compiled calls live): whole
+// decode, interleaved A/B against prefetching into L1 (T0), AMD EPYC: int8 1.057x (8 rounds, 1.044-1.22x),
+// int4 1.021x (8 rounds, 0.90-1.07x), the same tokens. On Intel CPUs the same hint starves the stream: one
+// thread over a 14 MB int8 weight (Xeon with AMX, 2.6 GHz) 5.1 GB/s non-temporal against 20.9 GB/s with T0
+// (int4 4.4 against 16.4), so there the prefetches go to L1 (BENCHMARKS.md). set_quant_prefetch_nta
+// overrides the choice (benchmarks' A/B in one process).
+bool g_prefetch_nta = [] {
+  __builtin_cpu_init();
+  return static_cast<bool>(__builtin_cpu_is("amd"));
+}();
+
 #ifdef HF_FASTINFER_AVX512
-constexpr auto kPrefetchHint = _MM_HINT_NTA;
+__attribute__((always_inline)) inline void prefetch_weight(const char* p, bool nta) {
+  if (nta)
+    _mm_prefetch(p, _MM_HINT_NTA);
+  else
+    _mm_prefetch(p, _MM_HINT_T0);
+}
 #endif
 
 // Everything one call needs, copied by value into each thread's loop (so the compiler keeps it in
@@ -58,6 +72,7 @@ struct GemvArgs {
   const float* xs4;    // [M, blocks64, 16]
   const float* xq4;    // [M, blocks64, 16]
   int64_t blocks64;
+  bool nta;  // the weight stream's software prefetches non-temporal (g_prefetch_nta, read once per call)
 };
 
 #ifdef HF_FASTINFER_AVX512
@@ -171,7 +186,7 @@ int64_t gemv_blocks(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin,
       // one group of CHUNKS chunks (0: `units` at run time): prefetch its share of the block ahead, the four
       // rows' partial sums, each scaled once, then every pointer one group on
       const auto one_group = [&](auto chunks, int64_t units) {
-        for (int64_t l = 0; l < per_group; ++l) _mm_prefetch(pf + 64 * l, kPrefetchHint);
+        for (int64_t l = 0; l < per_group; ++l) prefetch_weight(pf + 64 * l, a.nta);
         pf += 64 * per_group;
         __m512 pa[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         group_x4<BITS, decltype(chunks)::value>(pa, x, xe, xo, p, units);
@@ -237,8 +252,8 @@ int64_t gemv_blocks_a16(const GemvArgs a, const ST* sp, const ST* zp, int64_t be
       // one group's (or, at group 32, one pair's) int32 sums of chunks [c0, c1)
       auto dot_chunks = [&](__m512i* d, int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
-          _mm_prefetch(pf0 + 64 * c, kPrefetchHint);  // 2 lines of the block ahead per chunk: all 4 rows' bytes
-          _mm_prefetch(pf0 + 64 * (c + chunks), kPrefetchHint);
+          prefetch_weight(pf0 + 64 * c, a.nta);  // 2 lines of the block ahead per chunk: all 4 rows' bytes
+          prefetch_weight(pf0 + 64 * (c + chunks), a.nta);
           const __mmask32 mk = rb - 32 * c >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu)
                                                   : static_cast<__mmask32>((1ull << (rb - 32 * c)) - 1);
           const __m512i ev = _mm512_loadu_si512(xe + 32 * c), ov = _mm512_loadu_si512(xo + 32 * c);
@@ -314,7 +329,7 @@ int64_t gemv_blocks_a16_g32(const GemvArgs a, const ST* sp, const ST* zp, int64_
     const char* pf0 = prefetch_target(a, n, ahead);
     {  // the scales of the block ahead too: read a few at a time inside the block, their misses would stall it
       const char* ps = reinterpret_cast<const char*>(sp + (n + ahead + 4 <= a.N ? n + ahead : n) * groups);
-      for (int64_t l = 0; l <= (4 * groups * static_cast<int64_t>(sizeof(ST)) + 63) / 64; ++l) _mm_prefetch(ps + 64 * l, kPrefetchHint);
+      for (int64_t l = 0; l <= (4 * groups * static_cast<int64_t>(sizeof(ST)) + 63) / 64; ++l) prefetch_weight(ps + 64 * l, a.nta);
     }
     const uint8_t* rows[4] = {a.w + n * rb, a.w + (n + 1) * rb, a.w + (n + 2) * rb, a.w + (n + 3) * rb};
     for (int64_t m = 0; m < a.M; ++m) {
@@ -324,7 +339,7 @@ int64_t gemv_blocks_a16_g32(const GemvArgs a, const ST* sp, const ST* zp, int64_
       __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
       const auto block = [&](int64_t b, bool half) {
         if (m == 0)  // four lines of the block `ahead` rows on per 64-byte block: all four rows' bytes
-          for (int64_t k = 0; k < 4; ++k) _mm_prefetch(pf0 + 64 * (b + k * blocks), kPrefetchHint);
+          for (int64_t k = 0; k < 4; ++k) prefetch_weight(pf0 + 64 * (b + k * blocks), a.nta);
         const __m512i xla = _mm512_loadu_si512(x16 + 128 * b), xlb = _mm512_loadu_si512(x16 + 128 * b + 32);
         const __m512i xha = _mm512_loadu_si512(x16 + 128 * b + 64), xhb = _mm512_loadu_si512(x16 + 128 * b + 96);
         const __m512 xsv = _mm512_loadu_ps(xs4 + 16 * b), xqv = _mm512_loadu_ps(xq4 + 16 * b);
@@ -447,6 +462,9 @@ void rows_range(const GemvArgs& a, const ST* sp, const ST* zp, int64_t begin, in
 
 }  // namespace
 
+bool quant_prefetch_nta() { return g_prefetch_nta; }
+void set_quant_prefetch_nta(bool nta) { g_prefetch_nta = nta; }
+
 void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t group_size, bool int16_activations,
                    QuantActivations& out) {
   const int64_t groups = (K + group_size - 1) / group_size;
@@ -564,7 +582,7 @@ void quant_rows(const QuantWeight& w, const QuantActivations& x, float* y, int64
                       x.a16 && !g32 ? x.xe16.data() : nullptr, x.a16 && !g32 ? x.xo16.data() : nullptr,
                       x.a16 ? x.xs.data() : nullptr, x.a16 ? x.xsum16.data() : nullptr, x.half16,
                       g32 ? x.x16.data() : nullptr, g32 ? x.xs4.data() : nullptr, g32 ? x.xq4.data() : nullptr,
-                      x.blocks64};
+                      x.blocks64, g_prefetch_nta};
   if (w.half_scales)
     rows_range<c10::Half>(args, static_cast<const c10::Half*>(w.scales), static_cast<const c10::Half*>(w.zeros), begin, end);
   else
