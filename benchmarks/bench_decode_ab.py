@@ -6,10 +6,11 @@
   huge       the decode weights in transparent huge pages (injection/hugepages.py), or in ordinary pages
   nta        the quantized GEMVs' software prefetches of the weights non-temporal, or into L1
              (``kernels/cpu/quant_gemv.cpp``; chosen by CPU vendor at load)
+  i8a16      int8 weights against bf16 activations held as int16 per group (VNNI products), or as float
 
 Each round times the default model's greedy decode (batch 1, ``--prompt`` prompt tokens, ``--new-tokens`` new
-tokens, hf_fastinfer's cache) in every combination, one after the other, so drifting machine load hits all
-alike; the table gives medians and ranges, tokens/s, and checks that every combination gives the same tokens.
+tokens, hf_fastinfer's cache) in every combination, one after the other (every other round in reverse order),
+so drifting machine load hits all alike; the table gives medians and ranges, tokens/s, and checks that every combination gives the same tokens.
 The factors left out keep the library's own choice.
 
     python benchmarks/bench_decode_ab.py --bits none,4 --repeats 6 --write
@@ -36,7 +37,8 @@ from hf_fastinfer.injection import _move_to_huge_pages, _spec_tensors  # noqa: E
 from hf_fastinfer.injection.hugepages import move_out_of_huge_pages  # noqa: E402
 from hf_fastinfer.kernels._cpu_ext import cpu_extension  # noqa: E402
 
-FACTORS = {"step": "whole step", "huge": "huge pages", "nta": "non-temporal prefetch"}
+FACTORS = {"step": "whole step", "huge": "huge pages", "nta": "non-temporal prefetch",
+           "i8a16": "int8 x int16 activations"}
 
 
 def set_huge_pages(model, on: bool) -> None:
@@ -90,11 +92,13 @@ def main() -> None:
             raise SystemExit(f"bits={bits}: the whole step ({state.report.decode_step_left}) or huge pages are not "
                              "in use on this machine; nothing to compare")
         setters = {"step": lambda on: set_step(model, state.step, on), "huge": lambda on: set_huge_pages(model, on),
-                   "nta": ext.set_quant_prefetch_nta}
+                   "nta": ext.set_quant_prefetch_nta, "i8a16": ext.set_int8_int16_activations}
         results, tokens = {c: [] for c in combos}, {}
-        for _ in range(args.repeats):
+        for round_index in range(args.repeats):
             bandwidths.append(read_bandwidth_gbs()[0])
-            for combo in combos:
+            # every other round in reverse order, so that no combination always runs first after the bandwidth
+            # measurement (which evicts the caches)
+            for combo in combos if round_index % 2 == 0 else combos[::-1]:
                 for factor, on in zip(factors, combo):
                     setters[factor](on)
                 _, decode, new, _ = timed_generate(model, inputs, args.new_tokens, {"cache_implementation": "fastinfer"})
@@ -104,6 +108,7 @@ def main() -> None:
         set_step(model, state.step, True)
         set_huge_pages(model, True)
         ext.set_quant_prefetch_nta(library_nta)
+        ext.set_int8_int16_activations(True)
         same = all(torch.equal(t, tokens[combos[0]]) for t in tokens.values())
         roofline = summarize(bandwidths)[0] * 1e9 / decode_read_bytes(model)
         base = summarize(results[combos[-1]])[0]

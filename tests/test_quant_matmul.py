@@ -263,24 +263,26 @@ def test_compiled_kernel_is_used_for_decode_rows():
                                direct, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (4, 64), (4, 128), (4, 256), (8, 32), (8, 64), (8, 96),
+                                             (8, 128), (8, 256)])
 @pytest.mark.parametrize("n, k", [(37, 63), (8, 576), (13, 577), (6, 1536)])
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_int4_with_int16_activations_within_its_error_bound(group_size, n, k, m, symmetric):
-    # The int4 x bf16 path holds x as int16 per group (scale max|x_g| / 32767), so each element is off by at
-    # most max|x_g| / 65534: the output may differ from the exact product by at most
-    # sum_k |w[n, k]| * max|x_g(k)| / 65534 (plus float32 summation slack), and by no more.
+def test_int16_activations_within_their_error_bound(bits, group_size, n, k, m, symmetric):
+    # The int4 / int8 x bf16 paths hold x as int16 per group (scale max|x_g| / 32767), so each element is off by
+    # at most max|x_g| / 65534: the output may differ from the exact product by at most
+    # sum_k |w[n, k]| * max|x_g(k)| / 65534 (plus float32 summation slack), and by no more. (int8 with group 96
+    # runs the kernel's run-time group loop; k 63 and 577 end inside a 32-column chunk.)
     ext = _ext_or_skip()
     g = torch.Generator().manual_seed(group_size * 1000 + k + m)
     w = torch.randn(n, k, generator=g)
     # asymmetric with float32 scales and zero points; symmetric with the float16 scales MoQ stores (group 32 with
     # k a multiple of 64 takes the 64-byte block kernel: k 576 ends in a 32-byte block, 1536 does not)
-    qw = quantize_weight(w, 4, group_size, symmetric=symmetric, scale_dtype=torch.float16 if symmetric else torch.float32)
+    qw = quantize_weight(w, bits, group_size, symmetric=symmetric, scale_dtype=torch.float16 if symmetric else torch.float32)
     x = torch.randn(m, k, generator=g).bfloat16().float()
     x[0, min(5, k - 1)] = 40.0                       # an outlier channel
     x[-1, :min(group_size, k)] = 0.0                 # an all-zero group
-    got = ext.quant_gemv(x, qw.qweight, qw.scales, qw.zeros, None, 4, group_size, k, True).double()
+    got = ext.quant_gemv(x, qw.qweight, qw.scales, qw.zeros, None, bits, group_size, k, True).double()
     wd = dequantize_weight(qw, torch.float64)        # [n, k]
     exact = x.double() @ wd.T
     gmax = torch.zeros(m, k, dtype=torch.float64)
@@ -290,15 +292,23 @@ def test_int4_with_int16_activations_within_its_error_bound(group_size, n, k, m,
     assert ((got - exact).abs() <= bound).all(), ((got - exact).abs() / bound).max().item()
 
 
-def test_bf16_activations_take_the_int16_path_and_fp32_the_float_path():
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bf16_activations_take_the_int16_path_and_fp32_the_float_path(bits):
     ext = _ext_or_skip()
-    _, qw = _qweight(24, 576, 4, 32, symmetric=False)
+    _, qw = _qweight(24, 576, bits, 32, symmetric=False)
     x = torch.randn(2, 576).bfloat16()
-    args = (qw.qweight, qw.scales, qw.zeros, None, 4, 32, 576)
+    args = (qw.qweight, qw.scales, qw.zeros, None, bits, 32, 576)
     direct16 = ext.quant_gemv(x.float(), *args, True)
     assert torch.equal(quant_matmul_cpu(x, *args), direct16.bfloat16())
     direct32 = ext.quant_gemv(x.float(), *args, False)
     assert torch.equal(quant_matmul_cpu(x.float(), *args), direct32)
+    assert not torch.equal(direct16, direct32)  # two roads: x's int16 rounding shows in the low bits
+    if bits == 8:  # the int8 road can be turned off (benchmarks' A/B): then bf16 x is multiplied as float
+        try:
+            ext.set_int8_int16_activations(False)
+            assert torch.equal(ext.quant_gemv(x.float(), *args, True), direct32)
+        finally:
+            ext.set_int8_int16_activations(True)
     # x with inf / NaN: the float path (which propagates them), not int16 garbage
     x_bad = x.float().clone()
     x_bad[0, 3] = float("inf")
@@ -334,7 +344,7 @@ def test_weight_prefetch_hint_follows_the_cpu_and_leaves_results_alone(bits, gro
     # and they are the product (int16 activations: within their rounding, the bound tested above)
     ref = quant_matmul_ref(x, qw.qweight, qw.scales, qw.zeros, None, bits, group_size, 576)
     scale = ref.abs().max().item()
-    torch.testing.assert_close(out[False], ref, rtol=0, atol=(1e-3 if activations and bits == 4 else 1e-5) * scale)
+    torch.testing.assert_close(out[False], ref, rtol=0, atol=(1e-3 if activations else 1e-5) * scale)
 
 
 def test_stale_build_lock_is_removed(tmp_path):

@@ -80,7 +80,7 @@ Projection::Projection(at::Tensor weight, c10::optional<at::Tensor> scales, c10:
 }
 
 void Projection::prepare(const float* x, int64_t M, bool bf16_activations, QuantActivations& qa) const {
-  if (bits_ != 0) quant_prepare(x, M, in_features_, bits_, group_size_, bf16_activations && bits_ == 4, qa);
+  if (bits_ != 0) quant_prepare(x, M, in_features_, bits_, group_size_, bf16_activations, qa);
 }
 
 void Projection::rows(const float* x, const QuantActivations& qa, int64_t M, float* y, int64_t begin, int64_t end) const {

@@ -39,6 +39,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether the quantized GEMVs prefetch their weights non-temporally (chosen by CPU vendor at load)");
   m.def("set_quant_prefetch_nta", &set_quant_prefetch_nta, py::arg("nta"),
         "override that choice, process-wide (for benchmarks' A/B in one process)");
+  m.def("int8_int16_activations", &int8_int16_activations,
+        "whether int8 weights meet bf16 activations held as int16 per group (VNNI products; on by default)");
+  m.def("set_int8_int16_activations", &set_int8_int16_activations, py::arg("on"),
+        "turn that road off or on, process-wide (for benchmarks' A/B in one process)");
   m.def("dense_gemv", &dense_gemv, "float-weight GEMV for a few activation rows");
   m.def("prefill_linear", &prefill_linear, py::call_guard<py::gil_scoped_release>(),
         "many-row product with a float or quantized weight: the weight in fp32, then oneDNN's linear (onednn) or "

@@ -36,12 +36,16 @@ struct QuantActivations {
   std::vector<int16_t> x16;
   std::vector<float> xs4, xq4;
   int64_t blocks64 = 0;
-  bool a16 = false;
+  bool a16 = false;                 // int4 x int16 (xe16 / xo16 or x16)
+  // int8 x int16 (gemv_blocks_a16_i8): x as int16 [M, kpad], zero-padded to whole groups; xs, xsum16 as above
+  std::vector<int16_t> xk16;
+  int64_t kpad = 0;
+  bool a16_i8 = false;
 };
 
-// Prepare x for weights of `bits` and `group_size`. int16_activations: int4 against x held as int16 per group
-// (AVX-512 VNNI; callers ask for it with bf16 activations only, and it is used only for group sizes 32, 64,
-// 128 and 256 and finite x).
+// Prepare x for weights of `bits` and `group_size`. int16_activations: x held as int16 per group (AVX-512 VNNI;
+// callers ask for it with bf16 activations only), used for int4 with group sizes 32, 64, 128 and 256 and for
+// int8 with group sizes that are multiples of 32, and finite x.
 void quant_prepare(const float* x, int64_t M, int64_t K, int64_t bits, int64_t group_size, bool int16_activations,
                    QuantActivations& out);
 
@@ -52,5 +56,8 @@ void quant_rows(const QuantWeight& w, const QuantActivations& x, float* y, int64
 // where that measured faster; into L1 elsewhere, where non-temporal starved the stream); settable for an A/B.
 bool quant_prefetch_nta();
 void set_quant_prefetch_nta(bool nta);
+// Whether int8 weights meet bf16 activations held as int16 (on by default); settable for an A/B.
+bool int8_int16_activations();
+void set_int8_int16_activations(bool on);
 
 }  // namespace hf_fastinfer
