@@ -627,8 +627,9 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
     out.x16.assign(g32 ? M * blocks * 128 : 0, 0);
     out.xs4.assign(g32 ? M * blocks * 16 : 0, 0.f);
     out.xq4.assign(g32 ? M * blocks * 16 : 0, 0.f);
-    out.xs.assign(M * (groups + 1), 0.f);
-    out.xsum16.assign(M * groups, 0.f);
+    // per-group scales and sums for gemv_blocks_a16 (g32 keeps its own, lane-expanded, in xs4 / xq4)
+    out.xs.assign(g32 ? 0 : M * (groups + 1), 0.f);
+    out.xsum16.assign(g32 ? 0 : M * groups, 0.f);
     if (g32) {
       // 32 values a group in two registers (the decode step prepares every projection's input on every team
       // thread: scalar, with a call of nearbyint per value, this cost about as much as a small projection).
@@ -657,8 +658,6 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
           _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), _mm256_castsi256_si128(p1));     // lo B
           _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 96), _mm256_extracti128_si256(p1, 1));  // hi B
           const float xsum16 = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1))) * xs;
-          out.xs[m * (groups + 1) + g] = xs;
-          out.xsum16[m * groups + g] = xsum16;
           for (int64_t l = 0; l < 4; ++l) {  // the group's int16 scale and a quarter of its sum on its four lanes
             out.xs4[(m * blocks + g / 4) * 16 + 4 * (g % 4) + l] = xs;
             out.xq4[(m * blocks + g / 4) * 16 + 4 * (g % 4) + l] = xsum16 / 4.f;
