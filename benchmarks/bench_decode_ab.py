@@ -7,6 +7,8 @@
   nta        the quantized GEMVs' software prefetches of the weights non-temporal, or into L1
              (``kernels/cpu/quant_gemv.cpp``; chosen by CPU vendor at load)
   i8a16      int8 weights against bf16 activations held as int16 per group (VNNI products), or as float
+  head       the final norm and output projection run by the chain of layers in its parallel region, or by
+             their modules after it (injection/step.py)
 
 Each round times the default model's greedy decode (batch 1, ``--prompt`` prompt tokens, ``--new-tokens`` new
 tokens, hf_fastinfer's cache) in every combination, one after the other (every other round in reverse order),
@@ -38,7 +40,7 @@ from hf_fastinfer.injection.hugepages import move_out_of_huge_pages  # noqa: E40
 from hf_fastinfer.kernels._cpu_ext import cpu_extension  # noqa: E402
 
 FACTORS = {"step": "whole step", "huge": "huge pages", "nta": "non-temporal prefetch",
-           "i8a16": "int8 x int16 activations"}
+           "i8a16": "int8 x int16 activations", "head": "head in the chain"}
 
 
 def set_huge_pages(model, on: bool) -> None:
@@ -52,6 +54,8 @@ def set_huge_pages(model, on: bool) -> None:
         state.huge_pages, state.report.huge_page_bytes = None, 0
         for layer in state.layers.values():
             layer.spec._compiled = None
+    if state.step is not None and state.step.head is not None:
+        state.step.head._compiled = None  # the head's compiled form holds the tensors it was built on
 
 
 def set_step(model, step, on: bool) -> None:
@@ -91,8 +95,12 @@ def main() -> None:
         if state.step is None or state.huge_pages is None:
             raise SystemExit(f"bits={bits}: the whole step ({state.report.decode_step_left}) or huge pages are not "
                              "in use on this machine; nothing to compare")
+        head = state.step.head
+        if "head" in factors and head is None:
+            raise SystemExit(f"bits={bits}: the chain runs no head for this model; nothing to compare")
         setters = {"step": lambda on: set_step(model, state.step, on), "huge": lambda on: set_huge_pages(model, on),
-                   "nta": ext.set_quant_prefetch_nta, "i8a16": ext.set_int8_int16_activations}
+                   "nta": ext.set_quant_prefetch_nta, "i8a16": ext.set_int8_int16_activations,
+                   "head": lambda on: setattr(state.step, "head", head if on else None)}
         results, tokens = {c: [] for c in combos}, {}
         for round_index in range(args.repeats):
             bandwidths.append(read_bandwidth_gbs()[0])
@@ -109,6 +117,7 @@ def main() -> None:
         set_huge_pages(model, True)
         ext.set_quant_prefetch_nta(library_nta)
         ext.set_int8_int16_activations(True)
+        state.step.head = head
         same = all(torch.equal(t, tokens[combos[0]]) for t in tokens.values())
         roofline = summarize(bandwidths)[0] * 1e9 / decode_read_bytes(model)
         base = summarize(results[combos[-1]])[0]

@@ -54,6 +54,7 @@ from .rotary import rotary
 
 __all__ = [
     "CacheSlot",
+    "DecodeHeadSpec",
     "DecoderLayerSpec",
     "LayerProjection",
     "decode_chain",
@@ -237,23 +238,58 @@ class CacheSlot:
     attend_len: int
 
 
+@dataclasses.dataclass
+class DecodeHeadSpec:
+    """A causal LM's final RMSNorm and output projection, which a decode chain that ends at the model's last layer
+    runs in its own parallel region on CPU (:func:`decode_chain`'s ``head``), with the roundings of the kernel
+    library's standalone ops (``rms_norm``, then ``linear`` / ``quant_matmul`` on the norm in ``dtype``)."""
+
+    norm_weight: torch.Tensor  # [H]
+    eps: float
+    gemma_norm: bool
+    proj: LayerProjection      # [V, H]
+    dtype: torch.dtype         # the model's compute dtype
+
+    def __post_init__(self):
+        if self.norm_weight.dim() != 1 or self.norm_weight.shape[0] != self.proj.in_features:
+            raise ValueError(f"the norm weight {tuple(self.norm_weight.shape)} must be [{self.proj.in_features}]")
+        self._compiled = None
+
+    def compiled(self):
+        """The compiled head (built once; None without the compiled kernels)."""
+        if self._compiled is None:
+            ext = cpu_extension()
+            if ext is None or not hasattr(ext, "DecodeHead"):
+                return None
+            self._compiled = ext.DecodeHead(self.norm_weight, float(self.eps), bool(self.gemma_norm),
+                                            self.proj.compiled(ext), self.dtype)
+        return self._compiled
+
+
 def decode_chain(specs: list[DecoderLayerSpec], hidden, q, k, v, caches: list[CacheSlot], mask, cos, sin,
-                 next_spec: DecoderLayerSpec | None = None):
+                 next_spec: DecoderLayerSpec | None = None, head: DecodeHeadSpec | None = None):
     """Several consecutive layers' attn_out_mlp in one call: layer 0 takes ``hidden`` and its q, k, v; each
     later layer the output of the one before and its own q, k, v computed at the end of that one's step; each
     writes its K/V at its cache slot. One mask and one cos / sin for all (layers of one attention type).
-    Returns ([each layer's output [B, 1, H]], q, k, v of ``next_spec`` or None). On CPU one compiled call (one
-    parallel region for all the layers); elsewhere the layers one at a time."""
+    ``head`` (the chain ending at the model's last layer, no ``next_spec``): the final norm and output projection
+    on the last output, in the same call. Returns ([each layer's output [B, 1, H]], q, k, v of ``next_spec`` or
+    None, the head's logits [B, V] or None). On CPU one compiled call (one parallel region for all the layers and
+    the head); elsewhere the layers one at a time, and no logits (the caller runs its modules)."""
     if len(specs) != len(caches) or not specs or not all(s.fused_mlp for s in specs):
         raise ValueError("decode_chain: one cache slot per layer, every layer's MLP fused")
+    if head is not None and next_spec is not None:
+        raise ValueError("decode_chain: a head follows the model's last layer, which has no next layer")
     compiled = [s.compiled() for s in specs] if _backend.eager_cpu(hidden) else None
     after = next_spec.compiled() if (compiled and next_spec is not None) else None
+    compiled_head = head.compiled() if (compiled and head is not None) else None
     if compiled and all(c is not None for c in compiled) and (next_spec is None or after is not None):
         outs = compiled[0].decode_chain(compiled, hidden, q, k, v, [c.keys for c in caches], [c.values for c in caches],
                                         [c.k_scale for c in caches], [c.v_scale for c in caches],
-                                        [c.slot for c in caches], [c.attend_len for c in caches], mask, cos, sin, after)
+                                        [c.slot for c in caches], [c.attend_len for c in caches], mask, cos, sin, after,
+                                        compiled_head)
         n = len(specs)
-        return outs[:n], (tuple(outs[n:]) if next_spec is not None else None)
+        logits = outs.pop() if compiled_head is not None else None
+        return outs[:n], (tuple(outs[n:]) if next_spec is not None else None), logits
     outs, qkv = [], (q, k, v)
     for j, (spec, cache) in enumerate(zip(specs, caches)):
         following = specs[j + 1] if j + 1 < len(specs) else next_spec
@@ -262,7 +298,7 @@ def decode_chain(specs: list[DecoderLayerSpec], hidden, q, k, v, caches: list[Ca
                               next_cos=cos, next_sin=sin)
         hidden, qkv = result if following is not None else (result, None)
         outs.append(hidden)
-    return outs, qkv
+    return outs, qkv, None
 
 
 def _write_slot(keys, values, k_scale, v_scale, new_kv, slot: int, attend_len: int):

@@ -18,6 +18,7 @@ from hf_fastinfer.kernels import decoder_layer as dl
 from hf_fastinfer.kernels._cpu_ext import cpu_extension
 from hf_fastinfer.kernels.kv_quant import quantize_kv
 from hf_fastinfer.kernels.quant_format import quantize_weight
+from hf_fastinfer.kernels.rms_norm import rms_norm
 
 from _helpers import needs_triton
 
@@ -345,7 +346,7 @@ def test_decode_chain_keeps_its_buffers_but_never_writes_into_what_it_returned()
         return [dl.CacheSlot(*_buffers(s, make_inputs(s, batch=1, cached=6, seed=9), 12), 6, 7) for s in specs[:count]]
 
     q, k, v = dl.attn_in(specs[0], hidden, cos, sin)
-    outs2, next2 = dl.decode_chain(specs[:2], hidden, q, k, v, caches(2), None, cos, sin, specs[2])
+    outs2, next2, _ = dl.decode_chain(specs[:2], hidden, q, k, v, caches(2), None, cos, sin, specs[2])
     kept = [t.clone() for t in (*outs2, *next2)]
     first = dl.decode_chain(specs[:3], hidden * 2, q, k, v, caches(3), None, cos, sin, specs[3])
     for a, b in zip((*outs2, *next2), kept):
@@ -372,7 +373,7 @@ def test_decode_chain_matches_layer_by_layer(int8_kv, dtype, bits):
                 for s in specs[:3]]
 
     chained, chained_caches = caches(), None
-    outs, next_qkv = dl.decode_chain(specs[:3], hidden, q, k, v, chained, mask, cos, sin, specs[3])
+    outs, next_qkv, _ = dl.decode_chain(specs[:3], hidden, q, k, v, chained, mask, cos, sin, specs[3])
     one_by_one = caches()
     x, qkv = hidden, (q, k, v)
     for j in range(3):
@@ -392,6 +393,39 @@ def test_decode_chain_matches_layer_by_layer(int8_kv, dtype, bits):
                                      new_kv=qkv[1:], slot=6, attend_len=7, next_spec=specs[j + 1], next_cos=cos,
                                      next_sin=sin)
         assert_close(outs[j], x, dtype, f"layer {j}")
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype,bits,gemma", [(torch.float32, 0, False), (torch.bfloat16, 0, True),
+                                              (torch.bfloat16, 4, False), (torch.bfloat16, 8, False)])
+def test_decode_chain_head_equals_the_norm_and_projection_ops(dtype, bits, gemma):
+    """A chain ending at the model's last layer runs the final norm and output projection in its region: the
+    logits equal the standalone ops on the last output bit for bit (the ops the model's own modules run), with a
+    vocabulary that is not a multiple of 4 (the rows left over from each thread's blocks of four)."""
+    specs = [make_spec(dtype, bits, seed=s, group_size=32, gemma=gemma) for s in range(2)]
+    inputs = make_inputs(specs[0], batch=2, cached=6)
+    hidden, cos, sin, *_ = inputs
+    mask = inputs[5]
+    gen = torch.Generator().manual_seed(5)
+    proj = _projection(gen, 1001, specs[0].hidden_size, dtype, bits, False, 32)
+    norm_weight = (torch.randn(specs[0].hidden_size, generator=gen) * 0.2 + (0.0 if gemma else 1.0)).to(dtype)
+    head = dl.DecodeHeadSpec(norm_weight, 1e-5, gemma, proj, dtype)
+    q, k, v = dl.attn_in(specs[0], hidden, cos, sin)
+
+    def caches():
+        return [dl.CacheSlot(*_buffers(s, make_inputs(s, batch=2, cached=6, seed=9), 12), 6, 7) for s in specs]
+
+    outs, next_qkv, logits = dl.decode_chain(specs, hidden, q, k, v, caches(), mask, cos, sin, head=head)
+    plain, _, none = dl.decode_chain(specs, hidden, q, k, v, caches(), mask, cos, sin)
+    assert next_qkv is None and none is None
+    for a, b in zip(outs, plain):  # the head changes nothing before it
+        assert torch.equal(a, b)
+    normed = rms_norm(outs[-1], norm_weight, None, 1e-5, gemma)[0]
+    expected = proj(normed).reshape(2, 1001)
+    assert logits.shape == (2, 1001) and logits.dtype == dtype
+    assert torch.equal(logits, expected)
+    with pytest.raises(ValueError, match="no next layer"):
+        dl.decode_chain(specs[:1], hidden, q, k, v, caches()[:1], mask, cos, sin, specs[1], head=head)
 
 
 @needs_compiled

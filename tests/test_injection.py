@@ -426,6 +426,36 @@ def test_whole_decode_step_gives_transformers_tokens(family):
     got = fast.generate(PROMPTS, cache_implementation="fastinfer", **kwargs)
     assert torch.equal(got, expected)
     assert step_calls(fast) >= (15 if report.decode_step else 0)
+    if report.decode_step and cpu_extension() is not None:
+        # where the blocks chain (every MLP fused: not MoE), the chain also ran the final norm and the output
+        # projection (probed bit for bit at load); elsewhere their modules did
+        step = fast._hf_fastinfer_injection.step
+        chained = all(layer.mlp is None for layer in step.layers)
+        assert step.head is not None and step.head_calls == (step.decode_calls if chained else 0)
+
+
+def test_a_head_that_would_change_the_logits_is_dropped_and_the_step_kept():
+    """The probe drops a chain head whose logits differ from the model's modules' (here its norm's weight is doubled)
+    and probes the step again without it."""
+    from hf_fastinfer.injection.step import probe_step
+    from hf_fastinfer.kernels.decoder_layer import DecodeHeadSpec
+
+    reference, fast = pair("llama")
+    step = fast._hf_fastinfer_injection.step
+    if step is None or step.head is None:
+        pytest.skip("reason: no compiled CPU kernels here, so the chain runs no head")
+    good = step.head
+    step.head = DecodeHeadSpec(good.norm_weight.detach() * 2, good.eps, good.gemma_norm, good.proj, good.dtype)
+    del fast.forward  # the probe compares against the model's own forward, as at load
+    assert probe_step(fast, step) is None and step.head is None
+    fast.forward = step
+    kwargs = dict(attention_mask=MASK, max_new_tokens=8, do_sample=False)
+    assert torch.equal(fast.generate(PROMPTS, cache_implementation="fastinfer", **kwargs),
+                       reference.generate(PROMPTS, **kwargs))
+    step.head = good
+    del fast.forward
+    assert probe_step(fast, step) is None and step.head is good
+    fast.forward = step
 
 
 def test_whole_decode_step_steps_aside_and_undoes():

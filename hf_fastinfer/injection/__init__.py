@@ -60,6 +60,8 @@ class InjectionReport:
     #: whether the whole decode step (embedding, blocks, norm, output projection) runs as one forward, else why not
     decode_step: bool = False
     decode_step_left: str | None = None
+    #: whether the chain of fused blocks also runs the final norm and output projection (step.py)
+    decode_head: bool = False
     #: bytes of the weights a decode step reads that live in transparent huge pages (0: not moved)
     huge_page_bytes: int = 0
 
@@ -68,6 +70,7 @@ class InjectionReport:
                  + (f" ({len(self.attention_only)} attention only)" if self.attention_only else "")
                  + (f", {', '.join(self.forwards)} on kernel-library forwards" if self.forwards else "")
                  + (", whole decode step fused" if self.decode_step else "")
+                 + (" (the output projection in the blocks' chain)" if self.decode_head else "")
                  + (f", {self.huge_page_bytes / 2**20:.0f} MiB of weights in huge pages" if self.huge_page_bytes else "")]
         if self.decode_step_left:
             lines.append(f"  decode step: per block, not whole ({self.decode_step_left})")
@@ -372,6 +375,7 @@ def _inject_step(model: nn.Module, plans: list[BlockPlan], state: _State) -> Non
     model.forward = step
     state.step = step
     report.decode_step = True
+    report.decode_head = step.head is not None
 
 
 def _log(report: InjectionReport) -> None:

@@ -67,6 +67,11 @@ class FusedDecoderLayer:
         #: this block's whole decode step, computed in a chain started by an earlier block: (its input, cos, sin,
         #: mask, cache, its output, its cache layer, that layer's length after the step)
         self._chained = None
+        #: set by the whole decode step on the model's first block for the duration of its call: the model's final
+        #: norm and output projection, which a chain reaching the model's last block then runs in its call, and the
+        #: result, (the last block's output, logits [B, V]), for the step to pick up
+        self.head: fused.DecodeHeadSpec | None = None
+        self.head_logits = None
         self.decode_calls = 0  # how many calls took the fused path (tests and report() read it)
 
     def __call__(self, hidden_states, *args, **kwargs):
@@ -190,8 +195,11 @@ class FusedDecoderLayer:
             return None
         after = chain[-1].next
         after = after if after is not None and after.mlp is None and after.dtype == self.dtype else None
-        outs, next_qkv = fused.decode_chain([layer.spec for layer in chain], hidden, q, k, v, slots, mask, cos, sin,
-                                            after.spec if after is not None else None)
+        head = self.head if chain[-1].next is None else None  # the chain reaches the model's last block
+        outs, next_qkv, logits = fused.decode_chain([layer.spec for layer in chain], hidden, q, k, v, slots, mask, cos,
+                                                    sin, after.spec if after is not None else None, head)
+        if logits is not None:
+            self.head_logits = (outs[-1], logits)
         for j in range(1, len(chain)):
             own = cache.layers[chain[j].layer_idx]
             chain[j]._chained = (outs[j - 1], cos, sin, mask, cache, outs[j], own, own.length)

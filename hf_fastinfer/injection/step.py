@@ -11,6 +11,11 @@ model instance and, for a decode call it covers, does only what the model's own 
     for block in blocks: hidden = block(hidden, mask, (cos, sin), cache)   # the fused layers, chained on CPU
     logits = lm_head(norm(hidden))                    # the model's modules (kernel-library forwards)
 
+where, on CPU, the chain of fused layers also runs the final norm and the output projection in its parallel region
+(:class:`~hf_fastinfer.kernels.decoder_layer.DecodeHeadSpec`, when both modules run the kernel library's
+forwards), so that the output projection's stream starts right after the last layer's, on the same threads,
+without a return to Python in between.
+
 Every other call (prefill, inputs_embeds, hidden states or attentions asked for, labels, another cache, a
 module with hooks) runs the model's own forward. It is installed only when, on a probe token, its logits equal
 the model's own forward's bit for bit (same fused blocks, same modules: any difference means the model's forward
@@ -27,9 +32,11 @@ from torch import nn
 
 from .._compat import cache_from, cache_kwarg
 from ..cache import FastInferCache
-from .layer import FusedDecoderLayer
+from ..kernels.decoder_layer import DecodeHeadSpec
+from .detect import projection
+from .layer import FastLinearForward, FastNormForward, FusedDecoderLayer
 
-__all__ = ["FusedDecodeStep", "find_rotary", "probe_step"]
+__all__ = ["FusedDecodeStep", "decode_head", "find_rotary", "probe_step"]
 
 #: keyword arguments a decode call may carry and the step still covers (generate() passes these)
 _COVERED = frozenset({"input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "use_cache",
@@ -41,6 +48,27 @@ def find_rotary(base: nn.Module) -> nn.Module | None:
     there is none or more than one, e.g. separate local and global rotaries)."""
     found = [m for m in base.children() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
     return found[0] if len(found) == 1 else None
+
+
+def decode_head(model: nn.Module, norm: nn.Module) -> DecodeHeadSpec | None:
+    """The final norm and output projection as one head for the decode chain, when both run the kernel library's
+    forwards that the head reproduces: the norm's :class:`FastNormForward`, and an output projection that is a
+    float ``nn.Linear`` of the model's dtype with :class:`FastLinearForward` or a MoQ linear (else None)."""
+    from ..quant.moq_linear import MoQLinear
+
+    norm_forward = norm.__dict__.get("forward")
+    output = model.get_output_embeddings()
+    if not isinstance(norm_forward, FastNormForward) or output is None or output._forward_hooks or \
+            output._forward_pre_hooks or norm._forward_hooks or norm._forward_pre_hooks:
+        return None
+    dtype = norm.weight.dtype
+    if type(output) is nn.Linear:
+        if not isinstance(output.__dict__.get("forward"), FastLinearForward) or output.weight.dtype != dtype or \
+                not output.weight.is_contiguous():
+            return None
+    elif not isinstance(output, MoQLinear) or "forward" in output.__dict__:
+        return None
+    return DecodeHeadSpec(norm.weight, norm_forward.eps, norm_forward.gemma, projection(output), dtype)
 
 
 class FusedDecodeStep:
@@ -57,9 +85,13 @@ class FusedDecodeStep:
         self.layers = layers
         self.blocks = [weakref.ref(layer._layer()) for layer in layers]
         self.rotary, self.norm = weakref.ref(rotary), weakref.ref(norm)
+        #: the final norm and output projection run by the chain of layers (None: by their modules; probe_step
+        #: drops it when the logits would differ)
+        self.head = decode_head(model, norm) if layers and layers[0].device.type == "cpu" else None
         self.output_type = None  # the class of the model's own outputs, set by probe_step
         self.cache_name = cache_kwarg()
         self.decode_calls = 0  # how many calls took the whole step (tests read it)
+        self.head_calls = 0  # how many of them took their logits from the chain's head
 
     def __call__(self, *args, **kwargs):
         if not torch.compiler.is_compiling() and (not args or (len(args) == 1 and "input_ids" not in kwargs)):
@@ -128,9 +160,19 @@ class FusedDecodeStep:
         position_embeddings = self.rotary()(hidden, position_ids)
         layer_kwargs = {"attention_mask": mask, "position_embeddings": position_embeddings, self.cache_name: cache,
                         "use_cache": True, "position_ids": position_ids}
-        for layer in self.layers:
-            hidden = layer(hidden, **layer_kwargs)
-        logits = model.get_output_embeddings()(self.norm()(hidden))  # [B, 1, V]
+        first = self.layers[0]
+        first.head = self.head
+        try:
+            for layer in self.layers:
+                hidden = layer(hidden, **layer_kwargs)
+        finally:
+            first.head = None
+        chained, first.head_logits = first.head_logits, None
+        if chained is not None and chained[0] is hidden:  # the chain ran to the last block and on through the head
+            logits = chained[1].view(hidden.shape[0], 1, -1)  # [B, 1, V]
+            self.head_calls += 1
+        else:
+            logits = model.get_output_embeddings()(self.norm()(hidden))  # [B, 1, V]
         self.decode_calls += 1
         return self.output_type(logits=logits, **{self.cache_name: cache})
 
@@ -138,7 +180,16 @@ class FusedDecodeStep:
 @torch.no_grad()
 def probe_step(model: nn.Module, step: FusedDecodeStep) -> str | None:
     """None when the step's logits for a decoded token equal the model's own forward's bit for bit (two caches
-    filled by the same 3-token prompt), else why not."""
+    filled by the same 3-token prompt), else why not. A head run by the chain (``step.head``) that does not give
+    those logits is dropped, and the step probed again without it."""
+    why = _probe_once(model, step)
+    if why is not None and step.head is not None:
+        step.head = None
+        why = _probe_once(model, step)
+    return why
+
+
+def _probe_once(model: nn.Module, step: FusedDecodeStep) -> str | None:
     vocab = model.get_input_embeddings().num_embeddings
     ids = (torch.arange(4) * 7919 + 17) % vocab
     config = model.config.get_text_config(decoder=True)

@@ -803,8 +803,31 @@ void DecoderLayer::run_out_team(void* work_ptr, int tid, int n) const {
 // layer j - 1's step 6. args[0] holds the first layer's inputs; args[j > 0] its cache and mask (the rest is
 // wired here). Returns every layer's output, then (if the last step has a next layer) that layer's q, k, v;
 // a single layer without a fused MLP returns {residual, normed}.
+// The head's part of the region, on every thread once the last layer's output is complete: the norm of each row
+// (every thread computes it, H values), the projection's input prepared for its format, the thread's 4-aligned
+// share of the vocabulary (as dense_gemv and quant_gemv split it, so that each row is the same code's), rounded
+// to T.
+template <typename T>
+void head_team(const DecodeHead& head, const T* hidden, int64_t M, float* y, T* logits, int tid, int n) {
+  TeamScratch& s = team_scratch();
+  const int64_t H = head.proj.in_features(), V = head.proj.out_features();
+  if (static_cast<int64_t>(s.h.size()) < H) s.h.resize(H);
+  if (static_cast<int64_t>(s.xn.size()) < M * H) s.xn.resize(M * H);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t d = 0; d < H; ++d) s.h[d] = static_cast<float>(hidden[m * H + d]);
+    rms_norm_row<T>(s.h.data(), head.norm_weight.data_ptr<float>(), s.xn.data() + m * H, H, head.eps, head.gemma_norm);
+  }
+  head.proj.prepare(s.xn.data(), M, std::is_same<T, c10::BFloat16>::value, s.qa);
+  int64_t begin, end;
+  thread_share(V, 4, tid, n, begin, end);
+  head.proj.rows(s.xn.data(), s.qa, M, y, begin, end);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = begin; j < end; ++j) logits[m * V + j] = static_cast<T>(y[m * V + j]);
+}
+
 template <typename T, typename KT>
-std::vector<at::Tensor> run_chain(const std::vector<const DecoderLayer*>& layers, std::vector<AttnOutArgs>& args) {
+std::vector<at::Tensor> run_chain(const std::vector<const DecoderLayer*>& layers, std::vector<AttnOutArgs>& args,
+                                  const DecodeHead* head) {
   // The layers' buffers stay with the calling thread between calls (their sizes rarely change): a chain's
   // setup allocated and zero-filled them for every layer and token, about 7 us a layer (0.2 ms of an int4
   // token of the default model, benchmarks/profile_decode.py).
@@ -822,6 +845,19 @@ std::vector<at::Tensor> run_chain(const std::vector<const DecoderLayer*>& layers
     }
     layers[j]->template prepare_out<T, KT>(args[j], &works[j], j + 1 == count);
   }
+  // the head's float products [M, V] (kept with the calling thread, as the layers' buffers) and its logits
+  static thread_local std::vector<float> head_y;
+  at::Tensor logits;
+  float* head_yp = nullptr;
+  T* logits_p = nullptr;
+  const int64_t M = args[0].hidden.size(0);
+  if (head != nullptr) {
+    const int64_t V = head->proj.out_features();
+    if (static_cast<int64_t>(head_y.size()) < M * V) head_y.resize(M * V);
+    head_yp = head_y.data();
+    logits = at::detail::empty_cpu({M, V}, c10::CppTypeToScalarType<T>::value, false, c10::nullopt);
+    logits_p = logits.data_ptr<T>();
+  }
   const int nt = team_size();
   HF_PHASE(0, kSetup);  // (the calling thread)
 #pragma omp parallel num_threads(nt)
@@ -835,6 +871,10 @@ std::vector<at::Tensor> run_chain(const std::vector<const DecoderLayer*>& layers
       }
       layers[j]->template run_out_team<T, KT>(&works[j], tid, n);
     }
+    if (head != nullptr) {
+#pragma omp barrier
+      head_team<T>(*head, works[count - 1].out.template data_ptr<T>(), M, head_yp, logits_p, tid, n);
+    }
     HF_PHASE_STOP();
   }
   HF_PHASE_START();
@@ -844,6 +884,7 @@ std::vector<at::Tensor> run_chain(const std::vector<const DecoderLayer*>& layers
   for (size_t j = 0; j < count; ++j) outs.push_back(works[j].out);
   if (last.next != nullptr)
     for (auto& t : last.next_qkv) outs.push_back(t);
+  if (head != nullptr) outs.push_back(logits);
   HF_PHASE(0, kOutputs);
   HF_PHASE_STOP();
   return outs;
@@ -919,17 +960,28 @@ AttnOutArgs DecoderLayer::make_args(const at::Tensor& hidden_in, const at::Tenso
 }
 
 template <typename T>
-std::vector<at::Tensor> dispatch_kv(const std::vector<const DecoderLayer*>& layers, std::vector<AttnOutArgs>& args) {
-  if (args[0].keys.scalar_type() == at::kChar) return run_chain<T, int8_t>(layers, args);
-  return run_chain<T, T>(layers, args);
+std::vector<at::Tensor> dispatch_kv(const std::vector<const DecoderLayer*>& layers, std::vector<AttnOutArgs>& args,
+                                    const DecodeHead* head) {
+  if (args[0].keys.scalar_type() == at::kChar) return run_chain<T, int8_t>(layers, args, head);
+  return run_chain<T, T>(layers, args, head);
 }
 
-std::vector<at::Tensor> DecoderLayer::run(const std::vector<const DecoderLayer*>& layers, std::vector<AttnOutArgs>& args) const {
+std::vector<at::Tensor> DecoderLayer::run(const std::vector<const DecoderLayer*>& layers, std::vector<AttnOutArgs>& args,
+                                          const DecodeHead* head) const {
   switch (dtype_) {
-    case at::kFloat: return dispatch_kv<float>(layers, args);
-    case at::kBFloat16: return dispatch_kv<c10::BFloat16>(layers, args);
-    default: return dispatch_kv<c10::Half>(layers, args);
+    case at::kFloat: return dispatch_kv<float>(layers, args, head);
+    case at::kBFloat16: return dispatch_kv<c10::BFloat16>(layers, args, head);
+    default: return dispatch_kv<c10::Half>(layers, args, head);
   }
+}
+
+DecodeHead::DecodeHead(at::Tensor norm_weight_in, double eps_in, bool gemma_norm_in, Projection proj_in,
+                       c10::ScalarType dtype_in)
+    : norm_weight(norm_weight_in.to(at::kFloat).contiguous()), eps(static_cast<float>(eps_in)),
+      gemma_norm(gemma_norm_in), proj(std::move(proj_in)), dtype(dtype_in) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "DecodeHead: a float dtype");
+  TORCH_CHECK(norm_weight.dim() == 1 && norm_weight.numel() == proj.in_features(),
+              "DecodeHead: the norm weight must be [in_features] of the projection");
 }
 
 std::vector<at::Tensor> DecoderLayer::attn_out_mlp(const at::Tensor& hidden_in, const at::Tensor& q_in,
@@ -954,13 +1006,18 @@ std::vector<at::Tensor> DecoderLayer::decode_chain(const std::vector<const Decod
                                                    const std::vector<int64_t>& slots,
                                                    const std::vector<int64_t>& attend_lens,
                                                    const c10::optional<at::Tensor>& mask, const at::Tensor& cos,
-                                                   const at::Tensor& sin, const DecoderLayer* next) {
+                                                   const at::Tensor& sin, const DecoderLayer* next,
+                                                   const DecodeHead* head) {
   HF_PHASE_START();
   const size_t n = chain.size();
   TORCH_CHECK(n >= 1 && chain[0] == this && keys.size() == n && values.size() == n && k_scales.size() == n &&
               v_scales.size() == n && slots.size() == n && attend_lens.size() == n,
               "decode_chain: one cache entry per layer, starting with this layer");
   for (size_t j = 0; j < n; ++j) TORCH_CHECK(chain[j] != nullptr && slots[j] >= 0, "decode_chain: layers and slots");
+  if (head != nullptr)
+    TORCH_CHECK(next == nullptr && head->dtype == dtype_ && head->proj.in_features() == hidden_ &&
+                !chain.back()->gate_up_.empty(),
+                "decode_chain: a head follows the model's last layer (no next layer), of the layers' dtype and width");
   std::vector<AttnOutArgs> args;
   for (size_t j = 0; j < n; ++j) {
     const DecoderLayer* following = j + 1 < n ? chain[j + 1] : next;
@@ -968,7 +1025,7 @@ std::vector<at::Tensor> DecoderLayer::decode_chain(const std::vector<const Decod
                                        attend_lens[j], following, cos, sin, j == 0));
   }
   HF_PHASE(0, kArgs);
-  return run(chain, args);
+  return run(chain, args, head);
 }
 
 }  // namespace hf_fastinfer

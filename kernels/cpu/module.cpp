@@ -66,6 +66,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("out_features", &Projection::out_features)
       .def_property_readonly("bits", &Projection::bits)
       .def_property_readonly("nbytes", &Projection::nbytes);
+  py::class_<DecodeHead>(m, "DecodeHead")
+      .def(py::init<at::Tensor, double, bool, Projection, c10::ScalarType>(), py::arg("norm_weight"), py::arg("eps"),
+           py::arg("gemma_norm"), py::arg("proj"), py::arg("dtype"));
   // The two calls release the GIL: other Python threads (a streamer's consumer, a notebook's UI) run meanwhile.
   py::class_<DecoderLayer>(m, "DecoderLayer")
       .def(py::init<at::Tensor, c10::optional<at::Tensor>, double, bool, std::vector<Projection>, Projection,
@@ -84,6 +87,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("decode_chain", &DecoderLayer::decode_chain, py::arg("chain"), py::arg("hidden"), py::arg("q"), py::arg("k"),
            py::arg("v"), py::arg("keys"), py::arg("values"), py::arg("k_scales"), py::arg("v_scales"), py::arg("slots"),
            py::arg("attend_lens"), py::arg("mask"), py::arg("cos"), py::arg("sin"), py::arg("next_layer") = nullptr,
-           py::call_guard<py::gil_scoped_release>())
+           py::arg("head") = nullptr, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("weight_bytes", &DecoderLayer::weight_bytes);
 }

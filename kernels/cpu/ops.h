@@ -79,6 +79,19 @@ class Projection {
 
 class DecoderLayer;
 
+// The final norm and output projection of a causal LM, run by a decode chain after the model's last layer in the
+// same parallel region (decode_chain's `head`): logits = proj(rms_norm(hidden)) with the roundings of the
+// standalone ops the model's own modules run (rms_norm, then dense_gemv / quant_gemv on the T-rounded norm,
+// rounded to T once), each thread its 4-aligned share of the vocabulary as those ops split it.
+struct DecodeHead {
+  DecodeHead(at::Tensor norm_weight, double eps, bool gemma_norm, Projection proj, c10::ScalarType dtype);
+  at::Tensor norm_weight;  // float32 [H]
+  float eps;
+  bool gemma_norm;
+  Projection proj;         // [V, H]
+  c10::ScalarType dtype;
+};
+
 // The arguments of one attn_out_mlp call, checked (decoder_layer.cpp).
 struct AttnOutArgs {
   at::Tensor hidden, q, k, v, keys, values, k_scale, v_scale, mask, next_cos, next_sin;
@@ -120,8 +133,9 @@ class DecoderLayer {
   // hidden, q, k, v; each later layer takes the one before's output and its q, k, v (computed by the one before),
   // and every layer writes its K/V into its cache's buffers at its slot (one entry per layer in keys ...
   // attend_lens). One mask and one cos / sin for all (layers of one attention type, one rotary table); next: a
-  // layer after the chain whose q, k, v are computed at the end. Returns every layer's output [B, 1, H], then
-  // next's q, k, v.
+  // layer after the chain whose q, k, v are computed at the end; head (the chain ending at the model's last layer,
+  // no next): the model's final norm and output projection on the last output, in the same region. Returns every
+  // layer's output [B, 1, H], then next's q, k, v, then head's logits [B, V] in the layer's dtype.
   std::vector<at::Tensor> decode_chain(const std::vector<const DecoderLayer*>& chain, const at::Tensor& hidden,
                                        const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values,
@@ -129,7 +143,8 @@ class DecoderLayer {
                                        const std::vector<c10::optional<at::Tensor>>& v_scales,
                                        const std::vector<int64_t>& slots, const std::vector<int64_t>& attend_lens,
                                        const c10::optional<at::Tensor>& mask, const at::Tensor& cos,
-                                       const at::Tensor& sin, const DecoderLayer* next);
+                                       const at::Tensor& sin, const DecoderLayer* next,
+                                       const DecodeHead* head = nullptr);
 
   // bytes of the projection weights (and their scales) one decode step reads
   int64_t weight_bytes() const;
@@ -156,7 +171,8 @@ class DecoderLayer {
  private:
   template <typename T>
   std::vector<at::Tensor> attn_in_impl(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin);
-  std::vector<at::Tensor> run(const std::vector<const DecoderLayer*>& layers, std::vector<AttnOutArgs>& args) const;
+  std::vector<at::Tensor> run(const std::vector<const DecoderLayer*>& layers, std::vector<AttnOutArgs>& args,
+                              const DecodeHead* head = nullptr) const;
 
   std::vector<Projection> qkv_;
   Projection o_;

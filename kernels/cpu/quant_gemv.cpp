@@ -751,7 +751,16 @@ at::Tensor quant_gemv(const at::Tensor& x_in, const at::Tensor& qweight, const a
   quant_prepare(x.data_ptr<float>(), M, K, bits, group_size, int16_activations, xa);
   at::Tensor y = at::detail::empty_cpu({M, N}, at::kFloat, false, c10::nullopt);  // (no dispatcher: ~1 us less)
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) { quant_rows(w, xa, yp, begin, end); });
+  // one parallel region with 4-row-aligned shares, as dense_gemv and a decode chain's head split their rows (a
+  // row's value then does not depend on which of the three computed it: the rows left over from a thread's blocks
+  // of four take the single-row loop)
+  const int nt = team_size();
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t begin, end;
+    thread_share(N, 4, omp_get_thread_num(), omp_get_num_threads(), begin, end);
+    quant_rows(w, xa, yp, begin, end);
+  }
   if (x_dtype != at::kFloat) y = y.to(x_dtype);
   if (x_in.dim() == 2) return y;
   auto out_sizes = x_in.sizes().vec();
