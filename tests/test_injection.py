@@ -458,6 +458,29 @@ def test_a_head_that_would_change_the_logits_is_dropped_and_the_step_kept():
     fast.forward = step
 
 
+def test_a_hook_on_the_output_projection_or_final_norm_still_runs():
+    """The chain's head stands for the final norm and the output projection only while nothing hooks them: a
+    forward hook on either is called at every decoded token (their modules run), and the tokens stay
+    transformers'."""
+    reference, fast = pair("llama")
+    step = fast._hf_fastinfer_injection.step
+    if step is None or step.head is None:
+        pytest.skip("reason: no compiled CPU kernels here, so the chain runs no head")
+    kwargs = dict(attention_mask=MASK, max_new_tokens=8, do_sample=False)
+    expected = reference.generate(PROMPTS, **kwargs)
+    for module in (fast.lm_head, fast.model.norm):
+        seen = []
+        handle = module.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+        before, head_before = step.decode_calls, step.head_calls
+        got = fast.generate(PROMPTS, cache_implementation="fastinfer", **kwargs)
+        handle.remove()
+        assert torch.equal(got, expected)
+        assert step.decode_calls - before == 7 and step.head_calls == head_before  # the step, not its head
+        assert len(seen) == 8  # the prompt and every decoded token
+    fast.generate(PROMPTS, cache_implementation="fastinfer", **kwargs)
+    assert step.head_calls > head_before  # the head again, once the hooks are gone
+
+
 def test_whole_decode_step_steps_aside_and_undoes():
     """Calls it does not cover take the model's own forward (hidden states asked for, a DynamicCache, a forward
     hook on the base model); uninject gives the model its class's forward back."""

@@ -88,6 +88,7 @@ class FusedDecodeStep:
         #: the final norm and output projection run by the chain of layers (None: by their modules; probe_step
         #: drops it when the logits would differ)
         self.head = decode_head(model, norm) if layers and layers[0].device.type == "cpu" else None
+        self._head_output = weakref.ref(model.get_output_embeddings()) if self.head is not None else None
         self.output_type = None  # the class of the model's own outputs, set by probe_step
         self.cache_name = cache_kwarg()
         self.decode_calls = 0  # how many calls took the whole step (tests read it)
@@ -115,6 +116,18 @@ class FusedDecodeStep:
             if any(not getattr(hook, "__module__", "").startswith("transformers.") for hook in module._forward_hooks.values()):
                 return True
         return False
+
+    def _head_for_call(self, model: nn.Module):
+        """The head, unless the modules it stands for now do something it would skip: a hook on the final norm or
+        the output projection, or another output projection (the embeddings resized since injection)."""
+        head, norm = self.head, self.norm()
+        if head is None:
+            return None
+        output = model.get_output_embeddings()
+        if output is not self._head_output() or output._forward_hooks or output._forward_pre_hooks or \
+                norm._forward_hooks or norm._forward_pre_hooks:
+            return None
+        return head
 
     @torch.no_grad()
     def decode(self, kwargs: dict):
@@ -161,7 +174,7 @@ class FusedDecodeStep:
         layer_kwargs = {"attention_mask": mask, "position_embeddings": position_embeddings, self.cache_name: cache,
                         "use_cache": True, "position_ids": position_ids}
         first = self.layers[0]
-        first.head = self.head
+        first.head = self._head_for_call(model)
         try:
             for layer in self.layers:
                 hidden = layer(hidden, **layer_kwargs)
