@@ -435,7 +435,7 @@ def test_whole_decode_step_gives_transformers_tokens(family):
 
 
 def test_a_head_that_would_change_the_logits_is_dropped_and_the_step_kept():
-    """The probe drops a chain head whose logits differ from the model's modules' (here its norm's weight is doubled)
+    """The probe drops a chain head whose logits differ from the model's modules' (here its norm takes Gemma's (1 + w) form, which the model's norm does not)
     and probes the step again without it."""
     from hf_fastinfer.injection.step import probe_step
     from hf_fastinfer.kernels.decoder_layer import DecodeHeadSpec
@@ -445,7 +445,7 @@ def test_a_head_that_would_change_the_logits_is_dropped_and_the_step_kept():
     if step is None or step.head is None:
         pytest.skip("reason: no compiled CPU kernels here, so the chain runs no head")
     good = step.head
-    step.head = DecodeHeadSpec(good.norm_weight.detach() * 2, good.eps, good.gemma_norm, good.proj, good.dtype)
+    step.head = DecodeHeadSpec(good.norm_weight, good.eps, not good.gemma_norm, good.proj, good.dtype)
     del fast.forward  # the probe compares against the model's own forward, as at load
     assert probe_step(fast, step) is None and step.head is None
     fast.forward = step
@@ -479,6 +479,22 @@ def test_a_hook_on_the_output_projection_or_final_norm_still_runs():
         assert len(seen) == 8  # the prompt and every decoded token
     fast.generate(PROMPTS, cache_implementation="fastinfer", **kwargs)
     assert step.head_calls > head_before  # the head again, once the hooks are gone
+    # a new output weight (as re-tying or loading another head would give): the module computes, with it
+    fast.lm_head.weight = torch.nn.Parameter(fast.lm_head.weight.detach() * -1.0)
+    from hf_fastinfer._compat import cache_kwarg
+
+    name = cache_kwarg()
+    head_before, before = step.head_calls, step.decode_calls
+    with torch.no_grad():
+        cache = hf_fastinfer.build_cache("fastinfer", config=fast.config)
+        fast(PROMPTS[:1, :4], use_cache=True, **{name: cache})
+        logits = fast(PROMPTS[:1, 4:5], use_cache=True, **{name: cache}).logits
+        ref_cache = DynamicCache(config=reference.config)
+        reference.lm_head.weight = torch.nn.Parameter(reference.lm_head.weight.detach() * -1.0)
+        reference(PROMPTS[:1, :4], use_cache=True, **{name: ref_cache})
+        expected_logits = reference(PROMPTS[:1, 4:5], use_cache=True, **{name: ref_cache}).logits
+    assert step.decode_calls == before + 1 and step.head_calls == head_before
+    torch.testing.assert_close(logits, expected_logits)
 
 
 def test_whole_decode_step_steps_aside_and_undoes():

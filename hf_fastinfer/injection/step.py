@@ -119,12 +119,14 @@ class FusedDecodeStep:
 
     def _head_for_call(self, model: nn.Module):
         """The head, unless the modules it stands for now do something it would skip: a hook on the final norm or
-        the output projection, or another output projection (the embeddings resized since injection)."""
+        the output projection, or another output projection or weight than it was built from (the embeddings
+        resized or re-tied since injection)."""
         head, norm = self.head, self.norm()
         if head is None:
             return None
         output = model.get_output_embeddings()
-        if output is not self._head_output() or output._forward_hooks or output._forward_pre_hooks or \
+        if output is not self._head_output() or output.weight is not head.proj.weight or \
+                norm.weight is not head.norm_weight or output._forward_hooks or output._forward_pre_hooks or \
                 norm._forward_hooks or norm._forward_pre_hooks:
             return None
         return head
