@@ -12,8 +12,8 @@
 
 Each round times the default model's greedy decode (batch 1, ``--prompt`` prompt tokens, ``--new-tokens`` new
 tokens, hf_fastinfer's cache) in every combination, one after the other (every other round in reverse order),
-so drifting machine load hits all alike; the table gives medians and ranges, tokens/s, and checks that every combination gives the same tokens.
-The factors left out keep the library's own choice.
+so drifting machine load hits all alike; the table gives medians and ranges, tokens/s, and checks that every
+combination gives the same tokens. The factors left out keep the library's own choice.
 
     python benchmarks/bench_decode_ab.py --bits none,4 --repeats 6 --write
     python benchmarks/bench_decode_ab.py --factors nta --bits 8,4 --repeats 8

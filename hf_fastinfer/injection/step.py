@@ -58,9 +58,8 @@ def decode_head(model: nn.Module, norm: nn.Module) -> DecodeHeadSpec | None:
 
     norm_forward = norm.__dict__.get("forward")
     output = model.get_output_embeddings()
-    if not isinstance(norm_forward, FastNormForward) or output is None or output._forward_hooks or \
-            output._forward_pre_hooks or norm._forward_hooks or norm._forward_pre_hooks:
-        return None
+    if not isinstance(norm_forward, FastNormForward) or output is None:
+        return None  # (hooks on either module are checked at every call: FusedDecodeStep._head_for_call)
     dtype = norm.weight.dtype
     if type(output) is nn.Linear:
         if not isinstance(output.__dict__.get("forward"), FastLinearForward) or output.weight.dtype != dtype or \

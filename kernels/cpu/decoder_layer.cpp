@@ -799,10 +799,6 @@ void DecoderLayer::run_out_team(void* work_ptr, int tid, int n) const {
   }
 }
 
-// A chain of layers in one parallel region: layer j's input is layer j - 1's output and its q / k / v come from
-// layer j - 1's step 6. args[0] holds the first layer's inputs; args[j > 0] its cache and mask (the rest is
-// wired here). Returns every layer's output, then (if the last step has a next layer) that layer's q, k, v;
-// a single layer without a fused MLP returns {residual, normed}.
 // The head's part of the region, on every thread once the last layer's output is complete: the norm of each row
 // (every thread computes it, H values), the projection's input prepared for its format, the thread's 4-aligned
 // share of the vocabulary (as dense_gemv and quant_gemv split it, so that each row is the same code's), rounded
@@ -825,6 +821,10 @@ void head_team(const DecodeHead& head, const T* hidden, int64_t M, float* y, T* 
     for (int64_t j = begin; j < end; ++j) logits[m * V + j] = static_cast<T>(y[m * V + j]);
 }
 
+// A chain of layers in one parallel region: layer j's input is layer j - 1's output and its q / k / v come from
+// layer j - 1's step 6. args[0] holds the first layer's inputs; args[j > 0] its cache and mask (the rest is
+// wired here). Returns every layer's output, then (if the last step has a next layer) that layer's q, k, v,
+// then (with a head) its logits; a single layer without a fused MLP returns {residual, normed}.
 template <typename T, typename KT>
 std::vector<at::Tensor> run_chain(const std::vector<const DecoderLayer*>& layers, std::vector<AttnOutArgs>& args,
                                   const DecodeHead* head) {

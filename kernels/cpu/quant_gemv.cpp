@@ -5,8 +5,8 @@
 // Each weight row is read once, as integers, and reused for every activation row while it sits in L1. With
 // AVX-512, four rows go through FMA chains side by side and each group's scale is applied once to the group's
 // partial sum; without it, plain C++ loops the compiler vectorises. Activations stay float32 throughout (except
-// int4 and int8 against bf16 activations, held as int16: gemv_blocks_a16*, below): the result is the exact float dot product up to summation order,
-// whatever the weight format. Formats: hf_fastinfer.kernels.quant_format (int8 [N, K]; int4 nibbles q + 8,
+// int4 and int8 against bf16 activations, held as int16: gemv_blocks_a16*, below): the result is the exact
+// float dot product up to summation order, whatever the weight format. Formats: hf_fastinfer.kernels.quant_format (int8 [N, K]; int4 nibbles q + 8,
 // low nibble = even column).
 //
 // quant_prepare / quant_rows (quant_gemv.h) are shared with the fused decoder layer; quant_gemv at the bottom
@@ -532,6 +532,15 @@ void rows_range(const GemvArgs& a, const ST* sp, const ST* zp, int64_t begin, in
   gemv_single_rows<ST>(a, sp, zp, n, end);
 }
 
+#if defined(HF_FASTINFER_AVX512) && defined(HF_FASTINFER_A16)
+// 16 activations as int16 values in int32 lanes: nearest-even of v * inv (inv = 32767 / max|x_g|), clamped to
+// +-32767, the roundings of the scalar loop in quant_prepare
+inline __m512i to_int16_lanes(__m512 v, __m512 inv) {
+  return _mm512_max_epi32(_mm512_set1_epi32(-32767), _mm512_min_epi32(_mm512_set1_epi32(32767),
+                                                                       _mm512_cvtps_epi32(_mm512_mul_ps(v, inv))));
+}
+#endif
+
 }  // namespace
 
 bool quant_prefetch_nta() { return g_prefetch_nta; }
@@ -591,7 +600,6 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
     out.xk16.assign(M * kpad, 0);
     out.xs.assign(M * (groups + 1), 0.f);
     out.xsum16.assign(M * groups, 0.f);
-    const __m512i qmax = _mm512_set1_epi32(32767), qmin = _mm512_set1_epi32(-32767);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t k0 = g * group_size, len = std::min(group_size, K - k0);
@@ -607,7 +615,7 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
         int16_t* dst = out.xk16.data() + m * kpad + k0;
         for (int64_t j = 0; j < len; j += 16) {
           const __mmask16 mk = tail_mask(len - j);
-          const __m512i q = _mm512_max_epi32(qmin, _mm512_min_epi32(qmax, _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xg + j), inv))));
+          const __m512i q = to_int16_lanes(_mm512_maskz_loadu_ps(mk, xg + j), inv);
           _mm256_mask_storeu_epi16(dst + j, mk, _mm512_cvtepi32_epi16(q));
           qsum = _mm512_add_epi32(qsum, q);  // (masked-off lanes loaded as 0)
         }
@@ -635,7 +643,6 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
       // thread: scalar, with a call of nearbyint per value, this cost about as much as a small projection).
       // The same values as the scalar loop below: nearest-even rounding of the same float products, clamped.
       const __m256i evens_odds = _mm256_setr_epi16(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
-      const __m512i qmax = _mm512_set1_epi32(32767), qmin = _mm512_set1_epi32(-32767);
       for (int64_t m = 0; m < M; ++m)
         for (int64_t g = 0; g < groups; ++g) {
           const float* xg = xp + m * K + 32 * g;
@@ -644,8 +651,7 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
           if (amax == 0.f) continue;  // all zero: int16 values and scale stay 0
           const __m512 inv = _mm512_set1_ps(32767.f / amax);
           const float xs = amax / 32767.f;
-          const __m512i q0 = _mm512_max_epi32(qmin, _mm512_min_epi32(qmax, _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv))));
-          const __m512i q1 = _mm512_max_epi32(qmin, _mm512_min_epi32(qmax, _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv))));
+          const __m512i q0 = to_int16_lanes(v0, inv), q1 = to_int16_lanes(v1, inv);
           // Column c of the group is nibble c % 2 of its byte c / 2; the group is 128-bit lane g % 4 of its
           // 64-byte block, where vpunpcklbw widens bytes 0-7 ("A") and vpunpckhbw bytes 8-15 ("B") to int16
           // lanes 8 * (g % 4) + byte % 8. So columns 0-15 and 16-31, each split into even / odd, are the four
@@ -751,10 +757,11 @@ at::Tensor quant_gemv(const at::Tensor& x_in, const at::Tensor& qweight, const a
   quant_prepare(x.data_ptr<float>(), M, K, bits, group_size, int16_activations, xa);
   at::Tensor y = at::detail::empty_cpu({M, N}, at::kFloat, false, c10::nullopt);  // (no dispatcher: ~1 us less)
   float* yp = y.data_ptr<float>();
-  // one parallel region with 4-row-aligned shares, as dense_gemv and a decode chain's head split their rows (a
-  // row's value then does not depend on which of the three computed it: the rows left over from a thread's blocks
-  // of four take the single-row loop)
-  const int nt = team_size();
+  // one parallel region with 4-row-aligned shares, as dense_gemv and a decode chain's head split their rows: every
+  // share starts on a multiple of four, so each row takes the same loop (blocks of four, or the single-row loop
+  // for the last N % 4) whichever of the three computes it and with any thread count. Fewer than 64 rows stay on
+  // the calling thread, as at::parallel_for's grain kept them.
+  const int nt = N < 64 ? 1 : team_size();
 #pragma omp parallel num_threads(nt)
   {
     int64_t begin, end;
