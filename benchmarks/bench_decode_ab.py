@@ -9,6 +9,8 @@
   i8a16      int8 weights against bf16 activations held as int16 per group (VNNI products), or as float
   head       the final norm and output projection run by the chain of layers in its parallel region, or by
              their modules after it (injection/step.py)
+  bf16dot    bf16 weights against the activations through AVX512-BF16 dot products, or widened to fp32
+             (``kernels/cpu/dense_gemv.cpp``; on where the CPU has them)
 
 Each round times the default model's greedy decode (batch 1, ``--prompt`` prompt tokens, ``--new-tokens`` new
 tokens, hf_fastinfer's cache) in every combination, one after the other (every other round in reverse order),
@@ -40,7 +42,8 @@ from hf_fastinfer.injection.hugepages import move_out_of_huge_pages  # noqa: E40
 from hf_fastinfer.kernels._cpu_ext import cpu_extension  # noqa: E402
 
 FACTORS = {"step": "whole step", "huge": "huge pages", "nta": "non-temporal prefetch",
-           "i8a16": "int8 x int16 activations", "head": "head in the chain"}
+           "i8a16": "int8 x int16 activations", "head": "head in the chain",
+           "bf16dot": "bf16 dot products"}
 
 
 def set_huge_pages(model, on: bool) -> None:
@@ -85,6 +88,7 @@ def main() -> None:
     combos = list(itertools.product((True, False), repeat=len(factors)))
     ext = cpu_extension()
     library_nta = ext.quant_prefetch_nta()
+    library_bf16_dot = ext.bf16_dot_products()
     rows = []
     bandwidths = []
     for bits in args.bits.split(","):
@@ -96,10 +100,13 @@ def main() -> None:
             raise SystemExit(f"bits={bits}: the whole step ({state.report.decode_step_left}) or huge pages are not "
                              "in use on this machine; nothing to compare")
         head = state.step.head
+        if "bf16dot" in factors and not ext.bf16_dot_products():
+            raise SystemExit("this CPU has no AVX512-BF16 dot products (or the kernels were built without them)")
         if "head" in factors and head is None:
             raise SystemExit(f"bits={bits}: the chain runs no head for this model; nothing to compare")
         setters = {"step": lambda on: set_step(model, state.step, on), "huge": lambda on: set_huge_pages(model, on),
                    "nta": ext.set_quant_prefetch_nta, "i8a16": ext.set_int8_int16_activations,
+                   "bf16dot": ext.set_bf16_dot_products,
                    "head": lambda on: setattr(state.step, "head", head if on else None)}
         results, tokens = {c: [] for c in combos}, {}
         for round_index in range(args.repeats):
@@ -117,6 +124,7 @@ def main() -> None:
         set_huge_pages(model, True)
         ext.set_quant_prefetch_nta(library_nta)
         ext.set_int8_int16_activations(True)
+        ext.set_bf16_dot_products(library_bf16_dot)
         state.step.head = head
         same = all(torch.equal(t, tokens[combos[0]]) for t in tokens.values())
         roofline = summarize(bandwidths)[0] * 1e9 / decode_read_bytes(model)

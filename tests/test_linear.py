@@ -116,3 +116,49 @@ def test_linear_rejects_bad_input():
         lin.linear(torch.randn(2, 5), torch.randn(3, 4))
     with pytest.raises(ValueError, match="bias"):
         lin.linear(torch.randn(2, 4), torch.randn(3, 4), torch.randn(4))
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return set()
+
+
+@needs_compiled
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("n, k", [(83, 70), (96, 576), (9, 33)])
+def test_bf16_weights_through_dot_products_match_the_float_road(rows, n, k):
+    """bf16 weights meet bf16 activations through AVX512-BF16 dot products where the CPU has them (one road, the
+    other widening to fp32): both are the product accumulated in fp32 and rounded once, whatever the tails."""
+    ext = cpu_extension()
+    assert ext.bf16_dot_products() == ("avx512_bf16" in _cpu_flags())
+    if not ext.bf16_dot_products():
+        pytest.skip("needs AVX512-BF16 dot products (this CPU has none)")
+    gen = torch.Generator().manual_seed(n * k + rows)
+    w = (torch.randn(n, k, generator=gen) * 0.1).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16()
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    try:
+        ext.set_bf16_dot_products(False)
+        float_road = ext.dense_gemv(x, w, b)
+    finally:
+        ext.set_bf16_dot_products(True)
+    dot_road = ext.dense_gemv(x, w, b)
+    exact = x.double() @ w.double().T + b.double()
+    # one bf16 rounding of the exact value (2^-9 relative) plus fp32 accumulation in any order
+    bound = exact.abs() * 2.0**-8 + (x.double().abs() @ w.double().abs().T) * k * 2.0**-23
+    for got in (dot_road, float_road):
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+        assert ((got.double() - exact).abs() <= bound).all()
+    # the dot products count a denormal input as zero (the float road keeps it): proof of which road ran
+    tiny = torch.zeros(1, k, dtype=torch.bfloat16)
+    tiny[0, 0] = 1e-39
+    ones = torch.ones(4, k, dtype=torch.bfloat16)
+    assert (ext.dense_gemv(tiny, ones, None) == 0).all()
+    try:
+        ext.set_bf16_dot_products(False)
+        assert (ext.dense_gemv(tiny, ones, None) != 0).all()
+    finally:
+        ext.set_bf16_dot_products(True)

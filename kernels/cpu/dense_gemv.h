@@ -20,4 +20,9 @@ struct DenseWeight {
 // calling thread. Each weight row is read from memory once whatever M is.
 void dense_rows(const DenseWeight& w, const float* x, int64_t M, float* y, int64_t begin, int64_t end);
 
+// Whether bf16 weights go through AVX512-BF16 dot products (on where the CPU has them), and the switch for
+// benchmarks' A/B in one process.
+bool bf16_dot_products();
+void set_bf16_dot_products(bool on);
+
 }  // namespace hf_fastinfer

@@ -43,6 +43,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether int8 weights meet bf16 activations held as int16 per group (VNNI products; on by default)");
   m.def("set_int8_int16_activations", &set_int8_int16_activations, py::arg("on"),
         "turn that road off or on, process-wide (for benchmarks' A/B in one process)");
+  m.def("bf16_dot_products", &bf16_dot_products,
+        "whether bf16 weights meet the activations through AVX512-BF16 dot products (on where the CPU has them)");
+  m.def("set_bf16_dot_products", &set_bf16_dot_products, py::arg("on"),
+        "turn that road off or on, process-wide (for benchmarks' A/B in one process)");
   m.def("dense_gemv", &dense_gemv, "float-weight GEMV for a few activation rows");
   m.def("prefill_linear", &prefill_linear, py::call_guard<py::gil_scoped_release>(),
         "many-row product with a float or quantized weight: the weight in fp32, then oneDNN's linear (onednn) or "

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "dense_gemv.h"
 #include "quant_gemv.h"
 
 namespace hf_fastinfer {
