@@ -27,81 +27,66 @@ constexpr int64_t kPrefetchBytes = 16 * 1024;
 bool g_bf16_dot = true;
 
 #ifdef HF_FASTINFER_AVX512
-// rows [n, n + 4) against every activation row: four FMA chains side by side, one load of x per 16 columns
-template <typename WT>
-inline void block4(const WT* w, const float* x, int64_t M, int64_t K, const float* bias, float* y, int64_t N, int64_t n,
-                   const char* prefetch, int64_t prefetch_lines) {
-  const WT* r0 = w + n * K;
-  const WT* r1 = r0 + K;
-  const WT* r2 = r1 + K;
-  const WT* r3 = r2 + K;
-  const int64_t chunks = (K + 15) / 16;
-  // spread the prefetches of the block ahead over the first pass (a burst of them stalls the core)
+// rows [n, n + 4) against every activation row: four chains of products side by side, one load of x per chunk
+// of COLS columns, the prefetches of the block ahead spread over the first pass (a burst of them stalls the
+// core). chunk(acc, xm, r, k) adds columns [k, k + COLS) of the four rows r[0..3] against x's row xm to acc[0..3].
+template <int COLS, typename XT, typename WT, typename Chunk>
+__attribute__((always_inline)) inline void block4(const WT* w, const XT* x, int64_t x_stride, int64_t M, int64_t K,
+                                                  const float* bias, float* y, int64_t N, int64_t n,
+                                                  const char* prefetch, int64_t prefetch_lines, Chunk chunk) {
+  const WT* const r[4] = {w + n * K, w + (n + 1) * K, w + (n + 2) * K, w + (n + 3) * K};
+  const int64_t chunks = (K + COLS - 1) / COLS;
   const int64_t per_chunk = (prefetch_lines + chunks - 1) / chunks;
   for (int64_t m = 0; m < M; ++m) {
-    const float* xm = x + m * K;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    const XT* xm = x + m * x_stride;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     const char* pf = prefetch;
     int64_t issued = 0;
     for (int64_t c = 0; c < chunks; ++c) {
       if (m == 0)
         for (int64_t l = 0; l < per_chunk && issued < prefetch_lines; ++l, ++issued) _mm_prefetch(pf + 64 * issued, _MM_HINT_T1);
-      const int64_t k = 16 * c;
-      const __mmask16 mk = tail_mask(K - k);
-      const __m512 xv = _mm512_maskz_loadu_ps(mk, xm + k);
-      a0 = _mm512_fmadd_ps(xv, load16(r0 + k, mk), a0);
-      a1 = _mm512_fmadd_ps(xv, load16(r1 + k, mk), a1);
-      a2 = _mm512_fmadd_ps(xv, load16(r2 + k, mk), a2);
-      a3 = _mm512_fmadd_ps(xv, load16(r3 + k, mk), a3);
+      chunk(acc, xm, r, COLS * c);
     }
     float* ym = y + m * N + n;
-    ym[0] = _mm512_reduce_add_ps(a0) + (bias ? bias[n] : 0.f);
-    ym[1] = _mm512_reduce_add_ps(a1) + (bias ? bias[n + 1] : 0.f);
-    ym[2] = _mm512_reduce_add_ps(a2) + (bias ? bias[n + 2] : 0.f);
-    ym[3] = _mm512_reduce_add_ps(a3) + (bias ? bias[n + 3] : 0.f);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) ym[i] = _mm512_reduce_add_ps(acc[i]) + (bias ? bias[n + i] : 0.f);
   }
+}
+
+// float weights (fp32, or bf16 / fp16 widened to fp32): 16 columns a chunk, one FMA per row
+template <typename WT>
+inline void block4_float(const WT* w, const float* x, int64_t M, int64_t K, const float* bias, float* y, int64_t N,
+                         int64_t n, const char* prefetch, int64_t prefetch_lines) {
+  block4<16>(w, x, K, M, K, bias, y, N, n, prefetch, prefetch_lines,
+             [K](__m512* acc, const float* xm, const WT* const* r, int64_t k) {
+               const __mmask16 mk = tail_mask(K - k);
+               const __m512 xv = _mm512_maskz_loadu_ps(mk, xm + k);
+#pragma GCC unroll 4
+               for (int i = 0; i < 4; ++i) acc[i] = _mm512_fmadd_ps(xv, load16(r[i] + k, mk), acc[i]);
+             });
 }
 
 #ifdef __AVX512BF16__
 // bf16 weights, the AVX512-BF16 way: vdpbf16ps multiplies 32 bf16 pairs and adds each lane's two products into
-// its fp32 sum, so one instruction takes 64 bytes of a row, where block4 widens two halves to fp32 (two shifts)
-// and runs two FMAs. The products are exact (8-bit mantissas) and the sums fp32, as in block4; only the order
-// of the additions differs (and denormal inputs and sums count as zero). x must hold bf16 values (xb: x's bf16
-// bits, zero-padded to whole 32-column chunks): the decode layer and the standalone op give it values already
-// rounded to bf16, as the model rounds a projection's input. Measured on 2 cores over a decoder's projection
-// shapes in sequence, 212 MB of bf16 weights read cold (Xeon with AMX, 2.6 GHz): 24-30 GB/s against 21-27 for
-// block4, 12 interleaved rounds (BENCHMARKS.md). The prefetches go to L2 (T1), as block4's: into L1 (T0)
-// they measured 22-26 GB/s.
+// its fp32 sum, so one instruction takes 64 bytes of a row, where block4_float widens two halves to fp32 (two
+// shifts) and runs two FMAs. The products are exact (8-bit mantissas) and the sums fp32, as there; only the
+// order of the additions differs (and denormal inputs and sums count as zero). x must hold bf16 values (xb:
+// x's bf16 bits, zero-padded to whole 32-column chunks): the decode layer and the standalone op give it values
+// already rounded to bf16, as the model rounds a projection's input. Measured on 2 cores over a decoder's
+// projection shapes in sequence, 212 MB of bf16 weights read cold (Xeon with AMX, 2.6 GHz): 24-30 GB/s against
+// 21-27 for the float road, 12 interleaved rounds (BENCHMARKS.md). The prefetches go to L2 (T1), as the float
+// road's: into L1 (T0) they measured 22-26 GB/s.
 inline void block4_bf16(const uint16_t* w, const uint16_t* xb, int64_t M, int64_t K, int64_t kpad, const float* bias,
                         float* y, int64_t N, int64_t n, const char* prefetch, int64_t prefetch_lines) {
-  const uint16_t* r0 = w + n * K;
-  const uint16_t* r1 = r0 + K;
-  const uint16_t* r2 = r1 + K;
-  const uint16_t* r3 = r2 + K;
-  const int64_t chunks = (K + 31) / 32;
-  const int64_t per_chunk = (prefetch_lines + chunks - 1) / chunks;
-  for (int64_t m = 0; m < M; ++m) {
-    const uint16_t* xm = xb + m * kpad;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    const char* pf = prefetch;
-    int64_t issued = 0;
-    for (int64_t c = 0; c < chunks; ++c) {
-      if (m == 0)
-        for (int64_t l = 0; l < per_chunk && issued < prefetch_lines; ++l, ++issued) _mm_prefetch(pf + 64 * issued, _MM_HINT_T1);
-      const int64_t k = 32 * c;
-      const __mmask32 mk = K - k >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu) : static_cast<__mmask32>((1ull << (K - k)) - 1);
-      const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xm + k));  // (padding: zeros)
-      a0 = _mm512_dpbf16_ps(a0, xv, reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mk, r0 + k)));
-      a1 = _mm512_dpbf16_ps(a1, xv, reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mk, r1 + k)));
-      a2 = _mm512_dpbf16_ps(a2, xv, reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mk, r2 + k)));
-      a3 = _mm512_dpbf16_ps(a3, xv, reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mk, r3 + k)));
-    }
-    float* ym = y + m * N + n;
-    ym[0] = _mm512_reduce_add_ps(a0) + (bias ? bias[n] : 0.f);
-    ym[1] = _mm512_reduce_add_ps(a1) + (bias ? bias[n + 1] : 0.f);
-    ym[2] = _mm512_reduce_add_ps(a2) + (bias ? bias[n + 2] : 0.f);
-    ym[3] = _mm512_reduce_add_ps(a3) + (bias ? bias[n + 3] : 0.f);
-  }
+  block4<32>(w, xb, kpad, M, K, bias, y, N, n, prefetch, prefetch_lines,
+             [K](__m512* acc, const uint16_t* xm, const uint16_t* const* r, int64_t k) {
+               const __mmask32 mk = K - k >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu)
+                                                : static_cast<__mmask32>((1ull << (K - k)) - 1);
+               const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xm + k));  // (padding: zeros)
+#pragma GCC unroll 4
+               for (int i = 0; i < 4; ++i)
+                 acc[i] = _mm512_dpbf16_ps(acc[i], xv, reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mk, r[i] + k)));
+             });
 }
 
 // x [M, K] float (bf16 values) as bf16 bits [M, kpad], zero-padded, in the calling thread's buffer
@@ -145,7 +130,7 @@ void rows_typed(const DenseWeight& dw, const float* x, int64_t M, float* y, int6
       continue;
     }
 #endif
-    block4<WT>(w, x, M, K, dw.bias, y, N, n, pf, in_range ? lines : 0);
+    block4_float<WT>(w, x, M, K, dw.bias, y, N, n, pf, in_range ? lines : 0);
   }
 #endif
   for (; n < end; ++n) {
