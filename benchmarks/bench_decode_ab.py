@@ -11,6 +11,8 @@
              their modules after it (injection/step.py)
   bf16dot    bf16 weights against the activations through AVX512-BF16 dot products, or widened to fp32
              (``kernels/cpu/dense_gemv.cpp``; on where the CPU has them)
+  consume    the whole step takes the outputs of the blocks a chain ran from the chain, or calls each block,
+             which hands back the chain's output (injection/step.py)
 
 Each round times the default model's greedy decode (batch 1, ``--prompt`` prompt tokens, ``--new-tokens`` new
 tokens, hf_fastinfer's cache) in every combination, one after the other (every other round in reverse order),
@@ -43,7 +45,7 @@ from hf_fastinfer.kernels._cpu_ext import cpu_extension  # noqa: E402
 
 FACTORS = {"step": "whole step", "huge": "huge pages", "nta": "non-temporal prefetch",
            "i8a16": "int8 x int16 activations", "head": "head in the chain",
-           "bf16dot": "bf16 dot products"}
+           "bf16dot": "bf16 dot products", "consume": "step takes the chain's outputs"}
 
 
 def set_huge_pages(model, on: bool) -> None:
@@ -107,6 +109,7 @@ def main() -> None:
         setters = {"step": lambda on: set_step(model, state.step, on), "huge": lambda on: set_huge_pages(model, on),
                    "nta": ext.set_quant_prefetch_nta, "i8a16": ext.set_int8_int16_activations,
                    "bf16dot": ext.set_bf16_dot_products,
+                   "consume": lambda on: setattr(state.step, "consume_chain", on),
                    "head": lambda on: setattr(state.step, "head", head if on else None)}
         results, tokens = {c: [] for c in combos}, {}
         for round_index in range(args.repeats):
@@ -125,6 +128,7 @@ def main() -> None:
         ext.set_quant_prefetch_nta(library_nta)
         ext.set_int8_int16_activations(True)
         ext.set_bf16_dot_products(library_bf16_dot)
+        state.step.consume_chain = True
         state.step.head = head
         same = all(torch.equal(t, tokens[combos[0]]) for t in tokens.values())
         roofline = summarize(bandwidths)[0] * 1e9 / decode_read_bytes(model)

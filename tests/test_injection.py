@@ -434,6 +434,46 @@ def test_whole_decode_step_gives_transformers_tokens(family):
         assert step.head is not None and step.head_calls == (step.decode_calls if chained else 0)
 
 
+@pytest.mark.skipif(cpu_extension() is None, reason="needs the compiled CPU kernels (a C++ compiler)")
+def test_whole_step_takes_the_chained_blocks_outputs_without_calling_them():
+    """Where one chain runs every block, the whole step calls only the first block and takes the others' outputs
+    from the chain (each block still counts its decoded tokens); the tokens equal those of the step that calls
+    every block, which then hands back the chain's output."""
+    from hf_fastinfer.injection.layer import FusedDecoderLayer
+
+    _, fast = pair("llama")
+    step = fast._hf_fastinfer_injection.step
+    assert step is not None and len(step.layers) > 1 and all(layer.mlp is None for layer in step.layers)
+    kwargs = dict(attention_mask=MASK, max_new_tokens=12, do_sample=False, cache_implementation="fastinfer")
+    original_call = FusedDecoderLayer.__call__
+    calls = {id(layer): 0 for layer in step.layers}
+
+    def counting_call(self, hidden_states, *args, **kw):
+        if hidden_states.shape[1] == 1:
+            calls[id(self)] += 1
+        return original_call(self, hidden_states, *args, **kw)
+
+    tokens = {}
+    for consume in (True, False):
+        step.consume_chain = consume
+        for key in calls:
+            calls[key] = 0
+        before = [layer.decode_calls for layer in step.layers]
+        FusedDecoderLayer.__call__ = counting_call
+        try:
+            tokens[consume] = fast.generate(PROMPTS, **kwargs)
+        finally:
+            FusedDecoderLayer.__call__ = original_call
+        decoded = step.layers[0].decode_calls - before[0]
+        assert decoded >= 11
+        # every block counted every decoded token, consumed or called
+        assert [layer.decode_calls - b for layer, b in zip(step.layers, before)] == [decoded] * len(step.layers)
+        later = [calls[id(layer)] for layer in step.layers[1:]]
+        assert later == ([0] * len(later) if consume else [decoded] * len(later))
+    step.consume_chain = True
+    assert torch.equal(tokens[True], tokens[False])
+
+
 def test_a_head_that_would_change_the_logits_is_dropped_and_the_step_kept():
     """The probe drops a chain head whose logits differ from the model's modules' (here its norm takes Gemma's (1 + w) form, which the model's norm does not)
     and probes the step again without it."""

@@ -72,6 +72,11 @@ class FusedDecoderLayer:
         #: result, (the last block's output, logits [B, V]), for the step to pick up
         self.head: fused.DecodeHeadSpec | None = None
         self.head_logits = None
+        #: set by the whole decode step on the model's first block for the duration of its call: the model's blocks
+        #: in order. A chain that runs exactly the first of them then leaves its outputs in ``chain_outs`` for the
+        #: step, which calls none of the later blocks (their calls would only hand back what the chain computed)
+        self.consume_chain: list[FusedDecoderLayer] | None = None
+        self.chain_outs: list[torch.Tensor] | None = None
         self.decode_calls = 0  # how many calls took the fused path (tests and report() read it)
 
     def __call__(self, hidden_states, *args, **kwargs):
@@ -200,9 +205,15 @@ class FusedDecoderLayer:
                                                     sin, after.spec if after is not None else None, head)
         if logits is not None:
             self.head_logits = (outs[-1], logits)
-        for j in range(1, len(chain)):
-            own = cache.layers[chain[j].layer_idx]
-            chain[j]._chained = (outs[j - 1], cos, sin, mask, cache, outs[j], own, own.length)
+        consumer = self.consume_chain
+        if consumer is not None and consumer[: len(chain)] == chain:
+            self.chain_outs = outs  # the whole step takes the later blocks' outputs from here
+            for layer in chain[1:]:
+                layer.decode_calls += 1
+        else:
+            for j in range(1, len(chain)):
+                own = cache.layers[chain[j].layer_idx]
+                chain[j]._chained = (outs[j - 1], cos, sin, mask, cache, outs[j], own, own.length)
         if after is not None:
             after._stash = (outs[-1], cos, sin, next_qkv)
         self.decode_calls += 1

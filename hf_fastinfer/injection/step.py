@@ -14,7 +14,9 @@ model instance and, for a decode call it covers, does only what the model's own 
 where, on CPU, the chain of fused layers also runs the final norm and the output projection in its parallel region
 (:class:`~hf_fastinfer.kernels.decoder_layer.DecodeHeadSpec`, when both modules run the kernel library's
 forwards), so that the output projection's stream starts right after the last layer's, on the same threads,
-without a return to Python in between.
+without a return to Python in between. The step calls only the first block of a chain and takes the outputs of
+the blocks the chain ran from it (under the model's own forward each of them is called and hands back its
+output; here those calls would do nothing else).
 
 Every other call (prefill, inputs_embeds, hidden states or attentions asked for, labels, another cache, a
 module with hooks) runs the model's own forward. It is installed only when, on a probe token, its logits equal
@@ -92,6 +94,9 @@ class FusedDecodeStep:
         self.cache_name = cache_kwarg()
         self.decode_calls = 0  # how many calls took the whole step (tests read it)
         self.head_calls = 0  # how many of them took their logits from the chain's head
+        #: the blocks a chain ran are not called again (off: each is called and hands back the chain's output, as
+        #: under the model's own forward; benchmarks' A/B)
+        self.consume_chain = True
 
     def __call__(self, *args, **kwargs):
         if not torch.compiler.is_compiling() and (not args or (len(args) == 1 and "input_ids" not in kwargs)):
@@ -112,7 +117,8 @@ class FusedDecodeStep:
         for module in [self._base()] + [ref() for ref in self.blocks]:
             if module._forward_pre_hooks:
                 return True
-            if any(not getattr(hook, "__module__", "").startswith("transformers.") for hook in module._forward_hooks.values()):
+            hooks = module._forward_hooks
+            if hooks and any(not getattr(hook, "__module__", "").startswith("transformers.") for hook in hooks.values()):
                 return True
         return False
 
@@ -176,11 +182,18 @@ class FusedDecodeStep:
                         "use_cache": True, "position_ids": position_ids}
         first = self.layers[0]
         first.head = self._head_for_call(model)
+        first.consume_chain = self.layers if self.consume_chain else None
         try:
-            for layer in self.layers:
+            hidden = first(hidden, **layer_kwargs)
+            outs, first.chain_outs = first.chain_outs, None
+            start = 1
+            if outs is not None:  # the chain ran blocks [0, len(outs)): go on after them
+                hidden, start = outs[-1], len(outs)
+            for layer in self.layers[start:]:
                 hidden = layer(hidden, **layer_kwargs)
         finally:
             first.head = None
+            first.consume_chain = first.chain_outs = None
         chained, first.head_logits = first.head_logits, None
         if chained is not None and chained[0] is hidden:  # the chain ran to the last block and on through the head
             logits = chained[1].view(hidden.shape[0], 1, -1)  # [B, 1, V]
