@@ -15,6 +15,16 @@ needs_triton = pytest.mark.skipif(
 )
 
 
+def cpuinfo(field: str) -> str:
+    """The value of ``field`` (``vendor_id``, ``flags``) on /proc/cpuinfo's first line for it; "" where there is
+    none (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == field), "")
+    except OSError:
+        return ""
+
+
 def saved_tiny_bert(folder):
     """A small random-weight BertModel (vocabulary 300, 2 layers, hidden 64), saved to ``folder``: an encoder
     for the quantization tests. Returns the model, in eval mode."""

@@ -16,6 +16,8 @@ from hf_fastinfer.kernels._cpu_ext import cpu_extension
 from hf_fastinfer.kernels.quant_format import quantize_weight
 from hf_fastinfer.kernels.quant_matmul import quant_matmul_cpu, quant_matmul_ref
 
+from _helpers import cpuinfo
+
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 needs_compiled = pytest.mark.skipif(cpu_extension() is None, reason="needs the compiled CPU kernels (a C++ compiler)")
 
@@ -118,14 +120,6 @@ def test_linear_rejects_bad_input():
         lin.linear(torch.randn(2, 4), torch.randn(3, 4), torch.randn(4))
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
-    except OSError:
-        return set()
-
-
 @needs_compiled
 @pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize("n, k", [(83, 70), (96, 576), (9, 33)])
@@ -133,7 +127,7 @@ def test_bf16_weights_through_dot_products_match_the_float_road(rows, n, k):
     """bf16 weights meet bf16 activations through AVX512-BF16 dot products where the CPU has them (one road, the
     other widening to fp32): both are the product accumulated in fp32 and rounded once, whatever the tails."""
     ext = cpu_extension()
-    assert ext.bf16_dot_products() == ("avx512_bf16" in _cpu_flags())
+    assert ext.bf16_dot_products() == ("avx512_bf16" in cpuinfo("flags").split())
     if not ext.bf16_dot_products():
         pytest.skip("needs AVX512-BF16 dot products (this CPU has none)")
     gen = torch.Generator().manual_seed(n * k + rows)

@@ -21,7 +21,7 @@ from hf_fastinfer.kernels.quant_format import (
 )
 from hf_fastinfer.kernels.quant_matmul import quant_matmul, quant_matmul_cpu, quant_matmul_ref, quant_matmul_triton
 
-from _helpers import needs_triton
+from _helpers import cpuinfo, needs_triton
 
 
 # Output tolerances per activation dtype, relative to the output's magnitude: fp32 sums of K <= 1536 products
@@ -321,11 +321,6 @@ def test_bf16_activations_take_the_int16_path_and_fp32_the_float_path(bits):
     assert torch.equal(ext.quant_gemv(x_bad, *args, True).isnan(), ext.quant_gemv(x_bad, *args, False).isnan())
 
 
-def _cpu_vendor() -> str:
-    with open("/proc/cpuinfo") as f:
-        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs /proc/cpuinfo (Linux) to read the CPU vendor")
 @pytest.mark.parametrize("bits, group_size, activations", [(8, 64, False), (8, 128, True), (4, 32, True), (4, 64, False)])
 def test_weight_prefetch_hint_follows_the_cpu_and_leaves_results_alone(bits, group_size, activations):
@@ -333,7 +328,7 @@ def test_weight_prefetch_hint_follows_the_cpu_and_leaves_results_alone(bits, gro
     # non-temporal starved the stream: BENCHMARKS.md); the hint changes timing, never a value.
     ext = _ext_or_skip()
     default = ext.quant_prefetch_nta()
-    assert default == (_cpu_vendor() == "AuthenticAMD")
+    assert default == (cpuinfo("vendor_id") == "AuthenticAMD")
     _, qw = _qweight(4099, 576, bits, group_size, symmetric=False)  # rows enough to prefetch ahead, an odd tail
     x = torch.randn(2, 576).bfloat16().float()
     args = (qw.qweight, qw.scales, qw.zeros, None, bits, group_size, 576, activations)
