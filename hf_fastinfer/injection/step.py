@@ -185,7 +185,7 @@ class FusedDecodeStep:
         first.consume_chain = self.layers if self.consume_chain else None
         try:
             hidden = first(hidden, **layer_kwargs)
-            outs, first.chain_outs = first.chain_outs, None
+            outs = first.chain_outs  # (cleared below, with consume_chain)
             start = 1
             if outs is not None:  # the chain ran blocks [0, len(outs)): go on after them
                 hidden, start = outs[-1], len(outs)
