@@ -13,6 +13,9 @@
              (``kernels/cpu/dense_gemv.cpp``; on where the CPU has them)
   consume    the whole step takes the outputs of the blocks a chain ran from the chain, or calls each block,
              which hands back the chain's output (injection/step.py)
+  twolevel   the quantized GEMVs' prefetches (where not non-temporal) into L2 far ahead and into L1 near, or
+             into L1 alone (``kernels/cpu/quant_gemv.cpp``)
+  pairs      int8 group-32 weights against int16 activations two groups per product vector, or one
 
 Each round times the default model's greedy decode (batch 1, ``--prompt`` prompt tokens, ``--new-tokens`` new
 tokens, hf_fastinfer's cache) in every combination, one after the other (every other round in reverse order),
@@ -45,7 +48,8 @@ from hf_fastinfer.kernels._cpu_ext import cpu_extension  # noqa: E402
 
 FACTORS = {"step": "whole step", "huge": "huge pages", "nta": "non-temporal prefetch",
            "i8a16": "int8 x int16 activations", "head": "head in the chain",
-           "bf16dot": "bf16 dot products", "consume": "step takes the chain's outputs"}
+           "bf16dot": "bf16 dot products", "consume": "step takes the chain's outputs",
+           "twolevel": "two-level prefetch", "pairs": "int8 group pairs"}
 
 
 def set_huge_pages(model, on: bool) -> None:
@@ -108,7 +112,8 @@ def main() -> None:
             raise SystemExit(f"bits={bits}: the chain runs no head for this model; nothing to compare")
         setters = {"step": lambda on: set_step(model, state.step, on), "huge": lambda on: set_huge_pages(model, on),
                    "nta": ext.set_quant_prefetch_nta, "i8a16": ext.set_int8_int16_activations,
-                   "bf16dot": ext.set_bf16_dot_products,
+                   "bf16dot": ext.set_bf16_dot_products, "twolevel": ext.set_quant_prefetch_two_level,
+                   "pairs": ext.set_int8_group_pairs,
                    "consume": lambda on: setattr(state.step, "consume_chain", on),
                    "head": lambda on: setattr(state.step, "head", head if on else None)}
         results, tokens = {c: [] for c in combos}, {}
@@ -128,6 +133,8 @@ def main() -> None:
         ext.set_quant_prefetch_nta(library_nta)
         ext.set_int8_int16_activations(True)
         ext.set_bf16_dot_products(library_bf16_dot)
+        ext.set_quant_prefetch_two_level(True)
+        ext.set_int8_group_pairs(True)
         state.step.consume_chain = True
         state.step.head = head
         same = all(torch.equal(t, tokens[combos[0]]) for t in tokens.values())

@@ -297,6 +297,42 @@ def test_int16_activations_within_their_error_bound(bits, group_size, n, k, m, s
     assert ((got - exact).abs() <= bound).all(), ((got - exact).abs() / bound).max().item()
 
 
+@pytest.mark.parametrize("n, k", [(8, 576), (13, 608), (6, 1536), (5, 32)])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int8_group_pairs_match_the_one_group_road(n, k, m, symmetric):
+    # int8 group 32 against int16 x takes two groups per product vector (bytes made unsigned, the offset taken
+    # out in the integers): the same integer sums as one group per vector, so the two roads differ only in the
+    # order of the float additions. k 608 and 32 end in a block of one group; 1536 and 576 do not.
+    ext = _ext_or_skip()
+    g = torch.Generator().manual_seed(k + 7 * m + n)
+    w = torch.randn(n, k, generator=g)
+    qw = quantize_weight(w, 8, 32, symmetric=symmetric, scale_dtype=torch.float16 if symmetric else torch.float32)
+    qw.qweight[0, :32] = 127                          # the ends of the int8 range, where q + 128 reaches 0 and 255
+    qw.qweight[-1, -32:] = -128
+    x = torch.randn(m, k, generator=g).bfloat16().float()
+    x[0, min(5, k - 1)] = 40.0                        # an outlier channel
+    args = (qw.qweight, qw.scales, qw.zeros, None, 8, 32, k, True)
+    assert ext.int8_group_pairs()
+    pairs = ext.quant_gemv(x, *args)
+    try:
+        ext.set_int8_group_pairs(False)
+        assert not ext.int8_group_pairs()
+        single = ext.quant_gemv(x, *args)
+    finally:
+        ext.set_int8_group_pairs(True)
+    # both within float32 summation slack of the same integer sums: compare them in float64 against the
+    # magnitude of the terms
+    scale = (x.double().abs() @ dequantize_weight(qw, torch.float64).abs().T)
+    assert ((pairs.double() - single.double()).abs() <= 1e-6 * scale + 1e-30).all()
+    exact = x.double() @ dequantize_weight(qw, torch.float64).T
+    gmax = torch.zeros(m, k, dtype=torch.float64)
+    for g0 in range(0, k, 32):
+        gmax[:, g0:g0 + 32] = x[:, g0:g0 + 32].double().abs().amax(-1, keepdim=True)
+    bound = (gmax / 65534) @ dequantize_weight(qw, torch.float64).abs().T + 1e-6 * scale
+    assert ((pairs.double() - exact).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_bf16_activations_take_the_int16_path_and_fp32_the_float_path(bits):
     ext = _ext_or_skip()
@@ -341,6 +377,16 @@ def test_weight_prefetch_hint_follows_the_cpu_and_leaves_results_alone(bits, gro
     finally:
         ext.set_quant_prefetch_nta(default)
     assert torch.equal(out[True], out[False])
+    # nor does prefetching into L1 alone instead of into L2 far ahead and L1 near (the default)
+    assert ext.quant_prefetch_two_level()
+    try:
+        ext.set_quant_prefetch_nta(False)
+        ext.set_quant_prefetch_two_level(False)
+        assert not ext.quant_prefetch_two_level()
+        assert torch.equal(ext.quant_gemv(x, *args), out[False])
+    finally:
+        ext.set_quant_prefetch_two_level(True)
+        ext.set_quant_prefetch_nta(default)
     # and they are the product (int16 activations: within their rounding, the bound tested above)
     ref = quant_matmul_ref(x, qw.qweight, qw.scales, qw.zeros, None, bits, group_size, 576)
     scale = ref.abs().max().item()

@@ -43,6 +43,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether int8 weights meet bf16 activations held as int16 per group (VNNI products; on by default)");
   m.def("set_int8_int16_activations", &set_int8_int16_activations, py::arg("on"),
         "turn that road off or on, process-wide (for benchmarks' A/B in one process)");
+  m.def("quant_prefetch_two_level", &quant_prefetch_two_level,
+        "whether the GEMVs' prefetches that are not non-temporal go into L2 far ahead and into L1 near (on by default)");
+  m.def("set_quant_prefetch_two_level", &set_quant_prefetch_two_level, py::arg("on"),
+        "turn that off (prefetch into L1 alone) or on, process-wide (for benchmarks' A/B in one process)");
+  m.def("int8_group_pairs", &int8_group_pairs,
+        "whether int8 group-32 weights against int16 activations take two groups per product vector (on by default)");
+  m.def("set_int8_group_pairs", &set_int8_group_pairs, py::arg("on"),
+        "turn that road off or on, process-wide (for benchmarks' A/B in one process)");
   m.def("bf16_dot_products", &bf16_dot_products,
         "whether bf16 weights meet the activations through AVX512-BF16 dot products (on where the CPU has them)");
   m.def("set_bf16_dot_products", &set_bf16_dot_products, py::arg("on"),

@@ -44,13 +44,39 @@ bool g_prefetch_nta = [] {
 // benchmarks' A/B in one process).
 bool g_int8_a16 = true;
 
+// Whether int8 group-32 weights against int16 activations take two groups per product vector
+// (gemv_blocks_a16_i8_pairs) or one (gemv_blocks_a16_i8) (set_int8_group_pairs: benchmarks' A/B in one process).
+bool g_int8_pairs = true;
+
+// Where the prefetches are not non-temporal, they go in two steps: each line into L2 (T1) kPrefetchBytes ahead,
+// and into L1 (T0) kNearBytes ahead. Prefetching into L1 alone that far ahead holds one of the core's few
+// line-fill buffers for each line for the whole of its trip from memory, and those buffers then cap the
+// stream: one core converting int8 streamed about 10 GB/s that way, where a plain read reaches 15. A
+// prefetch into L2 frees its buffer sooner, and the late one into L1 then finds its line in L2. Measured
+// over 60 projections of 3072 x 576 read from memory, 2 threads, 6 interleaved rounds (Xeon with AMX,
+// 2.6 GHz): int8 1.18-1.28x, int4 1.06-1.17x the L1-only stream; L2 only (T1) 1.03-1.15x. Near distances of
+// 1-4 KB and far ones of 8-32 KB measured the same. Whole decode of the default model, 12 interleaved rounds
+// (benchmarks/bench_decode_ab.py --factors twolevel): int8 1.23x, int4 1.03x, the same tokens.
+// set_quant_prefetch_two_level(false) keeps the L1 prefetches alone (benchmarks' A/B in one process).
+constexpr int64_t kNearBytes = 2048;
+bool g_prefetch_two_level = true;
+
 #ifdef HF_FASTINFER_AVX512
-__attribute__((always_inline)) inline void prefetch_weight(const char* p, bool nta) {
-  if (nta)
-    _mm_prefetch(p, _MM_HINT_NTA);
-  else
-    _mm_prefetch(p, _MM_HINT_T0);
-}
+// The prefetch of one line of the block `ahead` rows on (p), made once per kernel call by line_prefetch below.
+struct LinePrefetch {
+  int64_t back;  // two-level: bytes from the far line back to the near one (about kNearBytes ahead of the reads)
+  bool nta, two_level;
+  __attribute__((always_inline)) inline void operator()(const char* p) const {
+    if (nta) {
+      _mm_prefetch(p, _MM_HINT_NTA);
+    } else if (two_level) {
+      _mm_prefetch(p, _MM_HINT_T1);
+      _mm_prefetch(p - back, _MM_HINT_T0);
+    } else {
+      _mm_prefetch(p, _MM_HINT_T0);
+    }
+  }
+};
 #endif
 
 // Everything one call needs, copied by value into each thread's loop (so the compiler keeps it in
@@ -79,7 +105,12 @@ struct GemvArgs {
   // int8 with 16-bit activations (see gemv_blocks_a16_i8): x as int16 per group, zero-padded to whole groups
   const int16_t* xk16;  // [M, kpad]
   int64_t kpad;
-  bool nta;  // the weight stream's software prefetches non-temporal (g_prefetch_nta, read once per call)
+  // int8 group 32 with 16-bit activations, two groups per product vector (see gemv_blocks_a16_i8_pairs)
+  const int16_t* xp16;   // [M, pblocks, 64]
+  const int32_t* xcorr;  // [M, pblocks, 16]
+  int64_t pblocks;
+  bool nta;        // the weight stream's software prefetches non-temporal (g_prefetch_nta, read once per call)
+  bool two_level;  // otherwise into L2 far ahead and into L1 near (g_prefetch_two_level)
 };
 
 #ifdef HF_FASTINFER_AVX512
@@ -119,6 +150,10 @@ inline int64_t prefetch_rows_ahead(int64_t row_bytes) {
 }
 inline const char* prefetch_target(const GemvArgs& a, int64_t n, int64_t ahead) {
   return reinterpret_cast<const char*>(a.w + (n + ahead + 4 <= a.N ? n + ahead : n) * a.row_bytes);
+}
+// row_bytes: of the weight (K for int8)
+inline LinePrefetch line_prefetch(const GemvArgs& a, int64_t ahead, int64_t row_bytes) {
+  return LinePrefetch{std::max<int64_t>(0, ahead * row_bytes - kNearBytes), a.nta, a.two_level};
 }
 
 
@@ -174,6 +209,7 @@ int64_t gemv_blocks(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin,
   // keeps too few misses in flight while the core converts integers, and a burst of prefetches fills the
   // line-fill buffers and stalls the core (both measured).
   const int64_t ahead = prefetch_rows_ahead(rb);
+  const LinePrefetch prefetch_line = line_prefetch(a, ahead, rb);
   const int64_t lines = (4 * rb + 63) / 64, per_group = (lines + groups - 1) / groups;
   int64_t n = begin;
   for (; n + 4 <= end; n += 4) {
@@ -193,7 +229,7 @@ int64_t gemv_blocks(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin,
       // one group of CHUNKS chunks (0: `units` at run time): prefetch its share of the block ahead, the four
       // rows' partial sums, each scaled once, then every pointer one group on
       const auto one_group = [&](auto chunks, int64_t units) {
-        for (int64_t l = 0; l < per_group; ++l) prefetch_weight(pf + 64 * l, a.nta);
+        for (int64_t l = 0; l < per_group; ++l) prefetch_line(pf + 64 * l);
         pf += 64 * per_group;
         __m512 pa[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         group_x4<BITS, decltype(chunks)::value>(pa, x, xe, xo, p, units);
@@ -243,6 +279,7 @@ int64_t gemv_blocks_a16(const GemvArgs a, const ST* sp, const ST* zp, int64_t be
   float* const zs = block_buffer(1, 4 * groups);
   sf[4 * groups] = sf[4 * groups + 1] = 0.f;
   const int64_t ahead = prefetch_rows_ahead(rb);
+  const LinePrefetch prefetch_line = line_prefetch(a, ahead, rb);
   const int64_t chunks = (rb + 31) / 32;  // 32-byte chunks per row
   const __m512i low = _mm512_set1_epi16(15);
   const __m512i pair_idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
@@ -259,8 +296,8 @@ int64_t gemv_blocks_a16(const GemvArgs a, const ST* sp, const ST* zp, int64_t be
       // one group's (or, at group 32, one pair's) int32 sums of chunks [c0, c1)
       auto dot_chunks = [&](__m512i* d, int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
-          prefetch_weight(pf0 + 64 * c, a.nta);  // 2 lines of the block ahead per chunk: all 4 rows' bytes
-          prefetch_weight(pf0 + 64 * (c + chunks), a.nta);
+          prefetch_line(pf0 + 64 * c);  // 2 lines of the block ahead per chunk: all 4 rows' bytes
+          prefetch_line(pf0 + 64 * (c + chunks));
           const __mmask32 mk = rb - 32 * c >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu)
                                                   : static_cast<__mmask32>((1ull << (rb - 32 * c)) - 1);
           const __m512i ev = _mm512_loadu_si512(xe + 32 * c), ov = _mm512_loadu_si512(xo + 32 * c);
@@ -331,12 +368,18 @@ int64_t gemv_blocks_a16_g32(const GemvArgs a, const ST* sp, const ST* zp, int64_
   const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   const __m512 eight = _mm512_set1_ps(8.f);
   const int64_t ahead = prefetch_rows_ahead(rb);
+  const LinePrefetch prefetch_line = line_prefetch(a, ahead, rb);
   int64_t n = begin;
   for (; n + 4 <= end; n += 4) {
     const char* pf0 = prefetch_target(a, n, ahead);
     {  // the scales of the block ahead too: read a few at a time inside the block, their misses would stall it
       const char* ps = reinterpret_cast<const char*>(sp + (n + ahead + 4 <= a.N ? n + ahead : n) * groups);
-      for (int64_t l = 0; l <= (4 * groups * static_cast<int64_t>(sizeof(ST)) + 63) / 64; ++l) prefetch_weight(ps + 64 * l, a.nta);
+      for (int64_t l = 0; l <= (4 * groups * static_cast<int64_t>(sizeof(ST)) + 63) / 64; ++l) {
+        if (a.nta)
+          _mm_prefetch(ps + 64 * l, _MM_HINT_NTA);
+        else
+          _mm_prefetch(ps + 64 * l, _MM_HINT_T0);
+      }
     }
     const uint8_t* rows[4] = {a.w + n * rb, a.w + (n + 1) * rb, a.w + (n + 2) * rb, a.w + (n + 3) * rb};
     for (int64_t m = 0; m < a.M; ++m) {
@@ -346,7 +389,7 @@ int64_t gemv_blocks_a16_g32(const GemvArgs a, const ST* sp, const ST* zp, int64_
       __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
       const auto block = [&](int64_t b, bool half) {
         if (m == 0)  // four lines of the block `ahead` rows on per 64-byte block: all four rows' bytes
-          for (int64_t k = 0; k < 4; ++k) prefetch_weight(pf0 + 64 * (b + k * blocks), a.nta);
+          for (int64_t k = 0; k < 4; ++k) prefetch_line(pf0 + 64 * (b + k * blocks));
         const __m512i xla = _mm512_loadu_si512(x16 + 128 * b), xlb = _mm512_loadu_si512(x16 + 128 * b + 32);
         const __m512i xha = _mm512_loadu_si512(x16 + 128 * b + 64), xhb = _mm512_loadu_si512(x16 + 128 * b + 96);
         const __m512 xsv = _mm512_loadu_ps(xs4 + 16 * b), xqv = _mm512_loadu_ps(xq4 + 16 * b);
@@ -398,6 +441,7 @@ int64_t gemv_blocks_a16_i8(const GemvArgs a, const ST* sp, const ST* zp, int64_t
   float* const sf = block_buffer(0, 4 * groups);
   float* const zs = block_buffer(1, 4 * groups);  // z * s (read only with a zero point)
   const int64_t ahead = prefetch_rows_ahead(K);
+  const LinePrefetch prefetch_line = line_prefetch(a, ahead, K);
   const int64_t lines = (4 * K + 63) / 64, per_group = (lines + groups - 1) / groups;
   const __mmask32 tail = static_cast<__mmask32>((1ull << (K % 32)) - 1);
   int64_t n = begin;
@@ -412,7 +456,7 @@ int64_t gemv_blocks_a16_i8(const GemvArgs a, const ST* sp, const ST* zp, int64_t
       const char* pf = pf0;
       __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
       for (int64_t g = 0; g < groups; ++g) {
-        for (int64_t l = 0; l < per_group; ++l) prefetch_weight(pf + 64 * l, a.nta);
+        for (int64_t l = 0; l < per_group; ++l) prefetch_line(pf + 64 * l);
         pf += 64 * per_group;
         __m512i d[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
         const int64_t c0 = g * gc, c1 = std::min(c0 + gc, full_chunks);
@@ -432,6 +476,77 @@ int64_t gemv_blocks_a16_i8(const GemvArgs a, const ST* sp, const ST* zp, int64_t
         for (int r = 0; r < 4; ++r)
           acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[r]), _mm512_set1_ps(sf[r * groups + g] * xs[g]), acc[r]);
       }
+      #pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        const float zero_term = zp != nullptr ? dot16(zs + r * groups, a.xsum16 + m * groups, groups) : 0.f;
+        a.y[m * a.N + n + r] = _mm512_reduce_add_ps(acc[r]) - zero_term + (a.bias ? a.bias[n + r] : 0.f);
+      }
+    }
+  }
+  return n;
+}
+
+// int8 group 32 against int16 activations, two groups per product vector. gemv_blocks_a16_i8 spends, per 32
+// weights of a row, a widening, a product, and then for the group alone a conversion, a scale product and a
+// broadcast and an fma: the group's share is as large as the products' own, and the core, not the memory,
+// set the pace (one core, weight in L2: 21 GB/s, about twice what one core streams from memory, and the two
+// overlap only in part). Here a row is read in 64-byte blocks of two groups. Each byte is made unsigned
+// (q ^ 0x80 = q + 128) and widened with in-lane unpacks against zero (vpunpck{l,h}bw), so that 128-bit lanes 0-1
+// of each product vector hold the block's first group and lanes 2-3 its second; quant_prepare lays x out in
+// that order (xp16). The offset's products (128 * x) are subtracted in the integers by starting each sum at
+// xcorr, -128 times the x values its lane meets, so the int32 sums are exactly those of q. One conversion and
+// one fma per block then scale both groups, against the pair of scale products spread over their 8 lanes each.
+// A block that the end of the row cuts to one group (K = 64 b + 32) reads 32 bytes; x is zero past K.
+// Measured: one core, weight in L2, 26.2 against 22.6 GB/s (1.17x); two threads from memory, with the two-level
+// prefetch, 1.08x; whole decode of the default model, 12 interleaved rounds (bench_decode_ab.py --factors pairs),
+// median of the per-round ratios 1.06x (0.94-1.23x), the same tokens.
+template <typename ST>
+int64_t gemv_blocks_a16_i8_pairs(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin, int64_t end) {
+  const int64_t groups = a.groups, K = a.K, blocks = a.pblocks, full = K / 64;
+  float* const sf = block_buffer(0, 4 * groups);
+  float* const zs = block_buffer(1, 4 * groups);  // z * s (read only with a zero point)
+  // the four rows' scales times the groups' int16 scales (+2: an odd last group's missing pair, zero)
+  static thread_local std::vector<float> sx_buffer;
+  if (static_cast<int64_t>(sx_buffer.size()) < 4 * groups + 2) sx_buffer.resize(4 * groups + 2);
+  float* const sx = sx_buffer.data();
+  sx[4 * groups] = sx[4 * groups + 1] = 0.f;
+  const int64_t ahead = prefetch_rows_ahead(K);
+  const LinePrefetch prefetch_line = line_prefetch(a, ahead, K);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), zero = _mm512_setzero_si512();
+  const __m512i pair_idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  int64_t n = begin;
+  for (; n + 4 <= end; n += 4) {
+    block_scales(sp, zp, n, groups, 0.f, sf, zs);
+    const char* pf0 = prefetch_target(a, n, ahead);
+    const int8_t* rows[4] = {reinterpret_cast<const int8_t*>(a.w + n * K), reinterpret_cast<const int8_t*>(a.w + (n + 1) * K),
+                             reinterpret_cast<const int8_t*>(a.w + (n + 2) * K), reinterpret_cast<const int8_t*>(a.w + (n + 3) * K)};
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int16_t* x = a.xp16 + m * blocks * 64;
+      const int32_t* corr = a.xcorr + m * blocks * 16;
+      const float* xs = a.xs + m * (groups + 1);
+      for (int r = 0; r < 4; ++r)
+        for (int64_t g = 0; g < groups; ++g) sx[r * groups + g] = sf[r * groups + g] * xs[g];
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      const auto block = [&](int64_t b, bool half) {
+        if (m == 0)  // the block `ahead` rows on: 4 K contiguous bytes, four lines per 64-byte block of a row
+          for (int64_t k = 0; k < 4; ++k) prefetch_line(pf0 + 64 * (4 * b + k));
+        const __m512i xlo = _mm512_loadu_si512(x + 64 * b), xhi = _mm512_loadu_si512(x + 64 * b + 32);
+        const __m512i c = _mm512_loadu_si512(corr + 16 * b);
+        #pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          const int8_t* p = rows[r] + 64 * b;
+          const __m512i wv = half ? _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))
+                                  : _mm512_loadu_si512(p);
+          const __m512i u = _mm512_xor_si512(wv, flip);
+          __m512i d = _mm512_dpwssd_epi32(c, xlo, _mm512_unpacklo_epi8(u, zero));
+          d = _mm512_dpwssd_epi32(d, xhi, _mm512_unpackhi_epi8(u, zero));
+          const __m512 sv = _mm512_permutexvar_ps(
+              pair_idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sx + r * groups + 2 * b)))));
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc[r]);
+        }
+      };
+      for (int64_t b = 0; b < full; ++b) block(b, false);
+      if (full < blocks) block(full, true);
       #pragma GCC unroll 4
       for (int r = 0; r < 4; ++r) {
         const float zero_term = zp != nullptr ? dot16(zs + r * groups, a.xsum16 + m * groups, groups) : 0.f;
@@ -504,7 +619,9 @@ void rows_range(const GemvArgs& a, const ST* sp, const ST* zp, int64_t begin, in
   int64_t n = begin;
 #ifdef HF_FASTINFER_AVX512
 #ifdef HF_FASTINFER_A16
-  if (a.xk16 != nullptr) {
+  if (a.xp16 != nullptr) {
+    n = gemv_blocks_a16_i8_pairs<ST>(a, sp, zp, begin, end);
+  } else if (a.xk16 != nullptr) {
     switch (a.group_size) {
       case 32: n = gemv_blocks_a16_i8<1, ST>(a, sp, zp, begin, end); break;
       case 64: n = gemv_blocks_a16_i8<2, ST>(a, sp, zp, begin, end); break;
@@ -545,8 +662,12 @@ inline __m512i to_int16_lanes(__m512 v, __m512 inv) {
 
 bool quant_prefetch_nta() { return g_prefetch_nta; }
 void set_quant_prefetch_nta(bool nta) { g_prefetch_nta = nta; }
+bool quant_prefetch_two_level() { return g_prefetch_two_level; }
+void set_quant_prefetch_two_level(bool on) { g_prefetch_two_level = on; }
 bool int8_int16_activations() { return g_int8_a16; }
 void set_int8_int16_activations(bool on) { g_int8_a16 = on; }
+bool int8_group_pairs() { return g_int8_pairs; }
+void set_int8_group_pairs(bool on) { g_int8_pairs = on; }
 
 void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t group_size, bool int16_activations,
                    QuantActivations& out) {
@@ -573,6 +694,7 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
   out.a16_i8 = false;
   out.blocks64 = 0;
   out.kpad = 0;
+  out.pblocks = 0;
   if (bits == 4) {
     out.xe.assign(M * half, 0.f);
     out.xo.assign(M * half, 0.f);
@@ -621,6 +743,33 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
         }
         out.xs[m * (groups + 1) + g] = xs;
         out.xsum16[m * groups + g] = static_cast<float>(_mm512_reduce_add_epi32(qsum)) * xs;
+      }
+    // group 32, K a multiple of 32 (every projection of the default model): the pairs layout of
+    // gemv_blocks_a16_i8_pairs. In 64-column block b, 128-bit lane l of the weight holds columns 16 l .. 16 l + 15;
+    // vpunpcklbw widens the first 8 of each lane, vpunpckhbw the last 8, so x goes in the same order: lo lane l =
+    // x[64 b + 16 l + 0..7], hi lane l = x[64 b + 16 l + 8..15]. Int32 lane i = 4 l + t of a product sums the
+    // values at 2 t, 2 t + 1 of lane l of both: its offset correction is -128 times those four x values.
+    out.pblocks = (group_size == 32 && K % 32 == 0 && g_int8_pairs) ? (groups + 1) / 2 : 0;
+    const int64_t pb = out.pblocks;
+    out.xp16.assign(M * pb * 64, 0);
+    out.xcorr.assign(M * pb * 16, 0);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b < pb; ++b) {
+        const int16_t* src = out.xk16.data() + m * kpad + 64 * b;  // (kpad >= 64 b + 32; past it, zero)
+        const int64_t avail = std::min<int64_t>(64, kpad - 64 * b);
+        int16_t* lo = out.xp16.data() + (m * pb + b) * 64;
+        int16_t* hi = lo + 32;
+        int32_t* corr = out.xcorr.data() + (m * pb + b) * 16;
+        for (int64_t l = 0; l < 4; ++l)
+          for (int64_t j = 0; j < 8; ++j) {
+            const int64_t c = 16 * l + j;
+            lo[8 * l + j] = c < avail ? src[c] : 0;
+            hi[8 * l + j] = c + 8 < avail ? src[c + 8] : 0;
+          }
+        for (int64_t i = 0; i < 16; ++i) {
+          const int64_t l = i / 4, t = i % 4;
+          corr[i] = -128 * (lo[8 * l + 2 * t] + lo[8 * l + 2 * t + 1] + hi[8 * l + 2 * t] + hi[8 * l + 2 * t + 1]);
+        }
       }
   }
   if (a16) {
@@ -700,7 +849,9 @@ void quant_rows(const QuantWeight& w, const QuantActivations& x, float* y, int64
                       x.a16 && !g32 ? x.xe16.data() : nullptr, x.a16 && !g32 ? x.xo16.data() : nullptr,
                       a16 ? x.xs.data() : nullptr, a16 ? x.xsum16.data() : nullptr, x.half16,
                       g32 ? x.x16.data() : nullptr, g32 ? x.xs4.data() : nullptr, g32 ? x.xq4.data() : nullptr,
-                      x.blocks64, x.a16_i8 ? x.xk16.data() : nullptr, x.kpad, g_prefetch_nta};
+                      x.blocks64, x.a16_i8 ? x.xk16.data() : nullptr, x.kpad,
+                      x.a16_i8 && x.pblocks > 0 ? x.xp16.data() : nullptr, x.a16_i8 && x.pblocks > 0 ? x.xcorr.data() : nullptr,
+                      x.pblocks, g_prefetch_nta, g_prefetch_two_level};
   if (w.half_scales)
     rows_range<c10::Half>(args, static_cast<const c10::Half*>(w.scales), static_cast<const c10::Half*>(w.zeros), begin, end);
   else

@@ -40,6 +40,12 @@ struct QuantActivations {
   // int8 x int16 (gemv_blocks_a16_i8): x as int16 [M, kpad], zero-padded to whole groups; xs, xsum16 as above
   std::vector<int16_t> xk16;
   int64_t kpad = 0;
+  // int8 group 32 x int16, two groups per product vector (gemv_blocks_a16_i8_pairs): per 64-column block, x16 in
+  // the lane order of the unpacked bytes and the int32 start of each lane's sum (-128 times the x values it
+  // meets); pblocks > 0 marks this layout
+  std::vector<int16_t> xp16;   // [M, pblocks, 64]
+  std::vector<int32_t> xcorr;  // [M, pblocks, 16]
+  int64_t pblocks = 0;
   bool a16_i8 = false;
 };
 
@@ -56,8 +62,16 @@ void quant_rows(const QuantWeight& w, const QuantActivations& x, float* y, int64
 // where that measured faster; into L1 elsewhere, where non-temporal starved the stream); settable for an A/B.
 bool quant_prefetch_nta();
 void set_quant_prefetch_nta(bool nta);
+// Whether the prefetches that are not non-temporal go into L2 far ahead and into L1 near (on by default), or
+// into L1 alone; settable for an A/B.
+bool quant_prefetch_two_level();
+void set_quant_prefetch_two_level(bool on);
 // Whether int8 weights meet bf16 activations held as int16 (on by default); settable for an A/B.
 bool int8_int16_activations();
 void set_int8_int16_activations(bool on);
+// Whether int8 group-32 weights against int16 activations take two groups per product vector (on by default);
+// settable for an A/B.
+bool int8_group_pairs();
+void set_int8_group_pairs(bool on);
 
 }  // namespace hf_fastinfer
