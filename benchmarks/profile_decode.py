@@ -6,7 +6,8 @@ each thread (``kernels/cpu/phases.h``: the projections, the attention, the resid
 waits at the barriers between them). For each precision it prints, per decoded token:
 
   * the token's time (``generate()``'s decode rate), the compiled chain of decoder layers (wall time of its
-    calls) and the rest (output projection, the model's Python, ``generate()``'s loop);
+    calls, the output projection included where the chain runs it) and the rest (the model's Python,
+    ``generate()``'s loop, and the output projection where the chain does not run it);
   * each phase's time on each thread, and for the projections the weight bytes a token reads in them and the
     rate they stream at, beside the machine's read bandwidth (fp32 ``sum()`` of 1 GiB) measured in the same run.
 
@@ -36,7 +37,8 @@ from hf_fastinfer.kernels import _cpu_ext  # noqa: E402
 PRECISIONS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.bfloat16, 8),
               "int4": (torch.bfloat16, 4)}
 #: the phases that stream a projection's weights -> the projections of a layer they read
-STREAMING = {"q/k/v": ("qkv",), "o_proj": ("o",), "gate/up + act": ("gate_up",), "down + residual": ("down",)}
+STREAMING = {"q/k/v": ("qkv",), "o_proj": ("o",), "gate/up + act": ("gate_up",), "down + residual": ("down",),
+             "head (final norm + output projection)": ("head",)}
 
 
 def projection_bytes(spec) -> dict[str, int]:
@@ -70,6 +72,11 @@ def profile(label: str, folder, inputs, new_tokens: int, rounds: int, tsc: float
     for layer in layers:
         for group, nbytes in projection_bytes(layer.spec).items():
             per_token_bytes[group] = per_token_bytes.get(group, 0) + nbytes
+    step = model._hf_fastinfer_injection.step
+    if step is not None and step.head is not None:  # the chain's head: the output projection's weight, once
+        p = step.head.proj
+        per_token_bytes["head"] = sum(t.numel() * t.element_size() for t in (p.weight, p.scales, p.zeros, p.bias)
+                                      if t is not None)
     ext = _cpu_ext.cpu_extension()
     names = ext.phase_names()
     threads = torch.get_num_threads()
@@ -103,7 +110,8 @@ def profile(label: str, folder, inputs, new_tokens: int, rounds: int, tsc: float
     median = statistics.median
     token, chain = median(token_ms), median(chain_ms)
     lines = [f"**{label}**: {token:.2f} ms a token ({1e3 / token:.1f} tok/s); the chain of {len(layers)} layers "
-             f"{chain:.2f} ms, the rest (output projection, the model's Python, `generate()`'s loop) "
+             f"{chain:.2f} ms (with the output projection, where it runs the head), the rest (the model's Python, "
+             f"`generate()`'s loop) "
              f"{token - chain:.2f} ms.", "",
              "| phase | " + " | ".join(f"thread {t} us" for t in range(threads)) + " | MB a token | GB/s |",
              "| --- | " + " | ".join("---:" for _ in range(threads)) + " | ---: | ---: |"]

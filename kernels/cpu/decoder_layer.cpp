@@ -873,7 +873,9 @@ std::vector<at::Tensor> run_chain(const std::vector<const DecoderLayer*>& layers
     }
     if (head != nullptr) {
 #pragma omp barrier
+      HF_PHASE(tid, kWaitHead);
       head_team<T>(*head, works[count - 1].out.template data_ptr<T>(), M, head_yp, logits_p, tid, n);
+      HF_PHASE(tid, kHead);
     }
     HF_PHASE_STOP();
   }

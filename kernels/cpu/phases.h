@@ -14,13 +14,14 @@ namespace phases {
 
 enum Phase : int {
   kKvWrite, kWaitKvWrite, kAttention, kWaitAttention, kO, kWaitO, kNorm, kGateUp, kWaitGateUp, kDown, kWaitDown,
-  kQkv, kWaitQkv, kRope, kWaitLayer, kArgs, kSetup, kOutputs, kCount
+  kQkv, kWaitQkv, kRope, kWaitLayer, kWaitHead, kHead, kArgs, kSetup, kOutputs, kCount
 };
 // the names benchmarks/profile_decode.py prints, in Phase order
 constexpr const char* kNames[kCount] = {
   "kv write", "wait: kv write", "attention", "wait: attention", "o_proj", "wait: o_proj", "residual + norm",
   "gate/up + act", "wait: gate/up", "down + residual", "wait: down", "q/k/v", "wait: q/k/v", "q/k norm + rotary",
-  "wait: next layer", "before the region: argument checks", "before the region: buffers",
+  "wait: next layer", "wait: head", "head (final norm + output projection)",
+  "before the region: argument checks", "before the region: buffers",
   "after the region: outputs"};
 constexpr int kMaxThreads = 64;
 
