@@ -247,7 +247,9 @@ class FastInferLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1 if self.growth else self.capacity
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None, **kwargs) -> None:
+        # (transformers >= 5.25 passes how many recurrent states to keep for assisted decoding, and its cache
+        # hands every layer the same keyword arguments: a KV layer keeps no recurrent state, so it ignores them)
         self.record_past = True
 
     def reset(self) -> None:

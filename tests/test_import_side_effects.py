@@ -64,6 +64,33 @@ def test_kernels_installs_under_the_package_not_top_level():
         assert Path(top_level.origin).read_bytes() != installed.read_bytes()
 
 
+def test_python_started_in_the_repository_root_still_gets_the_kernels_library():
+    # There sys.path starts with the root, whose kernels/ folder comes before the installed packages. Imported
+    # under the top-level name it hands over to Hugging Face's `kernels` library (which transformers >= 5.25
+    # depends on and imports); with none installed it stays an empty module, which transformers reads as none.
+    root = Path(__file__).resolve().parents[1]
+    code = textwrap.dedent("""
+        import importlib.metadata, json, os
+        try:
+            importlib.metadata.version("kernels")
+            library = True
+        except importlib.metadata.PackageNotFoundError:
+            library = False
+        import kernels
+        where = os.path.abspath(kernels.__file__)
+        import transformers.modeling_utils  # (transformers >= 5.25 imports the library here)
+        import hf_fastinfer.kernels
+        print(json.dumps({"library": library, "where": where, "ours": os.path.abspath(hf_fastinfer.kernels.__file__)}))
+    """)
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    if got["library"]:
+        assert got["where"] != got["ours"] and not got["where"].startswith(str(root / "kernels"))
+    else:
+        assert got["where"] == str(root / "kernels" / "__init__.py")
+
+
 @pytest.mark.slow
 def test_wheel_contents(tmp_path):
     """A regular (non-editable) build puts kernels/ under hf_fastinfer/ and nothing at the top level but

@@ -92,10 +92,11 @@ class _AlreadySharded:
     def validate_param(self, module, param, mesh, parameter_name=None) -> None:
         pass
 
-    def shard_param(self, module, param, mesh) -> None:
+    # (transformers >= 5.25 also passes the text config and its mesh manager, by keyword; nothing here needs them)
+    def shard_param(self, module, param, mesh, **kwargs) -> None:
         pass
 
-    def install_forward(self, module, mesh):
+    def install_forward(self, module, mesh, **kwargs):
         return module
 
 
