@@ -41,12 +41,16 @@ STREAMING = {"q/k/v": ("qkv",), "o_proj": ("o",), "gate/up + act": ("gate_up",),
              "head (final norm + output projection)": ("head",)}
 
 
+def projection_size(p) -> int:
+    """Bytes of one projection's tensors (weight, scales, zero points, bias)."""
+    return sum(t.numel() * t.element_size() for t in (p.weight, p.scales, p.zeros, p.bias) if t is not None)
+
+
 def projection_bytes(spec) -> dict[str, int]:
     """Bytes of one fused layer's weights by projection group (weights, scales, zero points, biases)."""
-    def size(p) -> int:
-        return sum(t.numel() * t.element_size() for t in (p.weight, p.scales, p.zeros, p.bias) if t is not None)
-    return {"qkv": sum(size(p) for p in spec.qkv), "o": size(spec.o),
-            "gate_up": sum(size(p) for p in spec.gate_up), "down": size(spec.down) if spec.down is not None else 0}
+    return {"qkv": sum(projection_size(p) for p in spec.qkv), "o": projection_size(spec.o),
+            "gate_up": sum(projection_size(p) for p in spec.gate_up),
+            "down": projection_size(spec.down) if spec.down is not None else 0}
 
 
 def tsc_per_second() -> float:
@@ -74,9 +78,7 @@ def profile(label: str, folder, inputs, new_tokens: int, rounds: int, tsc: float
             per_token_bytes[group] = per_token_bytes.get(group, 0) + nbytes
     step = model._hf_fastinfer_injection.step
     if step is not None and step.head is not None:  # the chain's head: the output projection's weight, once
-        p = step.head.proj
-        per_token_bytes["head"] = sum(t.numel() * t.element_size() for t in (p.weight, p.scales, p.zeros, p.bias)
-                                      if t is not None)
+        per_token_bytes["head"] = projection_size(step.head.proj)
     ext = _cpu_ext.cpu_extension()
     names = ext.phase_names()
     threads = torch.get_num_threads()

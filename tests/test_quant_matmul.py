@@ -323,13 +323,14 @@ def test_int8_group_pairs_match_the_one_group_road(n, k, m, symmetric):
         ext.set_int8_group_pairs(True)
     # both within float32 summation slack of the same integer sums: compare them in float64 against the
     # magnitude of the terms
-    scale = (x.double().abs() @ dequantize_weight(qw, torch.float64).abs().T)
+    wd = dequantize_weight(qw, torch.float64)         # [n, k]
+    scale = x.double().abs() @ wd.abs().T
     assert ((pairs.double() - single.double()).abs() <= 1e-6 * scale + 1e-30).all()
-    exact = x.double() @ dequantize_weight(qw, torch.float64).T
+    exact = x.double() @ wd.T
     gmax = torch.zeros(m, k, dtype=torch.float64)
     for g0 in range(0, k, 32):
         gmax[:, g0:g0 + 32] = x[:, g0:g0 + 32].double().abs().amax(-1, keepdim=True)
-    bound = (gmax / 65534) @ dequantize_weight(qw, torch.float64).abs().T + 1e-6 * scale
+    bound = (gmax / 65534) @ wd.abs().T + 1e-6 * scale
     assert ((pairs.double() - exact).abs() <= bound).all()
 
 

@@ -62,18 +62,25 @@ constexpr int64_t kNearBytes = 2048;
 bool g_prefetch_two_level = true;
 
 #ifdef HF_FASTINFER_AVX512
+// One prefetch of p: non-temporal, or into L1 (the scales of a block ahead, and the weight lines without the
+// two-level scheme)
+__attribute__((always_inline)) inline void prefetch_weight(const char* p, bool nta) {
+  if (nta)
+    _mm_prefetch(p, _MM_HINT_NTA);
+  else
+    _mm_prefetch(p, _MM_HINT_T0);
+}
+
 // The prefetch of one line of the block `ahead` rows on (p), made once per kernel call by line_prefetch below.
 struct LinePrefetch {
   int64_t back;  // two-level: bytes from the far line back to the near one (about kNearBytes ahead of the reads)
   bool nta, two_level;
   __attribute__((always_inline)) inline void operator()(const char* p) const {
-    if (nta) {
-      _mm_prefetch(p, _MM_HINT_NTA);
-    } else if (two_level) {
+    if (two_level && !nta) {
       _mm_prefetch(p, _MM_HINT_T1);
       _mm_prefetch(p - back, _MM_HINT_T0);
     } else {
-      _mm_prefetch(p, _MM_HINT_T0);
+      prefetch_weight(p, nta);
     }
   }
 };
@@ -134,11 +141,11 @@ inline void block_scales(const ST* sp, const ST* zp, int64_t n, int64_t groups, 
   for (int64_t i = 0; i < 4 * groups; ++i) zs[i] = ((zp != nullptr ? zs[i] : 0.f) + offset) * sf[i];
 }
 
-// The block loops' scale buffers (this block's scales, and (z + offset) * s), kept with the calling thread:
-// otherwise two allocations per projection and thread, inside the decode step's parallel region. Every value
-// a block reads is written for that block first.
+// The block loops' scale buffers (this block's scales, (z + offset) * s, and for int8's group pairs the scales
+// times x's int16 scales), kept with the calling thread: otherwise allocations per projection and thread, inside
+// the decode step's parallel region. Every value a block reads is written for that block first.
 inline float* block_buffer(int which, int64_t n) {
-  static thread_local std::vector<float> buffers[2];
+  static thread_local std::vector<float> buffers[3];
   if (static_cast<int64_t>(buffers[which].size()) < n) buffers[which].resize(n);
   return buffers[which].data();
 }
@@ -374,12 +381,7 @@ int64_t gemv_blocks_a16_g32(const GemvArgs a, const ST* sp, const ST* zp, int64_
     const char* pf0 = prefetch_target(a, n, ahead);
     {  // the scales of the block ahead too: read a few at a time inside the block, their misses would stall it
       const char* ps = reinterpret_cast<const char*>(sp + (n + ahead + 4 <= a.N ? n + ahead : n) * groups);
-      for (int64_t l = 0; l <= (4 * groups * static_cast<int64_t>(sizeof(ST)) + 63) / 64; ++l) {
-        if (a.nta)
-          _mm_prefetch(ps + 64 * l, _MM_HINT_NTA);
-        else
-          _mm_prefetch(ps + 64 * l, _MM_HINT_T0);
-      }
+      for (int64_t l = 0; l <= (4 * groups * static_cast<int64_t>(sizeof(ST)) + 63) / 64; ++l) prefetch_weight(ps + 64 * l, a.nta);
     }
     const uint8_t* rows[4] = {a.w + n * rb, a.w + (n + 1) * rb, a.w + (n + 2) * rb, a.w + (n + 3) * rb};
     for (int64_t m = 0; m < a.M; ++m) {
@@ -506,9 +508,7 @@ int64_t gemv_blocks_a16_i8_pairs(const GemvArgs a, const ST* sp, const ST* zp, i
   float* const sf = block_buffer(0, 4 * groups);
   float* const zs = block_buffer(1, 4 * groups);  // z * s (read only with a zero point)
   // the four rows' scales times the groups' int16 scales (+2: an odd last group's missing pair, zero)
-  static thread_local std::vector<float> sx_buffer;
-  if (static_cast<int64_t>(sx_buffer.size()) < 4 * groups + 2) sx_buffer.resize(4 * groups + 2);
-  float* const sx = sx_buffer.data();
+  float* const sx = block_buffer(2, 4 * groups + 2);
   sx[4 * groups] = sx[4 * groups + 1] = 0.f;
   const int64_t ahead = prefetch_rows_ahead(K);
   const LinePrefetch prefetch_line = line_prefetch(a, ahead, K);
@@ -850,7 +850,7 @@ void quant_rows(const QuantWeight& w, const QuantActivations& x, float* y, int64
                       a16 ? x.xs.data() : nullptr, a16 ? x.xsum16.data() : nullptr, x.half16,
                       g32 ? x.x16.data() : nullptr, g32 ? x.xs4.data() : nullptr, g32 ? x.xq4.data() : nullptr,
                       x.blocks64, x.a16_i8 ? x.xk16.data() : nullptr, x.kpad,
-                      x.a16_i8 && x.pblocks > 0 ? x.xp16.data() : nullptr, x.a16_i8 && x.pblocks > 0 ? x.xcorr.data() : nullptr,
+                      x.pblocks > 0 ? x.xp16.data() : nullptr, x.pblocks > 0 ? x.xcorr.data() : nullptr,
                       x.pblocks, g_prefetch_nta, g_prefetch_two_level};
   if (w.half_scales)
     rows_range<c10::Half>(args, static_cast<const c10::Half*>(w.scales), static_cast<const c10::Half*>(w.zeros), begin, end);
