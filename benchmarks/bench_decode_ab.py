@@ -16,6 +16,9 @@
   twolevel   the quantized GEMVs' prefetches (where not non-temporal) into L2 far ahead and into L1 near, or
              into L1 alone (``kernels/cpu/quant_gemv.cpp``)
   pairs      int8 group-32 weights against int16 activations two groups per product vector, or one
+  prepared   a decode call runs every block through one prepared chain (the blocks' compiled layers and the
+             cache's buffers converted once, the first block's q/k/v in the chain's region), or through the first
+             block's call, which builds the chain's arguments every token (injection/step.py)
 
 Each round times the default model's greedy decode (batch 1, ``--prompt`` prompt tokens, ``--new-tokens`` new
 tokens, hf_fastinfer's cache) in every combination, one after the other (every other round in reverse order),
@@ -49,7 +52,7 @@ from hf_fastinfer.kernels._cpu_ext import cpu_extension  # noqa: E402
 FACTORS = {"step": "whole step", "huge": "huge pages", "nta": "non-temporal prefetch",
            "i8a16": "int8 x int16 activations", "head": "head in the chain",
            "bf16dot": "bf16 dot products", "consume": "step takes the chain's outputs",
-           "twolevel": "two-level prefetch", "pairs": "int8 group pairs"}
+           "twolevel": "two-level prefetch", "pairs": "int8 group pairs", "prepared": "prepared chain"}
 
 
 def set_huge_pages(model, on: bool) -> None:
@@ -65,6 +68,8 @@ def set_huge_pages(model, on: bool) -> None:
             layer.spec._compiled = None
     if state.step is not None and state.step.head is not None:
         state.step.head._compiled = None  # the head's compiled form holds the tensors it was built on
+    if state.step is not None:
+        state.step.reset_prepared()  # (built on the compiled layers just dropped)
 
 
 def set_step(model, step, on: bool) -> None:
@@ -115,6 +120,7 @@ def main() -> None:
                    "bf16dot": ext.set_bf16_dot_products, "twolevel": ext.set_quant_prefetch_two_level,
                    "pairs": ext.set_int8_group_pairs,
                    "consume": lambda on: setattr(state.step, "consume_chain", on),
+                   "prepared": lambda on: setattr(state.step, "use_prepared", on),
                    "head": lambda on: setattr(state.step, "head", head if on else None)}
         results, tokens = {c: [] for c in combos}, {}
         for round_index in range(args.repeats):
@@ -136,6 +142,7 @@ def main() -> None:
         ext.set_quant_prefetch_two_level(True)
         ext.set_int8_group_pairs(True)
         state.step.consume_chain = True
+        state.step.use_prepared = True
         state.step.head = head
         same = all(torch.equal(t, tokens[combos[0]]) for t in tokens.values())
         roofline = summarize(bandwidths)[0] * 1e9 / decode_read_bytes(model)

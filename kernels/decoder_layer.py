@@ -57,6 +57,7 @@ __all__ = [
     "DecodeHeadSpec",
     "DecoderLayerSpec",
     "LayerProjection",
+    "PreparedChain",
     "decode_chain",
     "attn_in",
     "attn_in_composed",
@@ -299,6 +300,51 @@ def decode_chain(specs: list[DecoderLayerSpec], hidden, q, k, v, caches: list[Ca
         hidden, qkv = result if following is not None else (result, None)
         outs.append(hidden)
     return outs, qkv, None
+
+
+class PreparedChain:
+    """:func:`decode_chain` over a whole model's layers (first to last, each MLP fused) and the same caches' buffers,
+    token after token, on CPU: the layers, the buffers and the head are converted once, and a token's call passes
+    only what changes. The first layer's q / k / v are computed in the chain's own parallel region (no call of its
+    own), and only the last layer's output is returned (the others keep their buffers between calls). Each value
+    is the one :func:`attn_in` then :func:`decode_chain` give (the same compiled code, in the same order).
+
+    ``buffers``: per layer (keys, values, k_scale, v_scale), a cache's whole buffers as :class:`CacheSlot` holds them;
+    they are the tensors the plan keeps (a cache that reallocates needs a new plan: :meth:`holds` tells). Build it
+    with :meth:`build`, which gives None where the compiled kernels do not cover the layers."""
+
+    def __init__(self, specs: list[DecoderLayerSpec], buffers: list[tuple], head: DecodeHeadSpec | None, compiled,
+                 compiled_head, ext):
+        self.buffers = [tuple(b) for b in buffers]
+        self.head = head
+        self._layers, self._head = compiled, compiled_head  # the plan holds raw pointers to these: kept alive here
+        self._plan = ext.DecodePlan(compiled, [b[0] for b in buffers], [b[1] for b in buffers],
+                                    [b[2] for b in buffers], [b[3] for b in buffers], compiled_head)
+
+    @classmethod
+    def build(cls, specs: list[DecoderLayerSpec], buffers: list[tuple], head: DecodeHeadSpec | None = None):
+        if not specs or len(buffers) != len(specs) or not all(s.fused_mlp for s in specs):
+            return None
+        ext = cpu_extension()
+        if ext is None or not hasattr(ext, "DecodePlan") or any(b[0].device.type != "cpu" for b in buffers):
+            return None
+        compiled = [s.compiled() for s in specs]
+        compiled_head = head.compiled() if head is not None else None
+        if any(c is None for c in compiled) or (head is not None and compiled_head is None):
+            return None
+        return cls(specs, buffers, head, compiled, compiled_head, ext)
+
+    def holds(self, layer: int, keys, values, k_scale, v_scale) -> bool:
+        """Whether layer ``layer``'s buffers are still these tensors."""
+        b = self.buffers[layer]
+        return b[0] is keys and b[1] is values and b[2] is k_scale and b[3] is v_scale
+
+    def __call__(self, hidden, cos, sin, mask, slot: int, attend_len: int):
+        """hidden [B, 1, H], cos / sin [B or 1, 1, >= R], mask as :func:`decode_chain`'s; every layer writes the new
+        token's K/V at ``slot`` and attends ``[0, attend_len)``. -> (the last layer's output [B, 1, H], the head's
+        logits [B, V] or None)."""
+        outs = self._plan.run(hidden, cos, sin, mask, slot, attend_len)
+        return outs[0], (outs[1] if len(outs) > 1 else None)
 
 
 def _write_slot(keys, values, k_scale, v_scale, new_kv, slot: int, attend_len: int):

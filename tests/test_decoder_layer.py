@@ -429,6 +429,67 @@ def test_decode_chain_head_equals_the_norm_and_projection_ops(dtype, bits, gemma
 
 
 @needs_compiled
+@pytest.mark.parametrize("int8_kv", [False, True])
+@pytest.mark.parametrize("dtype,bits,head,mask", [(torch.float32, 0, True, "bool"), (torch.bfloat16, 4, True, "float"),
+                                                  (torch.bfloat16, 8, False, None), (torch.float16, 0, True, "bool")])
+def test_prepared_chain_equals_attn_in_then_decode_chain(int8_kv, dtype, bits, head, mask):
+    """A prepared chain (the first layer's q / k / v inside the region, the layers and buffers converted once)
+    gives the last output, the logits and every cache write of attn_in then decode_chain, bit for bit, token after
+    token (the kept intermediate buffers reused, a tensor returned earlier never written into), and tells when a
+    cache's buffers are no longer the ones it holds."""
+    specs = [make_spec(dtype, bits, seed=s, qk_norm=s == 1, group_size=32) for s in range(3)]
+    gen = torch.Generator().manual_seed(5)
+    head_spec = None
+    if head:
+        proj = _projection(gen, 203, specs[0].hidden_size, dtype, bits, False, 32)
+        head_spec = dl.DecodeHeadSpec((torch.randn(specs[0].hidden_size, generator=gen) * 0.2 + 1).to(dtype), 1e-5,
+                                      False, proj, dtype)
+
+    def buffers():
+        return [_buffers(s, make_inputs(s, batch=2, cached=6, int8_kv=int8_kv, seed=9), 12) for s in specs]
+
+    planned, plain = buffers(), buffers()
+    plan = dl.PreparedChain.build(specs, planned, head_spec)
+    assert plan is not None and plan.holds(1, *planned[1]) and not plan.holds(1, *plain[1])
+    tokens = [make_inputs(specs[0], batch=2, cached=6 + t, int8_kv=int8_kv, mask=mask, seed=20 + t) for t in range(3)]
+    # three tokens through the plan, one after the other (nothing in between touches its kept buffers) ...
+    returned = []
+    for token, inputs in enumerate(tokens):
+        hidden, cos, sin, *_ = inputs
+        out, logits = plan(hidden, cos, sin, inputs[5], 6 + token, 7 + token)
+        returned.append((out, out.clone(), logits))
+    for tensor, copy, _ in returned:  # each token's output is a tensor of its own, never written again
+        assert torch.equal(tensor, copy)
+    assert len({t.data_ptr() for t, _, _ in returned}) == len(returned)
+    # ... then through attn_in and decode_chain
+    for token, inputs in enumerate(tokens):
+        hidden, cos, sin, *_ = inputs
+        q, k, v = dl.attn_in(specs[0], hidden, cos, sin)
+        slots = [dl.CacheSlot(*b, 6 + token, 7 + token) for b in plain]
+        outs, _, expected_logits = dl.decode_chain(specs, hidden, q, k, v, slots, inputs[5], cos, sin, head=head_spec)
+        out, _, logits = returned[token]
+        assert torch.equal(out, outs[-1])
+        assert (logits is None and expected_logits is None) if not head else torch.equal(logits, expected_logits)
+    for a, b in zip(planned, plain):  # every layer's K/V written where the chain writes them
+        for x, y in zip(a, b):
+            assert (x is None and y is None) or torch.equal(x, y)
+
+
+@needs_compiled
+def test_prepared_chain_rejects_what_it_does_not_cover():
+    """No plan for a layer whose MLP is the model's module; a wrong slot or dtype is refused, not run."""
+    specs = [make_spec(torch.float32, 0, seed=s) for s in range(2)]
+    bufs = [_buffers(s, make_inputs(s, batch=1, cached=4, seed=9), 8) for s in specs]
+    assert dl.PreparedChain.build([make_spec(torch.float32, 0, mlp=False), specs[1]], bufs) is None
+    plan = dl.PreparedChain.build(specs, bufs)
+    hidden, cos, sin, *_ = make_inputs(specs[0], batch=1, cached=4)
+    with pytest.raises(RuntimeError, match="slot"):
+        plan(hidden, cos, sin, None, 8, 9)
+    with pytest.raises(RuntimeError, match="dtype"):
+        plan(hidden.double(), cos, sin, None, 4, 5)
+
+
+@needs_compiled
 def test_phase_counters_are_compiled_out_of_the_normal_build():
     # benchmarks/profile_decode.py builds them into a second extension; the one every user loads has no counter
     # in its loops, and a process that already uses it cannot switch (both register the same classes)

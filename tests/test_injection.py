@@ -399,10 +399,21 @@ def test_chained_decode_runs_every_block_of_the_model():
     calls = []
     original = first._decode_chain
     first._decode_chain = lambda *a: calls.append(1) or original(*a)
-    got = fast.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, cache_implementation="fastinfer")
-    assert torch.equal(got, expected)
-    assert len(calls) >= 15  # the first block ran the chain at every decode step
-    assert decode_calls(fast) >= 5 * 15
+    step = fast._hf_fastinfer_injection.step
+    # the whole step runs every block in one prepared chain, or (off) through the first block's chain
+    for prepared in (True, False) if step is not None else (False,):
+        if step is not None:
+            step.use_prepared = prepared
+        calls.clear()
+        before, prepared_before = decode_calls(fast), step.prepared_calls if step is not None else 0
+        got = fast.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                            cache_implementation="fastinfer")
+        assert torch.equal(got, expected)
+        chains = step.prepared_calls - prepared_before if prepared else len(calls)
+        assert chains >= 15  # one chain of every block at every decode step
+        assert decode_calls(fast) - before >= 5 * 15
+    if step is not None:
+        step.use_prepared = True
 
 
 def step_calls(model) -> int:
@@ -472,6 +483,69 @@ def test_whole_step_takes_the_chained_blocks_outputs_without_calling_them():
         assert later == ([0] * len(later) if consume else [decoded] * len(later))
     step.consume_chain = True
     assert torch.equal(tokens[True], tokens[False])
+
+
+@pytest.mark.skipif(cpu_extension() is None, reason="needs the compiled CPU kernels (a C++ compiler)")
+def test_whole_step_runs_a_prepared_chain_built_again_when_the_cache_reallocates():
+    """Where one chain runs every block, a decoded token is one prepared chain's call (no block is called, each
+    still counts its token); a cache that grows past its capacity mid-generation gets a new plan on its new
+    buffers; the tokens equal transformers' and the block-by-block step's; the plan goes with its cache."""
+    import gc
+
+    from hf_fastinfer.cache import FastInferCache
+    from hf_fastinfer.injection.layer import FusedDecoderLayer
+
+    reference, fast = pair("llama")
+    step = fast._hf_fastinfer_injection.step
+    assert step is not None and all(layer.mlp is None for layer in step.layers)
+    kwargs = dict(attention_mask=MASK, max_new_tokens=60, do_sample=False)
+    expected = reference.generate(PROMPTS, **kwargs)
+    original_call = FusedDecoderLayer.__call__
+    block_calls = []
+
+    def counting_call(self, hidden_states, *args, **kw):
+        if hidden_states.shape[1] == 1:
+            block_calls.append(self.layer_idx)
+        return original_call(self, hidden_states, *args, **kw)
+
+    tokens, plans = {}, []
+    build = step._prepare
+
+    def recording_build(cache, head):
+        plan = build(cache, head)
+        plans.append((plan, cache.layers[0].capacity))
+        return plan
+
+    step._prepare = recording_build
+    FusedDecoderLayer.__call__ = counting_call
+    try:
+        for prepared in (True, False):
+            step.use_prepared = prepared
+            before, calls_before = step.prepared_calls, [layer.decode_calls for layer in step.layers]
+            block_calls.clear()
+            # 12 prompt positions and 60 new ones: past the first capacity (64), so the cache grows once, at the
+            # token that finds it full; that token takes the blocks' calls (each block's update grows its layer)
+            cache = FastInferCache(config=fast.config, max_cache_len=12)
+            tokens[prepared] = fast.generate(PROMPTS, past_key_values=cache, **kwargs)
+            assert cache.layers[0].capacity == 128
+            decoded = step.layers[0].decode_calls - calls_before[0]
+            assert decoded == 59
+            assert [layer.decode_calls - b for layer, b in zip(step.layers, calls_before)] == [decoded] * len(step.layers)
+            every_block = list(range(len(step.layers)))
+            if prepared:
+                assert step.prepared_calls - before == decoded - 1 and block_calls == every_block
+            else:  # the first block's call every token (its chain runs the others), every block's at the growth
+                assert step.prepared_calls == before and len(block_calls) == decoded - 1 + len(every_block)
+            del cache
+    finally:
+        FusedDecoderLayer.__call__ = original_call
+        step.use_prepared = True
+        del step._prepare
+    assert torch.equal(tokens[True], expected) and torch.equal(tokens[False], expected)
+    capacities = [capacity for plan, capacity in plans]
+    assert all(plan is not None for plan, _ in plans) and capacities == [64, 128]  # before and after the growth
+    gc.collect()
+    assert step._prepared is None  # (the last cache is gone, and its buffers with it)
 
 
 def test_a_head_that_would_change_the_logits_is_dropped_and_the_step_kept():

@@ -34,7 +34,7 @@ from torch import nn
 
 from .._compat import cache_from, cache_kwarg
 from ..cache import FastInferCache
-from ..kernels.decoder_layer import DecodeHeadSpec
+from ..kernels.decoder_layer import DecodeHeadSpec, PreparedChain
 from .detect import projection
 from .layer import FastLinearForward, FastNormForward, FusedDecoderLayer
 
@@ -97,6 +97,14 @@ class FusedDecodeStep:
         #: the blocks a chain ran are not called again (off: each is called and hands back the chain's output, as
         #: under the model's own forward; benchmarks' A/B)
         self.consume_chain = True
+        #: a decode call on hf_fastinfer's cache runs every block through one prepared chain (the blocks' compiled
+        #: layers and the cache's buffers converted once, not per token); off: through the first block's call
+        #: (benchmarks' A/B)
+        self.use_prepared = True
+        self.prepared_calls = 0  # how many calls took it (tests read it)
+        #: (a weak reference to the cache it was built for, the plan); dropped with that cache
+        self._prepared: tuple | None = None
+        self._unpreparable = False  # the blocks are not one chain of fused layers: no plan for this model
 
     def __call__(self, *args, **kwargs):
         if not torch.compiler.is_compiling() and (not args or (len(args) == 1 and "input_ids" not in kwargs)):
@@ -178,6 +186,18 @@ class FusedDecodeStep:
         model = self._model()
         hidden = model.get_input_embeddings()(input_ids)  # [B, 1, H]
         position_embeddings = self.rotary()(hidden, position_ids)
+        if self.use_prepared and self.consume_chain:
+            ran = self._run_prepared(model, cache, hidden, mask, position_embeddings)
+            if ran is not None:
+                hidden, logits = ran
+                if logits is None:
+                    logits = model.get_output_embeddings()(self.norm()(hidden))  # [B, 1, V]
+                else:
+                    logits = logits.view(hidden.shape[0], 1, -1)  # [B, 1, V]
+                    self.head_calls += 1
+                self.decode_calls += 1
+                self.prepared_calls += 1
+                return self.output_type(logits=logits, **{self.cache_name: cache})
         layer_kwargs = {"attention_mask": mask, "position_embeddings": position_embeddings, self.cache_name: cache,
                         "use_cache": True, "position_ids": position_ids}
         first = self.layers[0]
@@ -202,6 +222,71 @@ class FusedDecodeStep:
             logits = model.get_output_embeddings()(self.norm()(hidden))  # [B, 1, V]
         self.decode_calls += 1
         return self.output_type(logits=logits, **{self.cache_name: cache})
+
+    def reset_prepared(self) -> None:
+        """Forget the prepared chain (built again on the next decode call): after the blocks' compiled layers or
+        the head were rebuilt on other tensors."""
+        self._prepared = None
+
+    def _run_prepared(self, model: nn.Module, cache: FastInferCache, hidden, mask, position_embeddings):
+        """(the last block's output [B, 1, H], the head's logits [B, V] or None) for a decode call that every block
+        would run in one chain from the first block's call (each fused, a full-attention layer of hf_fastinfer's
+        cache with room for the token, no chained or stashed state left from another call), through the prepared
+        chain: or None, and nothing changed (the caller takes the blocks' calls)."""
+        layers, first = self.layers, self.layers[0]
+        if hidden.dtype != first.dtype or hidden.device != first.device or hidden.shape[0] > first.max_batch or \
+                first._layer().training:
+            return None
+        if mask is not None and (mask.dim() != 4 or mask.shape[2] != 1 or
+                                 mask.dtype not in (torch.bool, torch.float32, first.dtype)):
+            return None  # (what the first block's call would leave to the block's own forward)
+        cos, sin = position_embeddings
+        head = self._head_for_call(model)
+        cache_layers = cache.layers
+        length = cache_layers[0].length
+        prepared = self._prepared
+        plan = prepared[1] if prepared is not None and prepared[0]() is cache and prepared[1].head is head else None
+        batch = hidden.shape[0]
+        for j, (layer, own) in enumerate(zip(layers, cache_layers)):
+            if layer._chained is not None or layer._stash is not None or not own.is_initialized or \
+                    own.length != length or length >= own.capacity or own.keys.shape[0] != batch:
+                return None
+            if plan is not None and not plan.holds(j, own.keys, own.values, own.key_scales, own.value_scales):
+                plan = None
+        if plan is None:
+            if self._unpreparable:
+                return None
+            plan = self._prepare(cache, head)
+            if plan is None:
+                return None
+        for layer, own in zip(layers, cache_layers):  # every layer's slot, as reserve_decode_slot takes it
+            own.length += 1
+            own.cumulative_length += 1
+            layer.decode_calls += 1
+        return plan(hidden, cos, sin, mask, length, length + 1)
+
+    def _prepare(self, cache: FastInferCache, head) -> PreparedChain | None:
+        """The prepared chain of every block on ``cache``'s buffers (kept until that cache is gone or reallocates),
+        or None when the blocks are not one chain of fused layers."""
+        layers = self.layers
+        self._prepared = None
+        for j, layer in enumerate(layers):
+            if layer.mlp is not None or layer.dtype != layers[0].dtype or layer.layer_idx != j or \
+                    layer.next is not (layers[j + 1] if j + 1 < len(layers) else None):
+                self._unpreparable = True  # (the blocks do not change after injection)
+                return None
+        buffers = [(own.keys, own.values, own.key_scales, own.value_scales) for own in cache.layers]
+        plan = PreparedChain.build([layer.spec for layer in layers], buffers, head)
+        if plan is not None:
+            this = weakref.ref(self)
+
+            def forget(_, this=this):
+                step = this()
+                if step is not None and step._prepared is not None and step._prepared[0]() is None:
+                    step._prepared = None
+
+            self._prepared = (weakref.ref(cache, forget), plan)
+        return plan
 
 
 @torch.no_grad()

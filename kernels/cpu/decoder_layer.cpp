@@ -577,11 +577,12 @@ struct OutWork {
   std::vector<at::Tensor> next_qkv;
   std::vector<std::vector<float>> next_ys;
   bool returned = false;  // next_qkv went out to the caller: the next call must not write into it
+  bool out_returned = true;  // out went out to the caller (or was never made): the next call makes a new one
   std::pair<const void*, int64_t> next_c{nullptr, 0}, next_s{nullptr, 0};
 };
 
 template <typename T, typename KT>
-void DecoderLayer::prepare_out(const AttnOutArgs& a, void* work_ptr, bool returns_next) const {
+void DecoderLayer::prepare_out(const AttnOutArgs& a, void* work_ptr, bool returns_next, bool returns_out) const {
   auto& w = *static_cast<OutWork<T, KT>*>(work_ptr);
   constexpr bool quantized = std::is_same<KT, int8_t>::value;
   const int64_t M = a.hidden.size(0), H = hidden_, D = head_dim_, Hq = num_heads_, I = intermediate_;
@@ -627,8 +628,12 @@ void DecoderLayer::prepare_out(const AttnOutArgs& a, void* work_ptr, bool return
     w.yg.resize(M * (gate_up_.size() == 1 ? 2 * I : I));
     if (gate_up_.size() == 2) w.yu.resize(M * I);
   }
-  // the output goes to the caller: a new tensor every call
-  w.out = at::detail::empty_cpu({M, 1, H}, dtype_, false, c10::nullopt);
+  // an output that goes to the caller is a new tensor every call; one that only feeds the next layer of the chain
+  // (a prepared chain returns the last layer's alone) keeps its buffer from the call before
+  const bool reuse_out = !returns_out && !w.out_returned && w.out.defined() && w.out.size(0) == M &&
+                         w.out.size(2) == H && w.out.scalar_type() == dtype_;
+  if (!reuse_out) w.out = at::detail::empty_cpu({M, 1, H}, dtype_, false, c10::nullopt);
+  w.out_returned = returns_out;
   w.normed = mlp ? at::Tensor() : at::detail::empty_cpu({M, 1, H}, dtype_, false, c10::nullopt);
   w.next = a.next;
   if (a.next != nullptr) {
@@ -823,11 +828,14 @@ void head_team(const DecodeHead& head, const T* hidden, int64_t M, float* y, T* 
 
 // A chain of layers in one parallel region: layer j's input is layer j - 1's output and its q / k / v come from
 // layer j - 1's step 6. args[0] holds the first layer's inputs; args[j > 0] its cache and mask (the rest is
-// wired here). Returns every layer's output, then (if the last step has a next layer) that layer's q, k, v,
-// then (with a head) its logits; a single layer without a fused MLP returns {residual, normed}.
+// wired here). first (a prepared chain): the first layer's q / k / v are computed at the start of the region,
+// from args[0].hidden into args[0].q / k / v, with first->cos / sin. Returns every layer's output, then (if the
+// last step has a next layer) that layer's q, k, v, then (with a head) its logits; with `last_only`, the last
+// layer's output alone, then the logits (the other outputs keep their buffers for the next call); a single layer
+// without a fused MLP returns {residual, normed}.
 template <typename T, typename KT>
 std::vector<at::Tensor> run_chain(const std::vector<const DecoderLayer*>& layers, std::vector<AttnOutArgs>& args,
-                                  const DecodeHead* head) {
+                                  const DecodeHead* head, const FirstIn* first, bool last_only) {
   // The layers' buffers stay with the calling thread between calls (their sizes rarely change): a chain's
   // setup allocated and zero-filled them for every layer and token, about 7 us a layer (0.2 ms of an int4
   // token of the default model, benchmarks/profile_decode.py).
@@ -843,7 +851,17 @@ std::vector<at::Tensor> run_chain(const std::vector<const DecoderLayer*>& layers
       args[j].k = works[j - 1].next_qkv[1];
       args[j].v = works[j - 1].next_qkv[2];
     }
-    layers[j]->template prepare_out<T, KT>(args[j], &works[j], j + 1 == count);
+    layers[j]->template prepare_out<T, KT>(args[j], &works[j], j + 1 == count, !last_only || j + 1 == count);
+  }
+  // the first layer's attn_in (a prepared chain): its cos / sin rows and its projections' float outputs
+  static thread_local std::vector<std::vector<float>> first_ys_kept;
+  std::vector<std::vector<float>>& first_ys = first_ys_kept;  // (bound here: the calling thread's, in the region)
+  std::pair<const void*, int64_t> first_c{nullptr, 0}, first_s{nullptr, 0};
+  if (first != nullptr) {
+    const int64_t rows = args[0].hidden.size(0);
+    layers[0]->qkv_buffers(rows, first_ys);
+    first_c = layers[0]->rotary_rows(first->cos, rows, "cos");
+    first_s = layers[0]->rotary_rows(first->sin, rows, "sin");
   }
   // the head's float products [M, V] (kept with the calling thread, as the layers' buffers) and its logits
   static thread_local std::vector<float> head_y;
@@ -864,6 +882,14 @@ std::vector<at::Tensor> run_chain(const std::vector<const DecoderLayer*>& layers
   {
     const int tid = omp_get_thread_num(), n = omp_get_num_threads();
     HF_PHASE_START();
+    if (first != nullptr) {
+      layers[0]->template attn_in_team<T>(args[0].hidden.template data_ptr<T>(), M, static_cast<const T*>(first_c.first),
+                                          first_c.second, static_cast<const T*>(first_s.first), first_s.second,
+                                          args[0].q.template data_ptr<T>(), args[0].k.template data_ptr<T>(),
+                                          args[0].v.template data_ptr<T>(), first_ys, tid, n);
+#pragma omp barrier
+      HF_PHASE(tid, kWaitLayer);
+    }
     for (size_t j = 0; j < count; ++j) {
       if (j > 0) {
 #pragma omp barrier
@@ -883,7 +909,7 @@ std::vector<at::Tensor> run_chain(const std::vector<const DecoderLayer*>& layers
   auto& last = works[count - 1];
   if (last.normed.defined()) return {last.out, last.normed};  // (a single layer)
   std::vector<at::Tensor> outs;
-  for (size_t j = 0; j < count; ++j) outs.push_back(works[j].out);
+  for (size_t j = last_only ? count - 1 : 0; j < count; ++j) outs.push_back(works[j].out);
   if (last.next != nullptr)
     for (auto& t : last.next_qkv) outs.push_back(t);
   if (head != nullptr) outs.push_back(logits);
@@ -963,17 +989,17 @@ AttnOutArgs DecoderLayer::make_args(const at::Tensor& hidden_in, const at::Tenso
 
 template <typename T>
 std::vector<at::Tensor> dispatch_kv(const std::vector<const DecoderLayer*>& layers, std::vector<AttnOutArgs>& args,
-                                    const DecodeHead* head) {
-  if (args[0].keys.scalar_type() == at::kChar) return run_chain<T, int8_t>(layers, args, head);
-  return run_chain<T, T>(layers, args, head);
+                                    const DecodeHead* head, const FirstIn* first, bool last_only) {
+  if (args[0].keys.scalar_type() == at::kChar) return run_chain<T, int8_t>(layers, args, head, first, last_only);
+  return run_chain<T, T>(layers, args, head, first, last_only);
 }
 
 std::vector<at::Tensor> DecoderLayer::run(const std::vector<const DecoderLayer*>& layers, std::vector<AttnOutArgs>& args,
-                                          const DecodeHead* head) const {
+                                          const DecodeHead* head, const FirstIn* first, bool last_only) const {
   switch (dtype_) {
-    case at::kFloat: return dispatch_kv<float>(layers, args, head);
-    case at::kBFloat16: return dispatch_kv<c10::BFloat16>(layers, args, head);
-    default: return dispatch_kv<c10::Half>(layers, args, head);
+    case at::kFloat: return dispatch_kv<float>(layers, args, head, first, last_only);
+    case at::kBFloat16: return dispatch_kv<c10::BFloat16>(layers, args, head, first, last_only);
+    default: return dispatch_kv<c10::Half>(layers, args, head, first, last_only);
   }
 }
 
@@ -1028,6 +1054,54 @@ std::vector<at::Tensor> DecoderLayer::decode_chain(const std::vector<const Decod
   }
   HF_PHASE(0, kArgs);
   return run(chain, args, head);
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// A prepared chain: the layers, their caches' buffers and the head converted once, a token's call passing only
+// what changes (hidden, cos / sin, mask, slot, length)
+// ----------------------------------------------------------------------------------------------------------
+
+DecodePlan::DecodePlan(std::vector<const DecoderLayer*> layers, std::vector<at::Tensor> keys,
+                       std::vector<at::Tensor> values, std::vector<c10::optional<at::Tensor>> k_scales,
+                       std::vector<c10::optional<at::Tensor>> v_scales, const DecodeHead* head)
+    : layers_(std::move(layers)), keys_(std::move(keys)), values_(std::move(values)), k_scales_(std::move(k_scales)),
+      v_scales_(std::move(v_scales)), head_(head) {
+  const size_t n = layers_.size();
+  TORCH_CHECK(n >= 1 && keys_.size() == n && values_.size() == n && k_scales_.size() == n && v_scales_.size() == n,
+              "DecodePlan: one cache entry per layer");
+  for (size_t j = 0; j < n; ++j) {
+    TORCH_CHECK(layers_[j] != nullptr && !layers_[j]->gate_up_.empty(), "DecodePlan: every layer's MLP fused");
+    TORCH_CHECK(layers_[j]->dtype_ == layers_[0]->dtype_ && layers_[j]->hidden_ == layers_[0]->hidden_,
+                "DecodePlan: the layers share dtype and hidden size");
+  }
+  if (head_ != nullptr)
+    TORCH_CHECK(head_->dtype == layers_[0]->dtype_ && head_->proj.in_features() == layers_[0]->hidden_,
+                "DecodePlan: the head takes the layers' dtype and width");
+}
+
+std::vector<at::Tensor> DecodePlan::run(const at::Tensor& hidden_in, const at::Tensor& cos, const at::Tensor& sin,
+                                        const c10::optional<at::Tensor>& mask, int64_t slot, int64_t attend_len) const {
+  HF_PHASE_START();
+  const DecoderLayer* first = layers_[0];
+  TORCH_CHECK(hidden_in.scalar_type() == first->dtype_ && hidden_in.size(-1) == first->hidden_,
+              "DecodePlan: hidden states must be [B, 1, hidden] of the layers' dtype");
+  TORCH_CHECK(slot >= 0, "DecodePlan: the new token's cache slot");
+  const int64_t M = hidden_in.numel() / first->hidden_;
+  const at::Tensor hidden = hidden_in.reshape({M, first->hidden_}).contiguous();
+  // the first layer's q / k / v: written in the region, read by its step (new tensors: a call on another thread
+  // must not share them)
+  const std::vector<at::Tensor> qkv = first->new_qkv(M);
+  const size_t n = layers_.size();
+  std::vector<AttnOutArgs> args;
+  args.reserve(n);
+  for (size_t j = 0; j < n; ++j) {
+    const DecoderLayer* following = j + 1 < n ? layers_[j + 1] : nullptr;
+    args.push_back(layers_[j]->make_args(hidden, qkv[0], qkv[1], qkv[2], keys_[j], values_[j], k_scales_[j],
+                                         v_scales_[j], mask, slot, attend_len, following, cos, sin, j == 0));
+  }
+  HF_PHASE(0, kArgs);
+  const FirstIn in{cos, sin};
+  return first->run(layers_, args, head_, &in, true);
 }
 
 }  // namespace hf_fastinfer

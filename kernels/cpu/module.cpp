@@ -101,4 +101,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("attend_lens"), py::arg("mask"), py::arg("cos"), py::arg("sin"), py::arg("next_layer") = nullptr,
            py::arg("head") = nullptr, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("weight_bytes", &DecoderLayer::weight_bytes);
+  // (holds raw pointers to the layers and the head: the Python caller keeps those objects alive)
+  py::class_<DecodePlan>(m, "DecodePlan")
+      .def(py::init<std::vector<const DecoderLayer*>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                    std::vector<c10::optional<at::Tensor>>, std::vector<c10::optional<at::Tensor>>, const DecodeHead*>(),
+           py::arg("layers"), py::arg("keys"), py::arg("values"), py::arg("k_scales"), py::arg("v_scales"),
+           py::arg("head") = nullptr)
+      .def("run", &DecodePlan::run, py::arg("hidden"), py::arg("cos"), py::arg("sin"), py::arg("mask"),
+           py::arg("slot"), py::arg("attend_len"), py::call_guard<py::gil_scoped_release>());
 }

@@ -100,6 +100,11 @@ struct AttnOutArgs {
   const DecoderLayer* next = nullptr;
 };
 
+// A prepared chain's first layer: its q / k / v computed inside the chain's parallel region, with these cos / sin.
+struct FirstIn {
+  at::Tensor cos, sin;
+};
+
 // A pre-norm decoder layer for decode tokens (one query token per sequence), in two calls around the KV-cache
 // update (decoder_layer.cpp has the steps and the numerics).
 class DecoderLayer {
@@ -159,7 +164,8 @@ class DecoderLayer {
                         const c10::optional<at::Tensor>& next_sin, bool inputs) const;
   // (returns_next: the next layer's q, k, v go out to the caller, else they stay inside the chain)
   template <typename T, typename KT>
-  void prepare_out(const AttnOutArgs& a, void* work, bool returns_next) const;
+  // (returns_out: the output goes out to the caller, else its buffer is kept for the next call)
+  void prepare_out(const AttnOutArgs& a, void* work, bool returns_next, bool returns_out) const;
   template <typename T, typename KT>
   void run_out_team(void* work, int tid, int nt) const;
   template <typename T>
@@ -173,7 +179,9 @@ class DecoderLayer {
   template <typename T>
   std::vector<at::Tensor> attn_in_impl(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin);
   std::vector<at::Tensor> run(const std::vector<const DecoderLayer*>& layers, std::vector<AttnOutArgs>& args,
-                              const DecodeHead* head = nullptr) const;
+                              const DecodeHead* head = nullptr, const FirstIn* first = nullptr,
+                              bool last_only = false) const;
+  friend class DecodePlan;
 
   std::vector<Projection> qkv_;
   Projection o_;
@@ -186,6 +194,27 @@ class DecoderLayer {
   float scaling_, softcap_;  // softcap 0: none
   bool gelu_;
   c10::ScalarType dtype_;
+};
+
+// A whole chain of decode layers (the model's, first to last, each MLP fused) with their caches' buffers and the
+// head, converted once; each token's call passes only what changes. run: hidden [B, 1, H]; cos, sin [B or 1, 1,
+// >= R]; mask as attn_out_mlp's; every layer writes its K/V at `slot` and attends [0, attend_len). The first layer's
+// q / k / v are computed in the same parallel region. Returns {the last layer's output [B, 1, H]} (+ the head's
+// logits [B, V]). The buffers are the tensors it was built with: a cache that reallocates needs a new plan (the
+// caller checks identity); their sizes and strides are read at every call.
+class DecodePlan {
+ public:
+  DecodePlan(std::vector<const DecoderLayer*> layers, std::vector<at::Tensor> keys, std::vector<at::Tensor> values,
+             std::vector<c10::optional<at::Tensor>> k_scales, std::vector<c10::optional<at::Tensor>> v_scales,
+             const DecodeHead* head);
+  std::vector<at::Tensor> run(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
+                              const c10::optional<at::Tensor>& mask, int64_t slot, int64_t attend_len) const;
+
+ private:
+  std::vector<const DecoderLayer*> layers_;
+  std::vector<at::Tensor> keys_, values_;
+  std::vector<c10::optional<at::Tensor>> k_scales_, v_scales_;
+  const DecodeHead* head_;
 };
 
 }  // namespace hf_fastinfer
