@@ -83,15 +83,18 @@ def profile(label: str, folder, inputs, new_tokens: int, rounds: int, tsc: float
     names = ext.phase_names()
     threads = torch.get_num_threads()
     chain_ns: list[int] = []
-    original = fused.decode_chain
+    # the chain runs as the whole step's prepared chain, or from the first block's call (decode_chain)
+    original, original_prepared = fused.decode_chain, fused.PreparedChain.__call__
 
-    def timed_chain(*args, **kwargs):
-        start = time.perf_counter_ns()
-        out = original(*args, **kwargs)
-        chain_ns.append(time.perf_counter_ns() - start)
-        return out
+    def timed(call):
+        def timed_call(*args, **kwargs):
+            start = time.perf_counter_ns()
+            out = call(*args, **kwargs)
+            chain_ns.append(time.perf_counter_ns() - start)
+            return out
+        return timed_call
 
-    fused.decode_chain = timed_chain
+    fused.decode_chain, fused.PreparedChain.__call__ = timed(original), timed(original_prepared)
     try:
         timed_generate(model, inputs, 16, {"cache_implementation": "fastinfer"})  # warm-up
         token_ms, chain_ms, phases = [], [], []
@@ -108,7 +111,7 @@ def profile(label: str, folder, inputs, new_tokens: int, rounds: int, tsc: float
             # us per decoded token, [thread][phase]
             phases.append([[cycles[t][p] / tsc * 1e6 / calls for p in range(len(names))] for t in range(threads)])
     finally:
-        fused.decode_chain = original
+        fused.decode_chain, fused.PreparedChain.__call__ = original, original_prepared
     median = statistics.median
     token, chain = median(token_ms), median(chain_ms)
     lines = [f"**{label}**: {token:.2f} ms a token ({1e3 / token:.1f} tok/s); the chain of {len(layers)} layers "
