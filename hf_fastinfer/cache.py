@@ -221,11 +221,15 @@ class FastInferLayer(CacheLayerMixin):
         self.cumulative_length += new
         return self._read(self.capacity if self.static_shapes else self.length)
 
+    def decode_slot_free(self, batch: int) -> bool:
+        """Whether :meth:`reserve_decode_slot` would take a position for a one-token append of ``batch``."""
+        return self.is_initialized and self.keys.shape[0] == batch and self.length < self.capacity
+
     def reserve_decode_slot(self, batch: int) -> int | None:
         """For a one-token append (per sequence of ``batch``) that needs neither compaction nor growth: count the
         position as stored and return its buffer index, where the caller writes K/V itself (the fused decode
         layer does, in its compiled call); None when :meth:`update` must handle the call."""
-        if not self.is_initialized or self.keys.shape[0] != batch or self.length >= self.capacity:
+        if not self.decode_slot_free(batch):
             return None
         slot = self.length
         self.length += 1
@@ -369,6 +373,18 @@ class FastInferCache(Cache):
         step's mask that an eager step goes without; on the CPU that mask is about 2% of a decoded int4 token."""
         for layer in self.layers:
             layer.is_compileable = False
+
+    def reserve_decode_slots(self, batch: int) -> int | None:
+        """A one-token append (per sequence of ``batch``) to every layer at one position: each layer's
+        :meth:`FastInferLayer.reserve_decode_slot`, taken in all layers or in none. The buffer index the caller
+        writes every layer's K/V at, or None (a layer is full, holds another batch, or another length)."""
+        layers = self.layers
+        length = layers[0].length
+        if any(layer.length != length or not layer.decode_slot_free(batch) for layer in layers):
+            return None
+        for layer in layers:
+            layer.reserve_decode_slot(batch)
+        return length
 
     def stored_bytes(self) -> int:
         """Bytes held for the stored positions across all layers (K, V and, for int8, their scales)."""

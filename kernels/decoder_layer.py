@@ -313,8 +313,7 @@ class PreparedChain:
     they are the tensors the plan keeps (a cache that reallocates needs a new plan: :meth:`holds` tells). Build it
     with :meth:`build`, which gives None where the compiled kernels do not cover the layers."""
 
-    def __init__(self, specs: list[DecoderLayerSpec], buffers: list[tuple], head: DecodeHeadSpec | None, compiled,
-                 compiled_head, ext):
+    def __init__(self, buffers: list[tuple], head: DecodeHeadSpec | None, compiled, compiled_head, ext):
         self.buffers = [tuple(b) for b in buffers]
         self.head = head
         self._layers, self._head = compiled, compiled_head  # the plan holds raw pointers to these: kept alive here
@@ -332,7 +331,7 @@ class PreparedChain:
         compiled_head = head.compiled() if head is not None else None
         if any(c is None for c in compiled) or (head is not None and compiled_head is None):
             return None
-        return cls(specs, buffers, head, compiled, compiled_head, ext)
+        return cls(buffers, head, compiled, compiled_head, ext)
 
     def holds(self, layer: int, keys, values, k_scale, v_scale) -> bool:
         """Whether layer ``layer``'s buffers are still these tensors."""

@@ -226,6 +226,27 @@ def test_cache_reuse_reset_and_batch_mismatch():
     torch.testing.assert_close(single, first[:1], rtol=0, atol=0)
 
 
+def test_decode_slots_are_reserved_in_every_layer_or_in_none():
+    """reserve_decode_slots takes the same position in every layer (the slot the fused step writes K/V at), and
+    takes none while any layer is full, holds another batch or another length."""
+    config = models.tiny("llama").config
+    cache = FastInferCache(config=config, max_cache_len=8)
+    for j in range(len(cache.layers)):
+        cache.update(*_kv(2, config.num_key_value_heads, 5, config.head_dim, seed=j), j)
+    lengths = lambda: [(layer.length, layer.cumulative_length) for layer in cache.layers]  # noqa: E731
+    assert cache.reserve_decode_slots(1) is None and lengths() == [(5, 5)] * len(cache.layers)  # another batch
+    assert cache.reserve_decode_slots(2) == 5 and lengths() == [(6, 6)] * len(cache.layers)
+    cache.layers[-1].length += 1  # one layer at another length
+    assert cache.reserve_decode_slots(2) is None
+    cache.layers[-1].length -= 1
+    for layer in cache.layers[1:]:
+        layer.length = layer.capacity - 1
+    cache.layers[0].length = cache.layers[0].capacity - 1
+    assert cache.reserve_decode_slots(2) == cache.layers[0].capacity - 1
+    before = lengths()
+    assert cache.reserve_decode_slots(2) is None and lengths() == before  # every layer full
+
+
 def test_growth_disabled_errors():
     model = models.tiny("llama", attn_implementation="fastinfer")
     ids, mask = _prompts(batch=1, length=100)

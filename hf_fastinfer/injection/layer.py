@@ -100,6 +100,21 @@ class FusedDecoderLayer:
                 cache_layer.cumulative_length -= 1
             layer = layer.next
 
+    def covers(self, hidden: torch.Tensor, mask) -> bool:
+        """Whether the fused decode step takes these hidden states [B, 1, H] and attention mask (None, or
+        [B or 1, 1, 1, L]: bool, or additive float on CPU): the batch within the compiled kernels' rows, the
+        block's dtype and device, the block in eval mode."""
+        if hidden.dim() != 3 or hidden.shape[1] != 1 or hidden.shape[0] > self.max_batch:
+            return False
+        if hidden.dtype != self.dtype or hidden.device != self.device or self._layer().training:
+            return False
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[2] != 1:
+                return False
+            if mask.dtype != torch.bool and (hidden.device.type != "cpu" or mask.dtype not in (torch.float32, self.dtype)):
+                return False
+        return True
+
     def decode(self, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
         """The fused decode step, or None when this call is not one it covers (the caller runs the original)."""
         if self._chained is not None:
@@ -113,21 +128,14 @@ class FusedDecoderLayer:
                 return out
             self._discard_chain()
         stash, self._stash = self._stash, None
-        if args or hidden.dim() != 3 or hidden.shape[1] != 1 or hidden.shape[0] > self.max_batch:
-            return None
-        if hidden.dtype != self.dtype or hidden.device != self.device or self._layer().training:
+        mask = kwargs.get("attention_mask")
+        if args or not self.covers(hidden, mask):
             return None
         if torch.is_grad_enabled() and hidden.requires_grad:
             return None  # the fused step has no backward: autograd gets the model's own forward
         position_embeddings = kwargs.get("position_embeddings")
         if position_embeddings is None or kwargs.get("output_attentions"):
             return None
-        mask = kwargs.get("attention_mask")
-        if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[2] != 1:
-                return None
-            if mask.dtype != torch.bool and (hidden.device.type != "cpu" or mask.dtype not in (torch.float32, self.dtype)):
-                return None
         cos, sin = position_embeddings
         if stash is not None and stash[0] is hidden and stash[1] is cos and stash[2] is sin:
             q, k, v = stash[3]  # computed by the block before, in its own call

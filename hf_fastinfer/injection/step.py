@@ -186,18 +186,24 @@ class FusedDecodeStep:
         model = self._model()
         hidden = model.get_input_embeddings()(input_ids)  # [B, 1, H]
         position_embeddings = self.rotary()(hidden, position_ids)
-        if self.use_prepared and self.consume_chain:
-            ran = self._run_prepared(model, cache, hidden, mask, position_embeddings)
-            if ran is not None:
-                hidden, logits = ran
-                if logits is None:
-                    logits = model.get_output_embeddings()(self.norm()(hidden))  # [B, 1, V]
-                else:
-                    logits = logits.view(hidden.shape[0], 1, -1)  # [B, 1, V]
-                    self.head_calls += 1
-                self.decode_calls += 1
-                self.prepared_calls += 1
-                return self.output_type(logits=logits, **{self.cache_name: cache})
+        ran = self._run_prepared(model, cache, hidden, mask, position_embeddings) \
+            if self.use_prepared and self.consume_chain else None
+        if ran is not None:
+            hidden, head_logits = ran
+            self.prepared_calls += 1
+        else:
+            hidden, head_logits = self._run_blocks(model, cache, hidden, mask, position_embeddings, position_ids)
+        if head_logits is not None:  # the chain ran to the last block and on through the head
+            logits = head_logits.view(hidden.shape[0], 1, -1)  # [B, 1, V]
+            self.head_calls += 1
+        else:
+            logits = model.get_output_embeddings()(self.norm()(hidden))  # [B, 1, V]
+        self.decode_calls += 1
+        return self.output_type(logits=logits, **{self.cache_name: cache})
+
+    def _run_blocks(self, model: nn.Module, cache: FastInferCache, hidden, mask, position_embeddings, position_ids):
+        """(the last block's output [B, 1, H], the head's logits [B, V] or None) through the blocks' own calls: the
+        first block's, which chains as many blocks as it can, then the rest."""
         layer_kwargs = {"attention_mask": mask, "position_embeddings": position_embeddings, self.cache_name: cache,
                         "use_cache": True, "position_ids": position_ids}
         first = self.layers[0]
@@ -215,13 +221,7 @@ class FusedDecodeStep:
             first.head = None
             first.consume_chain = first.chain_outs = None
         chained, first.head_logits = first.head_logits, None
-        if chained is not None and chained[0] is hidden:  # the chain ran to the last block and on through the head
-            logits = chained[1].view(hidden.shape[0], 1, -1)  # [B, 1, V]
-            self.head_calls += 1
-        else:
-            logits = model.get_output_embeddings()(self.norm()(hidden))  # [B, 1, V]
-        self.decode_calls += 1
-        return self.output_type(logits=logits, **{self.cache_name: cache})
+        return hidden, (chained[1] if chained is not None and chained[0] is hidden else None)
 
     def reset_prepared(self) -> None:
         """Forget the prepared chain (built again on the next decode call): after the blocks' compiled layers or
@@ -233,23 +233,15 @@ class FusedDecodeStep:
         would run in one chain from the first block's call (each fused, a full-attention layer of hf_fastinfer's
         cache with room for the token, no chained or stashed state left from another call), through the prepared
         chain: or None, and nothing changed (the caller takes the blocks' calls)."""
-        layers, first = self.layers, self.layers[0]
-        if hidden.dtype != first.dtype or hidden.device != first.device or hidden.shape[0] > first.max_batch or \
-                first._layer().training:
-            return None
-        if mask is not None and (mask.dim() != 4 or mask.shape[2] != 1 or
-                                 mask.dtype not in (torch.bool, torch.float32, first.dtype)):
+        layers = self.layers
+        if not layers[0].covers(hidden, mask):
             return None  # (what the first block's call would leave to the block's own forward)
         cos, sin = position_embeddings
         head = self._head_for_call(model)
-        cache_layers = cache.layers
-        length = cache_layers[0].length
         prepared = self._prepared
         plan = prepared[1] if prepared is not None and prepared[0]() is cache and prepared[1].head is head else None
-        batch = hidden.shape[0]
-        for j, (layer, own) in enumerate(zip(layers, cache_layers)):
-            if layer._chained is not None or layer._stash is not None or not own.is_initialized or \
-                    own.length != length or length >= own.capacity or own.keys.shape[0] != batch:
+        for j, (layer, own) in enumerate(zip(layers, cache.layers)):
+            if layer._chained is not None or layer._stash is not None:
                 return None
             if plan is not None and not plan.holds(j, own.keys, own.values, own.key_scales, own.value_scales):
                 plan = None
@@ -259,11 +251,12 @@ class FusedDecodeStep:
             plan = self._prepare(cache, head)
             if plan is None:
                 return None
-        for layer, own in zip(layers, cache_layers):  # every layer's slot, as reserve_decode_slot takes it
-            own.length += 1
-            own.cumulative_length += 1
+        slot = cache.reserve_decode_slots(hidden.shape[0])
+        if slot is None:
+            return None
+        for layer in layers:
             layer.decode_calls += 1
-        return plan(hidden, cos, sin, mask, length, length + 1)
+        return plan(hidden, cos, sin, mask, slot, slot + 1)
 
     def _prepare(self, cache: FastInferCache, head) -> PreparedChain | None:
         """The prepared chain of every block on ``cache``'s buffers (kept until that cache is gone or reallocates),
@@ -275,6 +268,8 @@ class FusedDecodeStep:
                     layer.next is not (layers[j + 1] if j + 1 < len(layers) else None):
                 self._unpreparable = True  # (the blocks do not change after injection)
                 return None
+        if not all(own.is_initialized for own in cache.layers):
+            return None  # (no buffers yet: reserve_decode_slots would refuse the token too)
         buffers = [(own.keys, own.values, own.key_scales, own.value_scales) for own in cache.layers]
         plan = PreparedChain.build([layer.spec for layer in layers], buffers, head)
         if plan is not None:
