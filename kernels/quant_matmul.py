@@ -302,8 +302,8 @@ def quant_matmul_cpu(x, qweight, scales, zeros, bias, bits, group_size, in_featu
     """CPU path.
 
     A few rows (decode): the compiled kernel in ``kernels/cpu/`` reads each weight row once as integers and
-    folds dequantization into the dot product (AVX-512 where the CPU has it). int4 and int8 weights against bf16
-    activations run on AVX-512 VNNI integer dot products, with x held as int16 per weight group (int8: groups
+    folds dequantization into the dot product (AVX-512 where the CPU has it, else AVX2). int4 and int8 weights
+    against bf16 activations run on AVX-512 VNNI integer dot products, with x held as int16 per weight group (int8: groups
     that are multiples of 32; an error of
     at most max|x_g| / 65534 per element, about a tenth of a bf16 output's own rounding); fp16 and fp32
     activations stay float throughout. More rows (prefill): the compiled kernel dequantizes the weight to fp32

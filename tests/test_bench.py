@@ -15,8 +15,6 @@ from transformers import DynamicCache
 import hf_fastinfer
 from hf_fastinfer import bench, models
 
-from _helpers import cpuinfo
-
 
 def _cli(*args, timeout=900, cwd=None):
     return subprocess.run([sys.executable, "-m", "hf_fastinfer", "bench", *args], capture_output=True, text=True,
@@ -163,9 +161,6 @@ def test_bench_runs_both_paths_and_writes_table_json_and_chart(default_model_ben
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not all(f in cpuinfo("flags").split() for f in ("avx512f", "avx512bw", "avx512vl")),
-                    reason="the quantized GEMVs are vectorised by hand for AVX-512 only; on this CPU they run "
-                           "compiler-vectorised loops that decode int8 no faster than fp32 (BENCHMARKS.md)")
 def test_bench_int8_decodes_clearly_faster_than_fp32(default_model_bench):
     _, report, _ = default_model_bench
     base, _, int8 = report["results"]

@@ -4,7 +4,8 @@
 //
 // Each weight row is read once, as integers, and reused for every activation row while it sits in L1. With
 // AVX-512, four rows go through FMA chains side by side and each group's scale is applied once to the group's
-// partial sum; without it, plain C++ loops the compiler vectorises. Activations stay float32 throughout (except
+// partial sum; with AVX2 + FMA alone, the same blocks in 8 lanes (gemv_blocks_avx2); with neither, plain C++
+// loops the compiler vectorises. Activations stay float32 throughout (except
 // int4 and int8 against bf16 activations, held as int16: gemv_blocks_a16*, below): the result is the exact
 // float dot product up to summation order, whatever the weight format. Formats: hf_fastinfer.kernels.quant_format (int8 [N, K]; int4 nibbles q + 8,
 // low nibble = even column).
@@ -576,6 +577,103 @@ int64_t gemv_blocks_dispatch(const GemvArgs& a, const ST* sp, const ST* zp, int6
 }
 #endif
 
+#ifdef HF_FASTINFER_AVX2
+// Without AVX-512, AVX2 + FMA: the blocks of four rows of gemv_blocks in 8 lanes, the same formula (each
+// group's partial sums scaled once, the zero-point terms one short dot over groups) and the same software
+// prefetch of the block ahead. A group's columns past its last whole 8 (a group size that is not a multiple
+// of 8 columns, or a short last group) are added one by one.
+inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+template <int BITS, typename ST>
+int64_t gemv_blocks_avx2(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin, int64_t end) {
+  const int64_t K = a.K, groups = a.groups, gs = a.group_size, rb = a.row_bytes, half = a.half;
+  const bool has_offset = zp != nullptr || BITS == 4;
+  const int64_t step = BITS == 8 ? gs : gs / 2;  // bytes of a row per group (and floats of xe / xo)
+  const int64_t ahead = std::max<int64_t>(4, (kPrefetchBytes / rb) & ~int64_t(3));
+  const int64_t lines = (4 * rb + 63) / 64, per_group = (lines + groups - 1) / groups;
+  const __m256i low4 = _mm256_set1_epi32(15);
+  int64_t n = begin;
+  for (; n + 4 <= end; n += 4) {
+    const char* pf = reinterpret_cast<const char*>(a.w + (n + ahead + 4 <= a.N ? n + ahead : n) * rb);
+    for (int64_t m = 0; m < a.M; ++m) {
+      const float* x = a.x + m * K;
+      const float* xe = BITS == 4 ? a.xe + m * half : nullptr;
+      const float* xo = BITS == 4 ? a.xo + m * half : nullptr;
+      const uint8_t* p[4] = {a.w + n * rb, a.w + (n + 1) * rb, a.w + (n + 2) * rb, a.w + (n + 3) * rb};
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      float tail[4] = {0.f, 0.f, 0.f, 0.f};  // the columns past the whole 8s, already scaled
+      for (int64_t g = 0; g < groups; ++g) {
+        if (m == 0) {  // the block ahead, a few lines per group (a burst of prefetches stalls the core)
+          for (int64_t l = 0; l < per_group; ++l) {
+            if (a.nta)
+              _mm_prefetch(pf + 64 * l, _MM_HINT_NTA);
+            else
+              _mm_prefetch(pf + 64 * l, _MM_HINT_T0);
+          }
+          pf += 64 * per_group;
+        }
+        const int64_t len = std::min(gs, K - g * gs);
+        const int64_t units = BITS == 8 ? len : (len + 1) / 2;  // bytes of this group in each row
+        const int64_t whole = units & ~int64_t(7);
+        __m256 pa[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t j = 0; j < whole; j += 8) {
+          if constexpr (BITS == 8) {
+            const __m256 xv = _mm256_loadu_ps(x + j);
+            #pragma GCC unroll 4
+            for (int r = 0; r < 4; ++r) {
+              const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p[r] + j)));
+              pa[r] = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(q), pa[r]);
+            }
+          } else {
+            const __m256 ev = _mm256_loadu_ps(xe + j), ov = _mm256_loadu_ps(xo + j);
+            #pragma GCC unroll 4
+            for (int r = 0; r < 4; ++r) {
+              const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p[r] + j)));
+              pa[r] = _mm256_fmadd_ps(ev, _mm256_cvtepi32_ps(_mm256_and_si256(b, low4)), pa[r]);
+              pa[r] = _mm256_fmadd_ps(ov, _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), pa[r]);
+            }
+          }
+        }
+        #pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          const float s = to_f32(sp[(n + r) * groups + g]);
+          acc[r] = _mm256_fmadd_ps(pa[r], _mm256_set1_ps(s), acc[r]);
+          if (whole < units) {
+            float part = 0.f;
+            for (int64_t j = whole; j < units; ++j) {
+              if constexpr (BITS == 8)
+                part += x[j] * static_cast<float>(static_cast<int8_t>(p[r][j]));
+              else
+                part += xe[j] * static_cast<float>(p[r][j] & 15) + xo[j] * static_cast<float>(p[r][j] >> 4);
+            }
+            tail[r] += part * s;
+          }
+          p[r] += step;
+        }
+        x += gs;
+        if (BITS == 4) {
+          xe += step;
+          xo += step;
+        }
+      }
+      for (int r = 0; r < 4; ++r) {
+        float zero_term = 0.f;
+        if (has_offset)
+          for (int64_t g = 0; g < groups; ++g)
+            zero_term += ((zp ? to_f32(zp[(n + r) * groups + g]) : 0.f) + a.offset) * to_f32(sp[(n + r) * groups + g]) *
+                         a.xsum[m * groups + g];
+        a.y[m * a.N + n + r] = hsum8(acc[r]) + tail[r] - zero_term + (a.bias ? a.bias[n + r] : 0.f);
+      }
+    }
+  }
+  return n;
+}
+#endif
+
 // Portable dot products of one group (the compiler vectorises what it can); int4 on the stored nibbles.
 inline float dot_i8(const float* __restrict a, const int8_t* __restrict b, int64_t n) {
   float acc = 0.f;
@@ -613,7 +711,7 @@ void gemv_single_rows(const GemvArgs a, const ST* sp, const ST* zp, int64_t begi
   }
 }
 
-// Rows [begin, end) on the calling thread: blocks of four with AVX-512, then single rows.
+// Rows [begin, end) on the calling thread: blocks of four with AVX-512 (or AVX2), then single rows.
 template <typename ST>
 void rows_range(const GemvArgs& a, const ST* sp, const ST* zp, int64_t begin, int64_t end) {
   int64_t n = begin;
@@ -645,6 +743,8 @@ void rows_range(const GemvArgs& a, const ST* sp, const ST* zp, int64_t begin, in
   } else
 #endif
   n = a.offset != 0.f ? gemv_blocks_dispatch<4, ST>(a, sp, zp, begin, end) : gemv_blocks_dispatch<8, ST>(a, sp, zp, begin, end);
+#elif defined(HF_FASTINFER_AVX2)
+  n = a.offset != 0.f ? gemv_blocks_avx2<4, ST>(a, sp, zp, begin, end) : gemv_blocks_avx2<8, ST>(a, sp, zp, begin, end);
 #endif
   gemv_single_rows<ST>(a, sp, zp, n, end);
 }

@@ -14,12 +14,15 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__AVX512F__) || defined(__F16C__)
+#if defined(__AVX512F__) || defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define HF_FASTINFER_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+// CPUs without AVX-512 (AMD Zen 2 / 3, older Intel): the kernels that have an 8-lane road take it
+#define HF_FASTINFER_AVX2 1
 #endif
 #if defined(HF_FASTINFER_AVX512) && defined(__AVX512VNNI__)
 #define HF_FASTINFER_A16 1
