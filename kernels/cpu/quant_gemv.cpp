@@ -121,6 +121,15 @@ struct GemvArgs {
   bool two_level;  // otherwise into L2 far ahead and into L1 near (g_prefetch_two_level)
 };
 
+// Software prefetch: the block `ahead` rows on (about kPrefetchBytes), or with none left (the end of the
+// weight) the current block, which is harmless.
+inline int64_t prefetch_rows_ahead(int64_t row_bytes) {
+  return std::max<int64_t>(4, (kPrefetchBytes / row_bytes) & ~int64_t(3));
+}
+inline const char* prefetch_target(const GemvArgs& a, int64_t n, int64_t ahead) {
+  return reinterpret_cast<const char*>(a.w + (n + ahead + 4 <= a.N ? n + ahead : n) * a.row_bytes);
+}
+
 #ifdef HF_FASTINFER_AVX512
 
 inline void to_f32_span(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
@@ -151,14 +160,6 @@ inline float* block_buffer(int which, int64_t n) {
   return buffers[which].data();
 }
 
-// Software prefetch: the block `ahead` rows on (about kPrefetchBytes), or with none left (the end of the
-// weight) the current block, which is harmless.
-inline int64_t prefetch_rows_ahead(int64_t row_bytes) {
-  return std::max<int64_t>(4, (kPrefetchBytes / row_bytes) & ~int64_t(3));
-}
-inline const char* prefetch_target(const GemvArgs& a, int64_t n, int64_t ahead) {
-  return reinterpret_cast<const char*>(a.w + (n + ahead + 4 <= a.N ? n + ahead : n) * a.row_bytes);
-}
 // row_bytes: of the weight (K for int8)
 inline LinePrefetch line_prefetch(const GemvArgs& a, int64_t ahead, int64_t row_bytes) {
   return LinePrefetch{std::max<int64_t>(0, ahead * row_bytes - kNearBytes), a.nta, a.two_level};
@@ -577,6 +578,22 @@ int64_t gemv_blocks_dispatch(const GemvArgs& a, const ST* sp, const ST* zp, int6
 }
 #endif
 
+// Portable dot products of one group (the compiler vectorises what it can); int4 on the stored nibbles.
+inline float dot_i8(const float* __restrict a, const int8_t* __restrict b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < n; ++k) acc += a[k] * static_cast<float>(b[k]);
+  return acc;
+}
+
+inline float dot_u4(const float* __restrict even, const float* __restrict odd, const uint8_t* __restrict p, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j)
+    acc += even[j] * static_cast<float>(p[j] & 15) + odd[j] * static_cast<float>(p[j] >> 4);
+  return acc;
+}
+
 #ifdef HF_FASTINFER_AVX2
 // Without AVX-512, AVX2 + FMA: the blocks of four rows of gemv_blocks in 8 lanes, the same formula (each
 // group's partial sums scaled once, the zero-point terms one short dot over groups) and the same software
@@ -593,12 +610,12 @@ int64_t gemv_blocks_avx2(const GemvArgs a, const ST* sp, const ST* zp, int64_t b
   const int64_t K = a.K, groups = a.groups, gs = a.group_size, rb = a.row_bytes, half = a.half;
   const bool has_offset = zp != nullptr || BITS == 4;
   const int64_t step = BITS == 8 ? gs : gs / 2;  // bytes of a row per group (and floats of xe / xo)
-  const int64_t ahead = std::max<int64_t>(4, (kPrefetchBytes / rb) & ~int64_t(3));
+  const int64_t ahead = prefetch_rows_ahead(rb);
   const int64_t lines = (4 * rb + 63) / 64, per_group = (lines + groups - 1) / groups;
   const __m256i low4 = _mm256_set1_epi32(15);
   int64_t n = begin;
   for (; n + 4 <= end; n += 4) {
-    const char* pf = reinterpret_cast<const char*>(a.w + (n + ahead + 4 <= a.N ? n + ahead : n) * rb);
+    const char* pf = prefetch_target(a, n, ahead);
     for (int64_t m = 0; m < a.M; ++m) {
       const float* x = a.x + m * K;
       const float* xe = BITS == 4 ? a.xe + m * half : nullptr;
@@ -642,16 +659,9 @@ int64_t gemv_blocks_avx2(const GemvArgs a, const ST* sp, const ST* zp, int64_t b
         for (int r = 0; r < 4; ++r) {
           const float s = to_f32(sp[(n + r) * groups + g]);
           acc[r] = _mm256_fmadd_ps(pa[r], _mm256_set1_ps(s), acc[r]);
-          if (whole < units) {
-            float part = 0.f;
-            for (int64_t j = whole; j < units; ++j) {
-              if constexpr (BITS == 8)
-                part += x[j] * static_cast<float>(static_cast<int8_t>(p[r][j]));
-              else
-                part += xe[j] * static_cast<float>(p[r][j] & 15) + xo[j] * static_cast<float>(p[r][j] >> 4);
-            }
-            tail[r] += part * s;
-          }
+          if (whole < units)
+            tail[r] += s * (BITS == 8 ? dot_i8(x + whole, reinterpret_cast<const int8_t*>(p[r]) + whole, units - whole)
+                                      : dot_u4(xe + whole, xo + whole, p[r] + whole, units - whole));
           p[r] += step;
         }
         x += gs;
@@ -673,22 +683,6 @@ int64_t gemv_blocks_avx2(const GemvArgs a, const ST* sp, const ST* zp, int64_t b
   return n;
 }
 #endif
-
-// Portable dot products of one group (the compiler vectorises what it can); int4 on the stored nibbles.
-inline float dot_i8(const float* __restrict a, const int8_t* __restrict b, int64_t n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t k = 0; k < n; ++k) acc += a[k] * static_cast<float>(b[k]);
-  return acc;
-}
-
-inline float dot_u4(const float* __restrict even, const float* __restrict odd, const uint8_t* __restrict p, int64_t n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t j = 0; j < n; ++j)
-    acc += even[j] * static_cast<float>(p[j] & 15) + odd[j] * static_cast<float>(p[j] >> 4);
-  return acc;
-}
 
 // Rows [begin, end) one at a time: the last rows of a thread's range, or every row without AVX-512.
 template <typename ST>
