@@ -149,7 +149,59 @@ inline __m512 load_key16(const KT* p, __mmask16 m) {
 }
 #endif
 
-#ifdef HF_FASTINFER_AVX512
+#ifdef HF_FASTINFER_AVX2
+// reduce16's 8-lane form: lane i of the result is the sum of v[i]'s 8 lanes (pairwise adds within each 128-bit
+// half, then the two halves)
+inline __m256 reduce8(const __m256* v) {
+  const __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
+}
+
+// pv_heads in 8 lanes: columns [d0, d0 + 8 NV) of NH heads (NH * NV accumulators, the V row's NV vectors and
+// the probabilities fit AVX2's 16 registers for NH <= 2, NV <= 4), the positions in order, the same skips
+template <typename KT, int NH, int NV>
+void pv_heads8(const float* p, int64_t L, const KT* v, int64_t stride_vl, const c10::Half* vs, int64_t stride_vsl,
+               int64_t D, int64_t d0, const bool* dead, float* o_out /* [NH, D] unscaled sums */) {
+  constexpr bool quantized = std::is_same<KT, int8_t>::value;
+  __m256 o[NH][NV];
+  for (int h = 0; h < NH; ++h)
+    for (int c = 0; c < NV; ++c) o[h][c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < L; ++j) {
+    float ph[NH];
+    bool any = false;
+    for (int h = 0; h < NH; ++h) {
+      ph[h] = dead[h] ? 0.f : p[h * L + j];  // already rounded to T by attend_heads' exp pass
+      if constexpr (quantized) ph[h] *= to_f32(vs[j * stride_vsl]);
+      any |= ph[h] != 0.f;
+    }
+    if (!any) continue;
+    const KT* vr = v + j * stride_vl + d0;
+    __m256 vv[NV];
+    for (int c = 0; c < NV; ++c) vv[c] = load8(vr + 8 * c);
+    for (int h = 0; h < NH; ++h) {
+      if (ph[h] == 0.f) continue;
+      const __m256 pv = _mm256_set1_ps(ph[h]);
+      for (int c = 0; c < NV; ++c) o[h][c] = _mm256_fmadd_ps(pv, vv[c], o[h][c]);
+    }
+  }
+  for (int h = 0; h < NH; ++h)
+    for (int c = 0; c < NV; ++c) _mm256_storeu_ps(o_out + h * D + d0 + 8 * c, o[h][c]);
+}
+
+template <typename KT, int NH>
+void pv_pass8(int nv, const float* p, int64_t L, const KT* v, int64_t stride_vl, const c10::Half* vs,
+              int64_t stride_vsl, int64_t D, int64_t d0, const bool* dead, float* o) {
+  switch (nv) {
+    case 1: pv_heads8<KT, NH, 1>(p, L, v, stride_vl, vs, stride_vsl, D, d0, dead, o); break;
+    case 2: pv_heads8<KT, NH, 2>(p, L, v, stride_vl, vs, stride_vsl, D, d0, dead, o); break;
+    case 3: pv_heads8<KT, NH, 3>(p, L, v, stride_vl, vs, stride_vsl, D, d0, dead, o); break;
+    default: pv_heads8<KT, NH, 4>(p, L, v, stride_vl, vs, stride_vsl, D, d0, dead, o); break;
+  }
+}
+#endif
+
+#if defined(HF_FASTINFER_AVX512) || defined(HF_FASTINFER_AVX2)
 // Software prefetch into L1 of rows [r0, r1) of a cache buffer (stride and row size in elements of KT). The
 // cache's rows are cold at every decode step (a token's weights pass through the caches after them), and the
 // hardware prefetcher alone keeps too few misses in flight: one core read a KV head's keys and values at
@@ -260,6 +312,37 @@ void attend_heads(int nh, const float* q, const KT* k, const KT* v, int64_t stri
     }
     prefetch_rows(v, stride_vl, l, L, D);  // the last values, whose keys the scalar loop below takes
   }
+#elif defined(HF_FASTINFER_AVX2)
+  if (D % 8 == 0) {  // the same in 8 lanes: 8 keys as float once, each head's 8 sums reduced together
+    const int64_t c8 = CH > 0 ? 2 * CH : D / 8;  // kbuf holds 8 keys of D floats
+    prefetch_rows(k, stride_kl, 0, std::min(kPrefetchKeys, L), D);
+    for (; l + 8 <= L; l += 8) {
+      prefetch_rows(k, stride_kl, l + 8, std::min(l + 8 + kPrefetchKeys, L), D);
+      prefetch_rows(v, stride_vl, l, l + 8, D);
+      if constexpr (quantized) {
+        if (stride_ksl == 1 && stride_vsl == 1) {
+          _mm_prefetch(reinterpret_cast<const char*>(ks + std::min(l + 8, L - 1)), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(vs + l), _MM_HINT_T0);
+        }
+      }
+      for (int j = 0; j < 8; ++j) {
+        const KT* kr = k + (l + j) * stride_kl;
+        for (int64_t c = 0; c < c8; ++c) _mm256_storeu_ps(kbuf + j * D + 8 * c, load8(kr + 8 * c));
+      }
+      for (int h = 0; h < nh; ++h) {
+        const float* qh = q + h * D;
+        __m256 acc[8];
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) {
+          __m256 a = _mm256_setzero_ps();
+          for (int64_t c = 0; c < c8; ++c) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c), _mm256_loadu_ps(kbuf + j * D + 8 * c), a);
+          acc[j] = a;
+        }
+        _mm256_storeu_ps(scores + h * L + l, reduce8(acc));
+      }
+    }
+    prefetch_rows(v, stride_vl, l, L, D);
+  }
 #endif
   for (int h = 0; h < nh; ++h)
     for (int64_t i = l; i < L; ++i) {
@@ -275,11 +358,14 @@ void attend_heads(int nh, const float* q, const KT* k, const KT* v, int64_t stri
     float* sc = scores + h * L;
     float best = -std::numeric_limits<float>::infinity();
     l = 0;
-#ifdef HF_FASTINFER_AVX512
-    // 16 positions at a time where the mask and the key scales are contiguous and there is no softcap (the
+#if defined(HF_FASTINFER_AVX512) || defined(HF_FASTINFER_AVX2)
+    // 16 (8) positions at a time where the mask and the key scales are contiguous and there is no softcap (the
     // same operations in the same order as the loop below; the maximum ignores NaN scores as std::max does)
     const bool contiguous = (mask_b == nullptr && maskf == nullptr && maskt == nullptr) || stride_ml == 1;
-    if (softcap == 0.f && contiguous && (!quantized || stride_ksl == 1)) {
+    const bool vector_pass = softcap == 0.f && contiguous && (!quantized || stride_ksl == 1);
+#endif
+#ifdef HF_FASTINFER_AVX512
+    if (vector_pass) {
       const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), sv = _mm512_set1_ps(scaling);
       __m512 bv = ninf;
       for (; l < L; l += 16) {
@@ -297,6 +383,26 @@ void attend_heads(int nh, const float* q, const KT* k, const KT* v, int64_t stri
         bv = _mm512_max_ps(x, bv);
       }
       best = _mm512_reduce_max_ps(bv);
+    }
+#elif defined(HF_FASTINFER_AVX2)
+    if (vector_pass) {  // whole 8s; the loop below takes the rest, from the same running maximum
+      const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), sv = _mm256_set1_ps(scaling);
+      __m256 bv = ninf;
+      for (; l + 8 <= L; l += 8) {
+        __m256 x = _mm256_loadu_ps(sc + l);
+        if constexpr (quantized)
+          x = _mm256_mul_ps(x, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ks + l))));
+        x = _mm256_mul_ps(x, sv);
+        if (maskf != nullptr) x = _mm256_add_ps(x, _mm256_loadu_ps(maskf + l));
+        if (maskt != nullptr) x = _mm256_add_ps(x, load8(maskt + l));
+        if (mask_b != nullptr) {  // bool: one byte per position, zero = masked
+          const __m256i mb = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mask_b + l)));
+          x = _mm256_blendv_ps(x, ninf, _mm256_castsi256_ps(_mm256_cmpeq_epi32(mb, _mm256_setzero_si256())));
+        }
+        _mm256_storeu_ps(sc + l, x);
+        bv = _mm256_max_ps(x, bv);
+      }
+      best = hmax8(bv);
     }
 #endif
     for (; l < L; ++l) {
@@ -329,9 +435,20 @@ void attend_heads(int nh, const float* q, const KT* k, const KT* v, int64_t stri
     }
     total = _mm512_reduce_add_ps(sum);
 #else
-    for (; l < L; ++l) {
-      sc[l] = std::exp(sc[l] - best);
-      total += sc[l];
+#ifdef HF_FASTINFER_AVX2
+    const __m256 shift = _mm256_set1_ps(best);
+    __m256 sum = _mm256_setzero_ps();
+    for (; l + 8 <= L; l += 8) {
+      const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + l), shift));
+      sum = _mm256_add_ps(sum, p);
+      _mm256_storeu_ps(sc + l, round8(p, static_cast<const T*>(nullptr)));  // as the AVX-512 pass stores them
+    }
+    total = hsum8(sum);
+#endif
+    for (; l < L; ++l) {  // stored rounded to T as well (the 8-lane PV reads them as is)
+      const float e = std::exp(sc[l] - best);
+      total += e;
+      sc[l] = round_to<T>(e);
     }
 #endif
     inv[h] = 1.f / total;
@@ -354,6 +471,21 @@ void attend_heads(int nh, const float* q, const KT* k, const KT* v, int64_t stri
         default: pv_heads<T, KT, 4, CH>(p, L, v, stride_vl, vs, stride_vsl, D, dead + h0, o); break;
       }
     }
+  }
+#elif defined(HF_FASTINFER_AVX2)
+  if (D % 8 == 0) {  // two heads a pass, 32 columns at a time
+    for (; h0 < nh; h0 += 2) {
+      const float* p = scores + h0 * L;
+      float* o = out + h0 * D;
+      for (int64_t d0 = 0; d0 < D; d0 += 32) {
+        const int nv = static_cast<int>(std::min<int64_t>(4, (D - d0) / 8));
+        if (nh - h0 >= 2)
+          pv_pass8<KT, 2>(nv, p, L, v, stride_vl, vs, stride_vsl, D, d0, dead + h0, o);
+        else
+          pv_pass8<KT, 1>(nv, p, L, v, stride_vl, vs, stride_vsl, D, d0, dead + h0, o);
+      }
+    }
+    h0 = nh;
   }
 #endif
   for (int h = h0; h < nh; ++h) {
@@ -776,7 +908,15 @@ void DecoderLayer::run_out_team(void* work_ptr, int tid, int n) const {
       _mm512_mask_storeu_ps(av + i, mk, round16(gated16<T>(gv, uv, gelu_), tag));
     }
 #else
-    for (int64_t i = begin; i < end; ++i) {
+    int64_t i = begin;
+#ifdef HF_FASTINFER_AVX2
+    const T* tag = nullptr;
+    for (; i + 8 <= end; i += 8) {
+      const __m256 gv = round8(_mm256_loadu_ps(g + i), tag), uv = round8(_mm256_loadu_ps(u + i), tag);
+      _mm256_storeu_ps(av + i, round8(gated8<T>(gv, uv, gelu_), tag));
+    }
+#endif
+    for (; i < end; ++i) {
       const float gv = round_to<T>(g[i]), uv = round_to<T>(u[i]);
       const float t = gelu_ ? 2.f * 0.7978845608028654f * (gv + 0.044715f * gv * gv * gv) : gv;
       av[i] = round_to<T>(round_to<T>(gv / (1.f + std::exp(-t))) * uv);

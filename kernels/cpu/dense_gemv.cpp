@@ -104,6 +104,37 @@ inline const uint16_t* bf16_activations(const float* x, int64_t M, int64_t K, in
   return buffer.data();
 }
 #endif
+#elif defined(HF_FASTINFER_AVX2)
+// block4_float in 8 lanes (CPUs with AVX2 + FMA, no AVX-512): rows [n, n + 4) against every activation row, 8
+// columns a step, the same spread-out prefetch of the block ahead; a row's columns past its last whole 8 one by
+// one. Without it each row was one compiler-vectorised dot with no prefetch, and bf16 weights streamed at about
+// 14 GB/s on a host whose fp32 sum() reads 20-25 (BENCHMARKS.md).
+template <typename WT>
+inline void block4_avx2(const WT* w, const float* x, int64_t M, int64_t K, const float* bias, float* y, int64_t N,
+                        int64_t n, const char* prefetch, int64_t prefetch_lines) {
+  const WT* const r[4] = {w + n * K, w + (n + 1) * K, w + (n + 2) * K, w + (n + 3) * K};
+  const int64_t whole = K & ~int64_t(7), chunks = whole / 8;
+  const int64_t per_chunk = chunks > 0 ? (prefetch_lines + chunks - 1) / chunks : 0;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const char* pf = prefetch;
+    int64_t issued = 0;
+    for (int64_t k = 0; k < whole; k += 8) {
+      if (m == 0)
+        for (int64_t l = 0; l < per_chunk && issued < prefetch_lines; ++l, ++issued) _mm_prefetch(pf + 64 * issued, _MM_HINT_T1);
+      const __m256 xv = _mm256_loadu_ps(xm + k);
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) acc[i] = _mm256_fmadd_ps(xv, load8(r[i] + k), acc[i]);
+    }
+    float* ym = y + m * N + n;
+    for (int i = 0; i < 4; ++i) {
+      float sum = hsum8(acc[i]);
+      for (int64_t k = whole; k < K; ++k) sum += xm[k] * static_cast<float>(r[i][k]);
+      ym[i] = sum + (bias ? bias[n + i] : 0.f);
+    }
+  }
+}
 #endif
 
 template <typename WT>
@@ -111,7 +142,7 @@ void rows_typed(const DenseWeight& dw, const float* x, int64_t M, float* y, int6
   const WT* w = static_cast<const WT*>(dw.w);
   const int64_t N = dw.N, K = dw.K;
   int64_t n = begin;
-#ifdef HF_FASTINFER_AVX512
+#if defined(HF_FASTINFER_AVX512) || defined(HF_FASTINFER_AVX2)
   const int64_t row_bytes = K * static_cast<int64_t>(sizeof(WT));
   const int64_t ahead = std::max<int64_t>(4, (kPrefetchBytes / row_bytes) & ~int64_t(3));
   const int64_t lines = (4 * row_bytes + 63) / 64;
@@ -130,7 +161,11 @@ void rows_typed(const DenseWeight& dw, const float* x, int64_t M, float* y, int6
       continue;
     }
 #endif
+#ifdef HF_FASTINFER_AVX512
     block4_float<WT>(w, x, M, K, dw.bias, y, N, n, pf, in_range ? lines : 0);
+#else
+    block4_avx2<WT>(w, x, M, K, dw.bias, y, N, n, pf, in_range ? lines : 0);
+#endif
   }
 #endif
   for (; n < end; ++n) {

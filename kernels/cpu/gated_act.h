@@ -29,4 +29,20 @@ inline __m512 gated16(__m512 g, __m512 u, bool gelu) {
 }
 #endif
 
+#ifdef HF_FASTINFER_AVX2
+// gated16 in 8 lanes: the same formula, g / d by a division (AVX2's reciprocal estimate has 12 bits, and a
+// Newton step from it leaves ~2^-22; the division costs little at a layer's few thousand values)
+template <typename T>
+inline __m256 gated8(__m256 g, __m256 u, bool gelu) {
+  __m256 t = g;
+  if (gelu) {
+    const __m256 g3 = _mm256_mul_ps(_mm256_mul_ps(g, g), g);
+    t = _mm256_mul_ps(_mm256_set1_ps(2.f * 0.7978845608028654f), _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), g3, g));
+  }
+  const __m256 d = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), t)));
+  const __m256 a = _mm256_div_ps(g, d);
+  return _mm256_mul_ps(round8(a, static_cast<const T*>(nullptr)), u);
+}
+#endif
+
 }  // namespace hf_fastinfer

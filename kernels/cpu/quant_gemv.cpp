@@ -599,11 +599,6 @@ inline float dot_u4(const float* __restrict even, const float* __restrict odd, c
 // group's partial sums scaled once, the zero-point terms one short dot over groups) and the same software
 // prefetch of the block ahead. A group's columns past its last whole 8 (a group size that is not a multiple
 // of 8 columns, or a short last group) are added one by one.
-inline float hsum8(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
 
 template <int BITS, typename ST>
 int64_t gemv_blocks_avx2(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin, int64_t end) {

@@ -1,7 +1,7 @@
 // Shared by hf_fastinfer's compiled CPU kernels (one op per .cpp file beside this header, one extension
 // built from all of them by kernels/_cpu_ext.py): scalar conversions, AVX-512 loads and stores of float32 /
-// bfloat16 / float16 as float32, rounding to a model dtype, a vectorised exp, and the team of threads a
-// kernel runs on.
+// bfloat16 / float16 as float32, rounding to a model dtype, a vectorised exp (the same in 8 lanes for CPUs with
+// AVX2 and FMA but no AVX-512), and the team of threads a kernel runs on.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #if defined(__AVX512F__) || defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -135,5 +136,72 @@ inline __m512 exp16(__m512 x) {
 }
 
 #endif  // HF_FASTINFER_AVX512
+
+#ifdef HF_FASTINFER_AVX2
+
+// The 8-lane forms of the AVX-512 helpers above, for the kernels' AVX2 + FMA roads. AVX2 has no masked loads
+// of 8- or 16-bit elements, so these take whole 8s: the callers take a row's last values one by one.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+// int8 values (the int8 KV cache) as float, before their scale
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+// 8 values rounded to T and back (round16's form; bf16 to nearest even by the same integer trick)
+inline __m256 round8(__m256 v, const float*) { return v; }
+inline __m256 round8(__m256 v, const c10::Half*) {
+  return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline __m256 round8(__m256 v, const c10::BFloat16*) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  return _mm256_castsi256_ps(_mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))),
+                                              _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// the sum and the maximum of 8 lanes (the maximum of lanes none of which is NaN)
+inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+inline float hmax8(__m256 v) {
+  const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 h = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+
+// e^x for 8 lanes: exp16's reduction and polynomial, with 2^n built in the exponent bits (AVX2 has no
+// vscalefps), so x is clamped to the range where 2^n is a normal float: below it the result is 0 (e^x is a
+// denormal or 0 there, which a softmax's probability or a logistic's term never distinguishes), above it inf.
+inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.33654475f), hi = _mm256_set1_ps(88.02969193f);  // ln 2^-126, ln 2^127
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ), over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
+  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  const __m256 shifter = _mm256_set1_ps(12582912.f);
+  const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shifter), shifter);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  // n in [-126, 127]: its biased exponent shifted into place is 2^n
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  p = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  p = _mm256_andnot_ps(under, p);
+  return _mm256_blendv_ps(p, _mm256_set1_ps(std::numeric_limits<float>::infinity()), over);
+}
+
+#endif  // HF_FASTINFER_AVX2
 
 }  // namespace hf_fastinfer
