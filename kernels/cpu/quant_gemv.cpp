@@ -130,15 +130,21 @@ inline const char* prefetch_target(const GemvArgs& a, int64_t n, int64_t ahead) 
   return reinterpret_cast<const char*>(a.w + (n + ahead + 4 <= a.N ? n + ahead : n) * a.row_bytes);
 }
 
-#ifdef HF_FASTINFER_AVX512
+#if defined(HF_FASTINFER_AVX512) || defined(HF_FASTINFER_AVX2)
 
 inline void to_f32_span(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
 inline void to_f32_span(const c10::Half* src, float* dst, int64_t n) {
   const uint16_t* h = reinterpret_cast<const uint16_t*>(src);
+#ifdef HF_FASTINFER_AVX512
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = tail_mask(n - i);
     _mm512_mask_storeu_ps(dst + i, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, h + i)));
   }
+#else
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
+  for (; i < n; ++i) dst[i] = to_f32(src[i]);
+#endif
 }
 
 // The four rows' scales from row n on as float (sf, [4, groups]: contiguous in the [N, groups] scales), and
@@ -159,7 +165,9 @@ inline float* block_buffer(int which, int64_t n) {
   if (static_cast<int64_t>(buffers[which].size()) < n) buffers[which].resize(n);
   return buffers[which].data();
 }
+#endif
 
+#ifdef HF_FASTINFER_AVX512
 // row_bytes: of the weight (K for int8)
 inline LinePrefetch line_prefetch(const GemvArgs& a, int64_t ahead, int64_t row_bytes) {
   return LinePrefetch{std::max<int64_t>(0, ahead * row_bytes - kNearBytes), a.nta, a.two_level};
@@ -596,9 +604,20 @@ inline float dot_u4(const float* __restrict even, const float* __restrict odd, c
 
 #ifdef HF_FASTINFER_AVX2
 // Without AVX-512, AVX2 + FMA: the blocks of four rows of gemv_blocks in 8 lanes, the same formula (each
-// group's partial sums scaled once, the zero-point terms one short dot over groups) and the same software
+// group's partial sums scaled once, the block's scales converted once, the zero-point terms one short dot over
+// groups) and the same software
 // prefetch of the block ahead. A group's columns past its last whole 8 (a group size that is not a multiple
 // of 8 columns, or a short last group) are added one by one.
+
+// a · b over n floats, 8 lanes at a time, the last values one by one (dot16's form)
+inline float dot8(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float sum = hsum8(acc);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
 
 template <int BITS, typename ST>
 int64_t gemv_blocks_avx2(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin, int64_t end) {
@@ -608,8 +627,11 @@ int64_t gemv_blocks_avx2(const GemvArgs a, const ST* sp, const ST* zp, int64_t b
   const int64_t ahead = prefetch_rows_ahead(rb);
   const int64_t lines = (4 * rb + 63) / 64, per_group = (lines + groups - 1) / groups;
   const __m256i low4 = _mm256_set1_epi32(15);
+  float* const sf = block_buffer(0, 4 * groups);  // this block's scales
+  float* const zs = block_buffer(1, 4 * groups);  // (z + offset) * s (read only with a zero point or int4's offset)
   int64_t n = begin;
   for (; n + 4 <= end; n += 4) {
+    block_scales(sp, zp, n, groups, a.offset, sf, zs);
     const char* pf = prefetch_target(a, n, ahead);
     for (int64_t m = 0; m < a.M; ++m) {
       const float* x = a.x + m * K;
@@ -652,7 +674,7 @@ int64_t gemv_blocks_avx2(const GemvArgs a, const ST* sp, const ST* zp, int64_t b
         }
         #pragma GCC unroll 4
         for (int r = 0; r < 4; ++r) {
-          const float s = to_f32(sp[(n + r) * groups + g]);
+          const float s = sf[r * groups + g];
           acc[r] = _mm256_fmadd_ps(pa[r], _mm256_set1_ps(s), acc[r]);
           if (whole < units)
             tail[r] += s * (BITS == 8 ? dot_i8(x + whole, reinterpret_cast<const int8_t*>(p[r]) + whole, units - whole)
@@ -666,11 +688,7 @@ int64_t gemv_blocks_avx2(const GemvArgs a, const ST* sp, const ST* zp, int64_t b
         }
       }
       for (int r = 0; r < 4; ++r) {
-        float zero_term = 0.f;
-        if (has_offset)
-          for (int64_t g = 0; g < groups; ++g)
-            zero_term += ((zp ? to_f32(zp[(n + r) * groups + g]) : 0.f) + a.offset) * to_f32(sp[(n + r) * groups + g]) *
-                         a.xsum[m * groups + g];
+        const float zero_term = has_offset ? dot8(zs + r * groups, a.xsum + m * groups, groups) : 0.f;
         a.y[m * a.N + n + r] = hsum8(acc[r]) + tail[r] - zero_term + (a.bias ? a.bias[n + r] : 0.f);
       }
     }
