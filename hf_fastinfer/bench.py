@@ -421,14 +421,21 @@ def machine_description(device: str) -> str:
         name = torch.cuda.get_device_name()
     else:
         name = platform.processor() or platform.machine()
+        fields: dict[str, str] = {}
         try:
             for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
         except OSError:
             pass
-        name = f"CPU ({name}), {torch.get_num_threads()} threads"
+        name = fields.get("model name", name)
+        if "cpu family" in fields:  # "AMD EPYC" alone names several generations
+            name += f", family {fields['cpu family']} model {fields.get('model', '?')}"
+        from .kernels._cpu_ext import cpu_extension
+
+        ext = cpu_extension()
+        road = f", {ext.simd_road()} kernels" if ext is not None else ", portable PyTorch kernels"
+        name = f"CPU ({name}), {torch.get_num_threads()} threads{road}"
     return f"{name}; torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}"
 
 

@@ -4,11 +4,17 @@
 ``torch.utils.cpp_extension.load`` compiles the sources once (a minute or two) with ``-O3 -march=native`` into
 torch's extension cache and loads it from there afterwards; a changed source is rebuilt. Without a C++ compiler or ninja the ops fall
 back to their portable PyTorch paths, with one warning. ``HF_FASTINFER_NO_CPU_EXT=1`` skips the build.
+
+``HF_FASTINFER_CPU_ARCH`` names another ``-march`` target (``x86-64-v3``: AVX2 + FMA, no AVX-512; ``x86-64``: the
+portable scalar loops), built as a separate extension beside the native one: for a machine image shared by
+several CPU kinds, and for the tests, which check each SIMD road a host can run (:func:`simd_road` says which
+one a build took).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -39,15 +45,33 @@ def _clear_stale_lock(lock: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
+def target_arch() -> str:
+    """The ``-march`` the kernels are built for: ``$HF_FASTINFER_CPU_ARCH``, or ``native`` (this machine's CPU)."""
+    arch = os.environ.get("HF_FASTINFER_CPU_ARCH", "").strip() or "native"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", arch):
+        raise ValueError(f"HF_FASTINFER_CPU_ARCH={arch!r} is not a -march name (for example x86-64-v3)")
+    return arch
+
+
+def _extension_name(suffix: str = "") -> str:
+    """The extension's name in torch's cache: one per target, so that builds for two targets never replace each
+    other."""
+    arch = target_arch()
+    return _NAME + ("" if arch == "native" else "_" + re.sub(r"[^A-Za-z0-9]", "_", arch)) + suffix
+
+
 def _build(name: str, defines: tuple[str, ...] = ()):
     """Compile (or load from torch's extension cache) the sources as extension ``name``."""
     from torch.utils.cpp_extension import _get_build_directory, load
+
+    arch = target_arch()
 
     build_dir = Path(_get_build_directory(name, False))
     built = build_dir / f"{name}.so"
     _clear_stale_lock(build_dir / "lock")
     if not built.exists():
-        print("hf_fastinfer: compiling the CPU kernels for this machine (once, a minute or two)...",
+        target = "this machine" if arch == "native" else f"-march={arch}"
+        print(f"hf_fastinfer: compiling the CPU kernels for {target} (once, a minute or two)...",
               file=sys.stderr, flush=True)
     return load(
         name=name,
@@ -56,7 +80,7 @@ def _build(name: str, defines: tuple[str, ...] = ()):
         # kernels' parallel regions are OpenMP); without the flag they silently run on one thread.
         # -ffp-contract=off: scalar code rounds each product as torch's elementwise ops do (the GEMV
         # loops use explicit FMA instructions).
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", *(f"-D{d}" for d in defines)],
+        extra_cflags=["-O3", f"-march={arch}", "-fopenmp", "-ffp-contract=off", *(f"-D{d}" for d in defines)],
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )
@@ -72,7 +96,7 @@ def cpu_extension():
         module = None
         if os.environ.get("HF_FASTINFER_NO_CPU_EXT") != "1":
             try:
-                module = _build(_NAME)
+                module = _build(_extension_name())
             except Exception as exc:  # no compiler, no ninja, unsupported flags ...
                 warnings.warn(
                     f"hf_fastinfer: could not build the CPU kernels ({type(exc).__name__}: "
@@ -93,5 +117,5 @@ def use_phase_profiling_build():
         if _state.get("module") is not None and not hasattr(_state["module"], "phase_cycles"):
             raise RuntimeError("the compiled kernels are already loaded in this process; profile in a new one")
         if _state.get("module") is None:
-            _state["module"] = _build(_NAME + "_phases", ("HF_FASTINFER_PHASES",))
+            _state["module"] = _build(_extension_name("_phases"), ("HF_FASTINFER_PHASES",))
         return _state["module"]

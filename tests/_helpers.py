@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import subprocess
+
 import pytest
 import torch
 from transformers import BertConfig, BertModel
@@ -23,6 +26,27 @@ def cpuinfo(field: str) -> str:
             return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == field), "")
     except OSError:
         return ""
+
+
+#: the compiler's predefined macros for the CPU features the kernels branch on -> their names in /proc/cpuinfo
+_FEATURE_MACROS = {"__AVX512F__": "avx512f", "__AVX512BW__": "avx512bw", "__AVX512VL__": "avx512vl",
+                   "__AVX512VNNI__": "avx512_vnni", "__AVX512BF16__": "avx512_bf16", "__AVX2__": "avx2",
+                   "__FMA__": "fma", "__F16C__": "f16c"}
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_cpu_flags() -> frozenset[str]:
+    """The CPU features the compiled kernels are built for, in /proc/cpuinfo's names: this CPU's for the native
+    build, those of ``$HF_FASTINFER_CPU_ARCH``'s -march target otherwise (the compiler's predefined macros)."""
+    from hf_fastinfer.kernels._cpu_ext import target_arch
+
+    arch = target_arch()
+    if arch == "native":
+        return frozenset(cpuinfo("flags").split())
+    macros = subprocess.run(["c++", f"-march={arch}", "-dM", "-E", "-x", "c++", "/dev/null"], capture_output=True,
+                            text=True, check=True).stdout
+    defined = {line.split()[1] for line in macros.splitlines() if line.startswith("#define ")}
+    return frozenset(flag for macro, flag in _FEATURE_MACROS.items() if macro in defined)
 
 
 def saved_tiny_bert(folder):

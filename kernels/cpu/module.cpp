@@ -33,6 +33,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("phase_names", []() { return std::vector<std::string>(phases::kNames, phases::kNames + phases::kCount); });
   m.def("read_tsc", []() { return static_cast<uint64_t>(__rdtsc()); });
 #endif
+  m.def("simd_road", []() {
+#if defined(HF_FASTINFER_AVX512)
+    return std::string("avx512");
+#elif defined(HF_FASTINFER_AVX2)
+    return std::string("avx2");
+#else
+    return std::string("portable");
+#endif
+  }, "the hand-vectorised loops this build takes: avx512, avx2 (with FMA) or portable (compiler-vectorised scalar code)");
   m.def("team_size", &team_size, "threads the compiled kernels' parallel regions use (torch.get_num_threads())");
   m.def("quant_gemv", &quant_gemv, "weight-only quantized GEMV for a few activation rows");
   m.def("quant_prefetch_nta", &quant_prefetch_nta,
