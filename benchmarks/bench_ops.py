@@ -28,6 +28,7 @@ from hf_fastinfer.kernels.gated_act import gated_act  # noqa: E402
 from hf_fastinfer.kernels.quant_format import dequantize_weight, quantize_weight  # noqa: E402
 from hf_fastinfer.kernels.quant_matmul import quant_matmul  # noqa: E402
 from hf_fastinfer.kernels.kv_quant import kv_append, quantize_kv  # noqa: E402
+from hf_fastinfer.kernels.prefill_attention import prefill_attention, prefill_attention_available  # noqa: E402
 from hf_fastinfer.kernels.rms_norm import rms_norm  # noqa: E402
 from hf_fastinfer.kernels.rotary import rotary, rotary_tables  # noqa: E402
 from hf_fastinfer.quant.search import quantize_linear_weight  # noqa: E402
@@ -170,6 +171,20 @@ def cpu_rows(repeats: int, dtype: torch.dtype, bandwidth: float) -> list[str]:
         rows.append(f"| decode attention CPU path | 1 query, KV {length} | {t_fast[0] * 1e6:.0f} "
                     f"({t_fast[1] * 1e6:.0f}-{t_fast[2] * 1e6:.0f}) | {gbs:.1f} | {gbs / bandwidth:.0%} | "
                     f"{t_sdpa[0] / t_fast[0]:.2f}x vs transformers' SDPA |")
+    # prompt attention: a causal prompt, 9/3 heads of 64, against transformers' SDPA integration (flash
+    # attention for CPU); GFLOP/s counts the causal half of QK^T and PV (4 L^2 D / 2 a query head)
+    if prefill_attention_available():
+        for length in (256, 1024):
+            q = torch.randn(1, 9, length, 64, generator=g).to(dtype)
+            kc = torch.randn(1, 3, length, 64, generator=g).to(dtype)
+            vc = torch.randn(1, 3, length, 64, generator=g).to(dtype)
+            inner = 20 if length <= 256 else 3
+            t_fast = _time(lambda: prefill_attention(q, kc, vc, None, 0.125, True), repeats, inner)
+            t_sdpa = _time(lambda: sdpa_attention_forward(module, q, kc, vc, None, scaling=0.125), repeats, inner)
+            gflops = 9 * 2 * length * length * 64 / t_fast[0] / 1e9
+            rows.append(f"| prompt attention CPU path (causal) | {length} tokens, 9 / 3 heads | {t_fast[0] * 1e6:.0f} "
+                        f"({t_fast[1] * 1e6:.0f}-{t_fast[2] * 1e6:.0f}) | - | - | "
+                        f"{t_sdpa[0] / t_fast[0]:.2f}x vs transformers' SDPA ({gflops:.0f} GFLOP/s) |")
     return rows
 
 

@@ -9,6 +9,9 @@ token, which is the prompt's forward plus one sampling step), many rounds, each 
   hf_fastinfer int8 / int4   : FastInferConfig(bits=8 / 4), bf16 activations, compared with transformers bf16
 
     python benchmarks/bench_prefill.py --rounds 10 --write
+
+``--sdpa-rows`` adds, in the same rounds, the hf_fastinfer fp32 and bf16 models with the prefill-attention kernel
+turned off (SDPA instead): the kernel's A/B.
 """
 
 from __future__ import annotations
@@ -27,22 +30,36 @@ from bench_generation import PATHS  # noqa: E402  (the same six paths, one table
 
 import hf_fastinfer  # noqa: E402
 from hf_fastinfer import evaluation, models  # noqa: E402
+from hf_fastinfer.kernels import prefill_attention  # noqa: E402
+
+#: --sdpa-rows: label -> the loaded path it reruns with the prefill-attention kernel off
+SDPA_ROWS = {"hf_fastinfer fp32, SDPA attention": "hf_fastinfer fp32",
+             "hf_fastinfer bf16, SDPA attention": "hf_fastinfer bf16"}
 
 
 
-def prefill_seconds(model, inputs, cache: str | None) -> float:
+def prefill_seconds(model, inputs, cache: str | None, kernel_attention: bool = True) -> float:
     kwargs = {"cache_implementation": cache} if cache else {}
-    start = time.perf_counter()
-    model.generate(**inputs, max_new_tokens=1, do_sample=False, **kwargs)
-    return time.perf_counter() - start
+    prefill_attention.enabled = kernel_attention
+    try:
+        start = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=1, do_sample=False, **kwargs)
+        return time.perf_counter() - start
+    finally:
+        prefill_attention.enabled = True
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--prompt", type=int, default=256, help="prompt tokens (from the built-in text)")
+    parser.add_argument("--sdpa-rows", action="store_true",
+                        help="also time the hf_fastinfer float paths with SDPA for prefill attention (the kernel's A/B)")
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = parser.parse_args()
+    rows = dict(PATHS)
+    if args.sdpa_rows:
+        rows.update({label: PATHS[source] for label, source in SDPA_ROWS.items()})
 
     folder = models.default_model_path(progress=False)
     _, tokenizer = models.load_default(progress=False)
@@ -53,14 +70,19 @@ def main() -> None:
         kwargs = {"quantization_config": hf_fastinfer.FastInferConfig(**config)} if config else {}
         loaded[label] = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attention,
                                                              **kwargs).eval()
-    for label, model in loaded.items():  # warm-up
-        prefill_seconds(model, inputs, PATHS[label][3])
-    times = {label: [] for label in PATHS}
+    def timed(label: str) -> float:
+        source = SDPA_ROWS.get(label, label)
+        return prefill_seconds(loaded[source], inputs, PATHS[source][3], kernel_attention=label not in SDPA_ROWS)
+
+    for label in rows:  # warm-up
+        timed(label)
+    times = {label: [] for label in rows}
     for _ in range(args.rounds):
-        for label, model in loaded.items():
-            times[label].append(prefill_seconds(model, inputs, PATHS[label][3]))
+        for label in rows:
+            times[label].append(timed(label))
     lines = [
-        f"Command: `python benchmarks/bench_prefill.py --rounds {args.rounds} --prompt {args.prompt} --write`",
+        f"Command: `python benchmarks/bench_prefill.py --rounds {args.rounds} --prompt {args.prompt}"
+        f"{' --sdpa-rows' if args.sdpa_rows else ''} --write`",
         "",
         f"Machine: {machine()}.",
         "",
@@ -71,9 +93,9 @@ def main() -> None:
         "| path | prefill ms | prefill tok/s | vs transformers |",
         "| --- | ---: | ---: | ---: |",
     ]
-    for label in PATHS:
+    for label in rows:
         median, low, high = summarize(times[label])
-        base_label = PATHS[label][4]
+        base_label = rows[label][4]
         base = summarize(times[base_label])[0]
         versus = "" if label == base_label else f" ({base_label.split()[1]})"
         lines.append(f"| {label} | {median * 1e3:.0f} ({low * 1e3:.0f}-{high * 1e3:.0f}) | "

@@ -9,7 +9,10 @@ Dispatch, fastest correct path first:
   (:mod:`hf_fastinfer.kernels.decode_attention`; flash-decoding in Triton on GPU, fused torch code on CPU),
   reading the KV cache as stored (int8 included) without expanding grouped KV heads; causal, padding and
   sliding windows come in through the boolean mask, logit softcapping is applied in the kernel;
-* prefill: ``torch.nn.functional.scaled_dot_product_attention`` through transformers' own SDPA integration;
+* prefill on CPU: the prefill-attention kernel (:mod:`hf_fastinfer.kernels.prefill_attention`, AVX-512 CPUs:
+  causal, full or boolean-masked, grouped KV heads unexpanded);
+* prefill elsewhere, and what that kernel does not take: ``torch.nn.functional.scaled_dot_product_attention``
+  through transformers' own SDPA integration;
 * logit softcapping (Gemma 2) and attention sinks (gpt-oss) at prefill, which SDPA cannot express: an exact
   reference path below, with an fp32 softmax.
 
@@ -25,6 +28,7 @@ from transformers.utils import logging
 
 from .kernels.kv_quant import dequantize_kv
 from .kernels.decode_attention import decode_attention
+from .kernels.prefill_attention import prefill_attention
 
 logger = logging.get_logger(__name__)
 
@@ -117,7 +121,9 @@ def fastinfer_attention_forward(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     q_len, kv_len = query.shape[2], key.shape[2]
-    is_causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
     quantized = key.dtype == torch.int8
     mask_ok = attention_mask is None or attention_mask.dtype == torch.bool
     if not mask_ok:
@@ -137,6 +143,12 @@ def fastinfer_attention_forward(
         key = dequantize_kv(key, key._hf_fastinfer_scale, query.dtype)
         value = dequantize_kv(value, value._hf_fastinfer_scale, query.dtype)
     if softcap is None and sinks is None:
+        if query.device.type == "cpu" and kwargs.get("position_bias") is None:
+            # SDPA's own rule for is_causal (transformers' integration): a prompt without a mask
+            causal = q_len > 1 and attention_mask is None and bool(is_causal)
+            out = prefill_attention(query, key, value, attention_mask, scaling, causal)
+            if out is not None:
+                return out, None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if not mask_ok:
         raise NotImplementedError("logit softcapping or attention sinks together with an additive float mask")

@@ -26,6 +26,12 @@ at::Tensor prefill_linear(const at::Tensor& x, const at::Tensor& weight, const c
                         const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& bias, int64_t bits,
                         int64_t group_size, int64_t in_features, bool native_bf16, bool onednn);
 
+// prefill_attention.cpp (AVX-512 builds only): attention for many query tokens, q [B, Hq, Lq, D], k / v
+// [B, Hkv, Lk, D] (unit stride along D), an optional bool mask [B or 1, 1, Lq, >= Lk] (True = attend), else causal
+// (query i sees keys 0..i, as SDPA's is_causal) or full; returns [B, Lq, Hq, D]
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const c10::optional<at::Tensor>& mask, double scaling, bool causal);
+
 // rms_norm.cpp: RMSNorm with an optional fused residual add (hf_fastinfer.kernels.rms_norm)
 std::vector<at::Tensor> rms_norm(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> residual, double eps,
                                  bool gemma);
