@@ -9,7 +9,7 @@ Dispatch, fastest correct path first:
   (:mod:`hf_fastinfer.kernels.decode_attention`; flash-decoding in Triton on GPU, fused torch code on CPU),
   reading the KV cache as stored (int8 included) without expanding grouped KV heads; causal, padding and
   sliding windows come in through the boolean mask, logit softcapping is applied in the kernel;
-* prefill on CPU: the prefill-attention kernel (:mod:`hf_fastinfer.kernels.prefill_attention`, AVX-512 CPUs:
+* prefill on CPU: the prefill-attention kernel (:mod:`hf_fastinfer.kernels.prefill_attention`, AVX-512 or AVX2 CPUs:
   causal, full or boolean-masked, grouped KV heads unexpanded);
 * prefill elsewhere, and what that kernel does not take: ``torch.nn.functional.scaled_dot_product_attention``
   through transformers' own SDPA integration;

@@ -7,7 +7,7 @@ grouped KV heads are read as stored, never expanded. The result is the exact sof
 arithmetic (bf16 / fp16 inputs: the probabilities rounded to the input dtype before their product with the
 values, as torch's kernel does), tested against :func:`hf_fastinfer.attention.attention_ref` and SDPA.
 
-The kernel is built on AVX-512 CPUs only; elsewhere, and for anything it does not take (a float mask, a head
+The kernel is built for AVX-512 and for AVX2 + FMA CPUs; elsewhere (ARM, older x86), and for anything it does not take (a float mask, a head
 dim not a multiple of 16, gradients), :func:`prefill_attention` returns None and the caller runs SDPA.
 """
 
@@ -28,7 +28,7 @@ enabled = True
 
 
 def prefill_attention_available() -> bool:
-    """Whether the compiled kernel is built here (an AVX-512 CPU with the compiled kernels)."""
+    """Whether the compiled kernel is built here (an AVX-512 or AVX2 + FMA CPU with the compiled kernels)."""
     ext = cpu_extension()
     return ext is not None and hasattr(ext, "prefill_attention")
 

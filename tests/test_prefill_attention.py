@@ -1,4 +1,4 @@
-"""The prefill-attention kernel (CPU, AVX-512 builds) against the exact reference and torch's SDPA."""
+"""The prefill-attention kernel (CPU, AVX-512 and AVX2 builds) against the exact reference and torch's SDPA."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hf_fastinfer.attention import attention_ref, fastinfer_attention_forward
 from hf_fastinfer.kernels import prefill_attention as pa
 
 needs_kernel = pytest.mark.skipif(not pa.prefill_attention_available(),
-                                  reason="needs the compiled kernels' AVX-512 build (the kernel exists only there)")
+                                  reason="needs the compiled kernels' AVX-512 or AVX2 build (the kernel exists only there)")
 
 #: the largest |error| against the fp32 reference a dtype's output rounding allows (one ulp of values about 1-2)
 TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}

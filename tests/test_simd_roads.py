@@ -31,6 +31,7 @@ ROAD_TESTS = [
     "tests/test_rms_norm.py",
     "tests/test_rotary.py",
     "tests/test_kv_quant.py",
+    "tests/test_prefill_attention.py",
     "tests/test_injection.py",
 ]
 

@@ -70,7 +70,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "BLAS; or, bf16 x with native_bf16, the weight in bf16 and one bf16 GEMM",
         py::arg("x"), py::arg("weight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("bits"),
         py::arg("group_size"), py::arg("in_features"), py::arg("native_bf16") = false, py::arg("onednn") = false);
-#ifdef HF_FASTINFER_AVX512
+#if defined(HF_FASTINFER_AVX512) || defined(HF_FASTINFER_AVX2)
   m.def("prefill_attention", &prefill_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"),
         py::arg("scaling"), py::arg("causal"), py::call_guard<py::gil_scoped_release>(),
         "attention for many query tokens (prompts): causal, full or bool-masked, grouped KV heads unexpanded");

@@ -26,7 +26,7 @@ at::Tensor prefill_linear(const at::Tensor& x, const at::Tensor& weight, const c
                         const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& bias, int64_t bits,
                         int64_t group_size, int64_t in_features, bool native_bf16, bool onednn);
 
-// prefill_attention.cpp (AVX-512 builds only): attention for many query tokens, q [B, Hq, Lq, D], k / v
+// prefill_attention.cpp (AVX-512 and AVX2 builds): attention for many query tokens, q [B, Hq, Lq, D], k / v
 // [B, Hkv, Lk, D] (unit stride along D), an optional bool mask [B or 1, 1, Lq, >= Lk] (True = attend), else causal
 // (query i sees keys 0..i, as SDPA's is_causal) or full; returns [B, Lq, Hq, D]
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -1,4 +1,5 @@
-// hf_fastinfer.kernels.prefill_attention, CPU path: attention for prompts (many query tokens), AVX-512 only.
+// hf_fastinfer.kernels.prefill_attention, CPU path: attention for prompts (many query tokens); AVX-512 and
+// AVX2 + FMA builds (the plain C++ build leaves prompts to SDPA).
 //
 // out[b, i, h, :] = sum_j p[i, j] v[j, :] / sum_j p[i, j],  p[i, j] = exp(s[i, j] - max_j s[i, j]) over the
 // keys query i sees, s = (q k^T) * scale in fp32. A task is one query head and a block of 16 query positions;
@@ -6,8 +7,8 @@
 // rescale, and the keys past the block's last visible one are never touched (a causal prompt does about half
 // the products of a full square). For each batch row, the keys are first laid out transposed in fp32 blocks of
 // 32 ([key block, D, 32]) and the values widened to fp32 ([key, D]): the score loop then broadcasts one query
-// element against 32 keys per pair of FMAs (8 query rows x 32 keys in 16 registers), the value loop one
-// probability against 64 value columns. Reduced-precision inputs: p is rounded to the input dtype before its
+// element against 32 keys per pair of FMAs (AVX-512: 8 query rows x 32 keys in 16 registers; AVX2: 4 rows x 16
+// keys in 8), the value loop one probability against 64 (AVX2: 16) value columns. Reduced-precision inputs: p is rounded to the input dtype before its
 // product with v and the sum stays fp32, as torch's flash attention for CPU does.
 #include "ops.h"
 #include "simd.h"
@@ -20,16 +21,18 @@
 
 namespace hf_fastinfer {
 
-#ifdef HF_FASTINFER_AVX512
+#if defined(HF_FASTINFER_AVX512) || defined(HF_FASTINFER_AVX2)
 
 namespace {
 
 constexpr int64_t kQueryBlock = 16;  // query positions per task
-constexpr int64_t kKeyBlock = 32;    // keys per transposed block (two vectors)
+constexpr int64_t kKeyBlock = 32;    // keys per transposed block
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+#ifdef HF_FASTINFER_AVX512
 // S[r, j] = scale * q_r . k_j for the 8 query rows of qf (rows of D floats) and the 32 keys of one transposed
-// block kt ([D, 32]); rows of s are `ld` floats apart.
-inline void scores_8x32(const float* qf, int64_t D, const float* kt, float scale, float* s, int64_t ld) {
+// block kt ([D, 32]); rows of s are `ld` floats apart. 16 accumulators, 2 loads per 16 FMAs.
+inline void scores_rows(const float* qf, int64_t D, const float* kt, float scale, float* s, int64_t ld) {
   __m512 acc[8][2];
   for (int r = 0; r < 8; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; ++d) {
@@ -46,10 +49,11 @@ inline void scores_8x32(const float* qf, int64_t D, const float* kt, float scale
     _mm512_storeu_ps(s + r * ld + 16, _mm512_mul_ps(acc[r][1], sc));
   }
 }
+constexpr int kScoreRows = 8;
 
 // o[r, c0 : c0 + 16 NV] = sum_{j < n} p[r, j] vf[j, c0 : ...] for 4 rows of p (rows `ld` apart); vf rows are D floats.
 template <int NV>
-inline void values_4rows(const float* p, int64_t ld, int64_t n, const float* vf, int64_t D, int64_t c0, float* o) {
+inline void values_chunk(const float* p, int64_t ld, int64_t n, const float* vf, int64_t D, int64_t c0, float* o) {
   __m512 acc[4][NV];
   for (int r = 0; r < 4; ++r)
     for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -65,15 +69,144 @@ inline void values_4rows(const float* p, int64_t ld, int64_t n, const float* vf,
     for (int c = 0; c < NV; ++c) _mm512_storeu_ps(o + r * D + c0 + 16 * c, acc[r][c]);
 }
 
-inline void values_4rows_any(int nv, const float* p, int64_t ld, int64_t n, const float* vf, int64_t D, int64_t c0,
-                             float* o) {
-  switch (nv) {
-    case 4: values_4rows<4>(p, ld, n, vf, D, c0, o); break;
-    case 3: values_4rows<3>(p, ld, n, vf, D, c0, o); break;
-    case 2: values_4rows<2>(p, ld, n, vf, D, c0, o); break;
-    default: values_4rows<1>(p, ld, n, vf, D, c0, o); break;
+// o[4 rows, D] = p . vf, in column chunks of up to 64
+inline void values_rows(const float* p, int64_t ld, int64_t n, const float* vf, int64_t D, float* o) {
+  for (int64_t c0 = 0; c0 < D; c0 += 64) {
+    switch (std::min<int64_t>(4, (D - c0) / 16)) {
+      case 4: values_chunk<4>(p, ld, n, vf, D, c0, o); break;
+      case 3: values_chunk<3>(p, ld, n, vf, D, c0, o); break;
+      case 2: values_chunk<2>(p, ld, n, vf, D, c0, o); break;
+      default: values_chunk<1>(p, ld, n, vf, D, c0, o); break;
+    }
   }
 }
+
+// x[j] <- -inf where the mask byte m[j] is 0 (a key the row does not see), n a multiple of 16
+inline void apply_mask(float* x, const bool* m, int64_t n) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m + j));
+    const __mmask16 seen = _mm_test_epi8_mask(bytes, bytes);
+    _mm512_storeu_ps(x + j, _mm512_mask_blend_ps(seen, _mm512_set1_ps(kNegInf), _mm512_loadu_ps(x + j)));
+  }
+}
+
+// the largest of n floats (n a multiple of 16; -inf where every one is); *nan: whether any is NaN
+inline float row_max(const float* x, int64_t n, bool* nan) {
+  __m512 mx = _mm512_set1_ps(kNegInf);
+  __mmask16 unordered = 0;
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m512 v = _mm512_loadu_ps(x + j);
+    unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    mx = _mm512_max_ps(mx, v);
+  }
+  *nan = unordered != 0;
+  return _mm512_reduce_max_ps(mx);
+}
+
+// x[j] <- e^(x[j] - shift) rounded to T (0 where x[j] is -inf: a key not seen); returns the fp32 sum
+template <typename T>
+inline float exp_row(float* x, int64_t n, float shift) {
+  const __m512 sh = _mm512_set1_ps(shift), ninf = _mm512_set1_ps(kNegInf);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m512 v = _mm512_loadu_ps(x + j);
+    const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, ninf, _CMP_NEQ_OQ), exp16(_mm512_sub_ps(v, sh)));
+    sum = _mm512_add_ps(sum, e);
+    _mm512_storeu_ps(x + j, round16(e, static_cast<const T*>(nullptr)));
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// dst[:D] = src[:D] * f as T
+template <typename T>
+inline void store_scaled(T* dst, const float* src, int64_t D, float f) {
+  const __m512 fv = _mm512_set1_ps(f);
+  for (int64_t d = 0; d < D; d += 16) store16(dst + d, _mm512_mul_ps(_mm512_loadu_ps(src + d), fv), tail_mask(D - d));
+}
+
+#else  // AVX2 + FMA: the same loops in 8 lanes, with tiles that fit 16 registers
+// S for 4 query rows and 16 keys (half `h` of a 32-key block): 8 accumulators, 2 loads per 8 FMAs
+inline void scores_half(const float* qf, int64_t D, const float* kt, float scale, float* s, int64_t ld) {
+  __m256 acc[4][2];
+  for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256 k0 = _mm256_loadu_ps(kt + d * kKeyBlock), k1 = _mm256_loadu_ps(kt + d * kKeyBlock + 8);
+    for (int r = 0; r < 4; ++r) {
+      const __m256 x = _mm256_broadcast_ss(qf + r * D + d);
+      acc[r][0] = _mm256_fmadd_ps(x, k0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(x, k1, acc[r][1]);
+    }
+  }
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (int r = 0; r < 4; ++r) {
+    _mm256_storeu_ps(s + r * ld, _mm256_mul_ps(acc[r][0], sc));
+    _mm256_storeu_ps(s + r * ld + 8, _mm256_mul_ps(acc[r][1], sc));
+  }
+}
+inline void scores_rows(const float* qf, int64_t D, const float* kt, float scale, float* s, int64_t ld) {
+  scores_half(qf, D, kt, scale, s, ld);
+  scores_half(qf, D, kt + 16, scale, s + 16, ld);
+}
+constexpr int kScoreRows = 4;
+
+// o[4 rows, D] = p . vf in chunks of 16 columns (8 accumulators)
+inline void values_rows(const float* p, int64_t ld, int64_t n, const float* vf, int64_t D, float* o) {
+  for (int64_t c0 = 0; c0 < D; c0 += 16) {
+    __m256 acc[4][2];
+    for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 v0 = _mm256_loadu_ps(vf + j * D + c0), v1 = _mm256_loadu_ps(vf + j * D + c0 + 8);
+      for (int r = 0; r < 4; ++r) {
+        const __m256 x = _mm256_broadcast_ss(p + r * ld + j);
+        acc[r][0] = _mm256_fmadd_ps(x, v0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(x, v1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < 4; ++r) {
+      _mm256_storeu_ps(o + r * D + c0, acc[r][0]);
+      _mm256_storeu_ps(o + r * D + c0 + 8, acc[r][1]);
+    }
+  }
+}
+
+inline void apply_mask(float* x, const bool* m, int64_t n) {
+  for (int64_t j = 0; j < n; j += 8) {
+    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m + j)));
+    const __m256 unseen = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bytes, _mm256_setzero_si256()));
+    _mm256_storeu_ps(x + j, _mm256_blendv_ps(_mm256_loadu_ps(x + j), _mm256_set1_ps(kNegInf), unseen));
+  }
+}
+
+inline float row_max(const float* x, int64_t n, bool* nan) {
+  __m256 mx = _mm256_set1_ps(kNegInf), unordered = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    mx = _mm256_max_ps(mx, v);
+  }
+  *nan = _mm256_movemask_ps(unordered) != 0;
+  return hmax8(mx);
+}
+
+template <typename T>
+inline float exp_row(float* x, int64_t n, float shift) {
+  const __m256 sh = _mm256_set1_ps(shift), ninf = _mm256_set1_ps(kNegInf);
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    const __m256 e = _mm256_and_ps(_mm256_cmp_ps(v, ninf, _CMP_NEQ_OQ), exp8(_mm256_sub_ps(v, sh)));
+    sum = _mm256_add_ps(sum, e);
+    _mm256_storeu_ps(x + j, round8(e, static_cast<const T*>(nullptr)));
+  }
+  return hsum8(sum);
+}
+
+template <typename T>
+inline void store_scaled(T* dst, const float* src, int64_t D, float f) {
+  const __m256 fv = _mm256_set1_ps(f);
+  for (int64_t d = 0; d < D; d += 8) store8(dst + d, _mm256_mul_ps(_mm256_loadu_ps(src + d), fv));
+}
+#endif
 
 template <typename T>
 void attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mask,
@@ -137,8 +270,8 @@ void attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         const int64_t nk = (kend + kKeyBlock - 1) / kKeyBlock;
         const float* kth = kt.data() + hk * nkb * D * kKeyBlock;
         for (int64_t kb = 0; kb < nk; ++kb)
-          for (int64_t r0 = 0; r0 < kQueryBlock; r0 += 8)
-            scores_8x32(qf.data() + r0 * D, D, kth + kb * D * kKeyBlock, scale, s.data() + r0 * ld + kb * kKeyBlock, ld);
+          for (int64_t r0 = 0; r0 < kQueryBlock; r0 += kScoreRows)
+            scores_rows(qf.data() + r0 * D, D, kth + kb * D * kKeyBlock, scale, s.data() + r0 * ld + kb * kKeyBlock, ld);
         // softmax numerators in place (zero where a key is not seen, rounded to T), their fp32 sums
         float sums[kQueryBlock];
         bool nan_row[kQueryBlock];
@@ -148,49 +281,25 @@ void attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           const int64_t i = i0 + std::min(r, nr - 1);
           const bool* mr = mrow != nullptr ? mrow + i * mask_i : nullptr;
           const int64_t seen = mr == nullptr && causal ? std::min(kend, i + 1) : kend;  // keys [0, seen) may be seen
-          __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-          __mmask16 unordered = 0;
-          for (int64_t j = 0; j < span; j += 16) {
-            __mmask16 m = seen > j ? tail_mask(seen - j) : static_cast<__mmask16>(0);
-            if (mr != nullptr && m) {
-              const __m128i bytes = _mm_maskz_loadu_epi8(m, mr + j);
-              m &= _mm_test_epi8_mask(bytes, bytes);
-            }
-            const __m512 x = _mm512_loadu_ps(sr + j);
-            unordered |= _mm512_mask_cmp_ps_mask(m, x, x, _CMP_UNORD_Q);
-            mx = _mm512_mask_max_ps(mx, m, mx, x);
-            // the mask of seen keys, kept for the exp pass: unseen scores become -inf
-            _mm512_storeu_ps(sr + j, _mm512_mask_blend_ps(m, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), x));
-          }
-          const float row_max = _mm512_reduce_max_ps(mx);
-          nan_row[r] = unordered != 0;
-          if (row_max == -std::numeric_limits<float>::infinity()) {  // sees no key (a padded row): output zeros
+          // keys not seen become -inf: a causal row's tail past its own position, or the mask's zeros
+          std::fill(sr + seen, sr + span, kNegInf);
+          if (mr != nullptr) apply_mask(sr, mr, seen - seen % kKeyBlock);
+          for (int64_t j = seen - seen % kKeyBlock; j < seen; ++j)
+            if (mr != nullptr && !mr[j]) sr[j] = kNegInf;
+          const float mx = row_max(sr, span, &nan_row[r]);
+          if (mx == kNegInf || nan_row[r]) {  // sees no key (a padded row: zeros), or a NaN score (NaN)
             std::fill(sr, sr + span, 0.f);
             sums[r] = 0.f;
             continue;
           }
-          const __m512 shift = _mm512_set1_ps(row_max);
-          __m512 sum = _mm512_setzero_ps();
-          for (int64_t j = 0; j < span; j += 16) {
-            const __m512 x = _mm512_loadu_ps(sr + j);
-            const __mmask16 seen_m = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-std::numeric_limits<float>::infinity()),
-                                                        _CMP_NEQ_OQ);
-            const __m512 e = _mm512_maskz_mov_ps(seen_m, exp16(_mm512_sub_ps(x, shift)));
-            sum = _mm512_add_ps(sum, e);
-            _mm512_storeu_ps(sr + j, round16(e, static_cast<const T*>(nullptr)));
-          }
-          sums[r] = _mm512_reduce_add_ps(sum);
+          sums[r] = exp_row<T>(sr, span, mx);
         }
         for (int64_t r0 = 0; r0 < kQueryBlock; r0 += 4)
-          for (int64_t c0 = 0; c0 < D; c0 += 64)
-            values_4rows_any(static_cast<int>(std::min<int64_t>(4, (D - c0) / 16)), s.data() + r0 * ld, ld, kend,
-                             vf.data() + hk * Lk * D, D, c0, o.data() + r0 * D);
+          values_rows(s.data() + r0 * ld, ld, kend, vf.data() + hk * Lk * D, D, o.data() + r0 * D);
         for (int64_t r = 0; r < nr; ++r) {
-          T* dst = op + ((b * Lq + i0 + r) * Hq + h) * D;
           const float inv = sums[r] > 0.f ? 1.f / sums[r] : 0.f;
-          const __m512 scale_v = nan_row[r] ? _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()) : _mm512_set1_ps(inv);
-          for (int64_t d = 0; d < D; d += 16)
-            store16(dst + d, _mm512_mul_ps(_mm512_loadu_ps(o.data() + r * D + d), scale_v), tail_mask(D - d));
+          store_scaled(op + ((b * Lq + i0 + r) * Hq + h) * D, o.data() + r * D, D,
+                       nan_row[r] ? std::numeric_limits<float>::quiet_NaN() : inv);
         }
       }
     }
@@ -233,6 +342,6 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   return out;
 }
 
-#endif  // HF_FASTINFER_AVX512
+#endif  // HF_FASTINFER_AVX512 || HF_FASTINFER_AVX2
 
 }  // namespace hf_fastinfer

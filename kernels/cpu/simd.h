@@ -164,6 +164,17 @@ inline __m256 round8(__m256 v, const c10::BFloat16*) {
   return _mm256_castsi256_ps(_mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))),
                                               _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
+// 8 floats stored as T (bf16 and fp16 rounded to nearest even)
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store8(c10::BFloat16* p, __m256 v) {
+  const __m256i bits = _mm256_srli_epi32(_mm256_castps_si256(round8(v, static_cast<const c10::BFloat16*>(nullptr))), 16);
+  // the 8 16-bit values are below 2^16, so the signed-to-unsigned saturating pack keeps them as they are
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
+}
 
 // the sum and the maximum of 8 lanes (the maximum of lanes none of which is NaN)
 inline float hsum8(__m256 v) {
