@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 
 import pytest
@@ -43,7 +44,8 @@ def kernel_cpu_flags() -> frozenset[str]:
     arch = target_arch()
     if arch == "native":
         return frozenset(cpuinfo("flags").split())
-    macros = subprocess.run(["c++", f"-march={arch}", "-dM", "-E", "-x", "c++", "/dev/null"], capture_output=True,
+    compiler = os.environ.get("CXX", "c++")  # the compiler torch's extension builder runs
+    macros = subprocess.run([compiler, f"-march={arch}", "-dM", "-E", "-x", "c++", "/dev/null"], capture_output=True,
                             text=True, check=True).stdout
     defined = {line.split()[1] for line in macros.splitlines() if line.startswith("#define ")}
     return frozenset(flag for macro, flag in _FEATURE_MACROS.items() if macro in defined)

@@ -79,9 +79,10 @@ def _teacher_forced(model, tokenizer, answers, cache):
             rows.append(model(**inputs, past_key_values=past, use_cache=True).logits[0, -1].float())
             for token in answer[:-1]:
                 rows.append(model(token.view(1, 1), past_key_values=past, use_cache=True).logits[0, -1].float())
-        top = torch.stack(rows).topk(2, dim=-1).values
+        logits = torch.stack(rows)
+        top = logits.topk(2, dim=-1).values
         ulp = torch.exp2(torch.floor(torch.log2(top[:, 0].abs().clamp_min(2.0 ** -100))) - 7)  # bf16: 8 bits
-        out.append((torch.stack(rows).argmax(-1), top[:, 0] - top[:, 1], ulp))
+        out.append((logits.argmax(-1), top[:, 0] - top[:, 1], ulp))
     return out
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from hf_fastinfer.kernels._cpu_ext import cpu_extension, target_arch
+from hf_fastinfer.kernels._cpu_ext import cpu_extension
+
+from _helpers import kernel_cpu_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,13 +61,11 @@ def test_native_build_reports_its_road():
         pytest.skip("the compiled kernels could not be built here (no C++ compiler or ninja)")
     road = ext.simd_road()
     assert road in ORDER
-    if platform.machine() == "x86_64" and target_arch() == "native":
-        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-        has = set(flags.split())
+    has = kernel_cpu_flags()  # the features of the CPU (or -march target) the build is for
+    if platform.machine() == "x86_64" and has:
         expected = "avx512" if {"avx512f", "avx512bw", "avx512vl"} <= has else "avx2" if {"avx2", "fma"} <= has else \
             "portable"
-        if flags:
-            assert road == expected
+        assert road == expected
 
 
 @pytest.mark.slow

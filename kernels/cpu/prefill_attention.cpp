@@ -230,12 +230,16 @@ void attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       float* dst = kt.data() + t * D * kKeyBlock;
       for (int64_t jj = 0; jj < kKeyBlock; ++jj) {
         const int64_t j = kb * kKeyBlock + jj;
+        if (j >= Lk) {  // the last block's padding: zero keys, no values
+          for (int64_t d = 0; d < D; ++d) dst[d * kKeyBlock + jj] = 0.f;
+          continue;
+        }
         const T* kr = kp + b * k.stride(0) + h * k.stride(1) + j * k.stride(2);
         const T* vr = vp + b * v.stride(0) + h * v.stride(1) + j * v.stride(2);
         float* vd = vf.data() + (h * Lk + j) * D;
         for (int64_t d = 0; d < D; ++d) {
-          dst[d * kKeyBlock + jj] = j < Lk ? static_cast<float>(kr[d]) : 0.f;
-          if (j < Lk) vd[d] = static_cast<float>(vr[d]);
+          dst[d * kKeyBlock + jj] = static_cast<float>(kr[d]);
+          vd[d] = static_cast<float>(vr[d]);
         }
       }
     }
@@ -283,9 +287,12 @@ void attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           const int64_t seen = mr == nullptr && causal ? std::min(kend, i + 1) : kend;  // keys [0, seen) may be seen
           // keys not seen become -inf: a causal row's tail past its own position, or the mask's zeros
           std::fill(sr + seen, sr + span, kNegInf);
-          if (mr != nullptr) apply_mask(sr, mr, seen - seen % kKeyBlock);
-          for (int64_t j = seen - seen % kKeyBlock; j < seen; ++j)
-            if (mr != nullptr && !mr[j]) sr[j] = kNegInf;
+          if (mr != nullptr) {
+            const int64_t whole = seen - seen % kKeyBlock;  // vector passes read whole blocks of the mask row
+            apply_mask(sr, mr, whole);
+            for (int64_t j = whole; j < seen; ++j)
+              if (!mr[j]) sr[j] = kNegInf;
+          }
           const float mx = row_max(sr, span, &nan_row[r]);
           if (mx == kNegInf || nan_row[r]) {  // sees no key (a padded row: zeros), or a NaN score (NaN)
             std::fill(sr, sr + span, 0.f);
