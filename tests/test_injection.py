@@ -642,6 +642,76 @@ def test_whole_decode_step_steps_aside_and_undoes():
     assert "forward" not in fast.__dict__
 
 
+def last_block(model):
+    return list(model._hf_fastinfer_injection.layers.values())[-1]
+
+
+@pytest.mark.parametrize("family", [f for f in models.TINY_FAMILIES if f != "mistral"])  # (mistral: no whole step)
+def test_prompt_keeping_its_last_logits_runs_the_last_block_for_those_rows(family):
+    """generate()'s prompt call keeps one position's logits (``logits_to_keep=1``): the last block computes keys and
+    values for every position and the rest for that row alone. Its logits and the cache it fills are
+    transformers', with a padding mask and without one; more kept rows with a mask are trimmed too, and calls
+    that could read the other rows are not: no mask with several rows, every row's logits, hidden states asked for,
+    a hook on the final norm."""
+    reference, fast = pair(family)
+    assert injection_report(fast).prefill_trimmed
+    last = last_block(fast)
+
+    def both(ids, **kwargs):
+        caches = [DynamicCache(config=reference.config), DynamicCache(config=fast.config)]
+        with torch.no_grad():
+            expected = reference(ids, past_key_values=caches[0], use_cache=True, **kwargs)
+            before = last.trimmed_calls
+            got = fast(ids, past_key_values=caches[1], use_cache=True, **kwargs)
+        for a, b in zip(caches[0].layers, caches[1].layers):
+            torch.testing.assert_close(b.keys, a.keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(b.values, a.values, rtol=1e-5, atol=1e-5)
+        return expected, got, last.trimmed_calls - before
+
+    for ids, mask, keep, trimmed in [(PROMPTS, MASK, 1, 1), (PROMPTS[2:], None, 1, 1), (PROMPTS, MASK, 3, 1),
+                                     (PROMPTS[2:], None, 3, 0), (PROMPTS, MASK, 0, 0)]:
+        expected, got, calls = both(ids, attention_mask=mask, logits_to_keep=keep)
+        assert got.logits.shape == expected.logits.shape and calls == trimmed, (keep, mask is None)
+        torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    expected, got, calls = both(PROMPTS, attention_mask=MASK, logits_to_keep=1, output_hidden_states=True)
+    assert calls == 0 and got.hidden_states[-1].shape == expected.hidden_states[-1].shape == (3, 12, 64)
+    torch.testing.assert_close(got.hidden_states[-1], expected.hidden_states[-1], rtol=1e-5, atol=1e-5)
+    seen = []
+    handle = fast.model.norm.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    expected, got, calls = both(PROMPTS, attention_mask=MASK, logits_to_keep=1)
+    handle.remove()
+    assert calls == 0 and seen == [(3, 12, 64)]
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    # generate(): greedy tokens and sampling's distributions are computed from the trimmed prompt call
+    before = last.trimmed_calls
+    kwargs = dict(attention_mask=MASK, max_new_tokens=6, do_sample=False)
+    assert torch.equal(fast.generate(PROMPTS, cache_implementation="fastinfer", **kwargs),
+                       reference.generate(PROMPTS, **kwargs))
+    assert last.trimmed_calls == before + 1
+
+
+def test_prompt_trim_left_out_when_the_models_forward_reads_every_position():
+    """A causal LM whose forward computes every position's logits whatever ``logits_to_keep`` says: the probe sees
+    another shape, and prompts run the last block for every row."""
+    from transformers import LlamaForCausalLM
+
+    class EveryPosition(LlamaForCausalLM):
+        def forward(self, *args, logits_to_keep=0, **kwargs):
+            return super().forward(*args, logits_to_keep=0, **kwargs)
+
+    model = EveryPosition._from_config(models.tiny_config("llama"), attn_implementation="fastinfer").eval()
+    report = hf_fastinfer.inject(model)
+    assert report.decode_step and not report.prefill_trimmed
+    reference = LlamaForCausalLM._from_config(models.tiny_config("llama"), attn_implementation="sdpa").eval()
+    reference.load_state_dict(model.state_dict())
+    before = last_block(model).trimmed_calls  # (the probe's call)
+    with torch.no_grad():
+        got = model(PROMPTS, attention_mask=MASK, logits_to_keep=1).logits
+        expected = reference(PROMPTS, attention_mask=MASK).logits
+    assert got.shape == (3, 12, model.config.vocab_size) and last_block(model).trimmed_calls == before
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_whole_decode_step_left_out_when_the_models_forward_does_more():
     """A causal LM whose forward changes the logits after the output projection (here they are halved, as a
     final logit softcap would change them): the probe sees other logits and keeps the per-block path."""

@@ -62,6 +62,9 @@ class InjectionReport:
     decode_step_left: str | None = None
     #: whether the chain of fused blocks also runs the final norm and output projection (step.py)
     decode_head: bool = False
+    #: whether a prompt call that keeps only its last positions' logits (generate()'s) computes the last block's
+    #: queries, attention output and MLP for those positions alone (step.py: trim_prefill)
+    prefill_trimmed: bool = False
     #: bytes of the weights a decode step reads that live in transparent huge pages (0: not moved)
     huge_page_bytes: int = 0
 
@@ -372,10 +375,44 @@ def _inject_step(model: nn.Module, plans: list[BlockPlan], state: _State) -> Non
     if why is not None:
         report.decode_step_left = why
         return
+    step.trim_prefill = _probe_trim(model, step)
     model.forward = step
     state.step = step
     report.decode_step = True
     report.decode_head = step.head is not None
+    report.prefill_trimmed = step.trim_prefill
+
+
+@torch.no_grad()
+def _probe_trim(model: nn.Module, step: FusedDecodeStep) -> bool:
+    """Whether a prompt call that keeps only its last position's logits gives the model's own logits with the last
+    block computed for that position alone (FusedDecodeStep.trim_prefill): a 9-token prompt both ways, the same
+    shape, and values within the probe's tolerance of the logits' range (the last query's attention and products
+    run on one row: another summation order)."""
+    from ..cache import FastInferCache
+
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = ((torch.arange(9) * 7919 + 17) % vocab)[None].to(model.get_input_embeddings().weight.device)
+    config = model.config.get_text_config(decoder=True)
+    name = cache_kwarg()
+    was_training, trim = model.training, step.trim_prefill
+    model.eval()
+    try:
+        expected = step._original(model, input_ids=ids, use_cache=True, logits_to_keep=1,
+                                  **{name: FastInferCache(config=config, max_cache_len=16)}).logits
+        step.trim_prefill = True
+        got = step(input_ids=ids, use_cache=True, logits_to_keep=1,
+                   **{name: FastInferCache(config=config, max_cache_len=16)}).logits
+    except Exception:  # a forward the trimmed block cannot serve: the model's own, untrimmed
+        return False
+    finally:
+        step.trim_prefill = trim
+        model.train(was_training)
+    if got.shape != expected.shape:
+        return False
+    scale = expected.float().abs().max().clamp_min(1e-6)
+    error = float((got.float() - expected.float()).abs().max() / scale)
+    return error <= PROBE_TOLERANCE.get(step.layers[0].dtype, 6e-2)
 
 
 def _log(report: InjectionReport) -> None:

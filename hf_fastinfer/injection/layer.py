@@ -78,6 +78,12 @@ class FusedDecoderLayer:
         self.consume_chain: list[FusedDecoderLayer] | None = None
         self.chain_outs: list[torch.Tensor] | None = None
         self.decode_calls = 0  # how many calls took the fused path (tests and report() read it)
+        #: set by the whole decode step on the model's last block for the duration of a prompt call whose caller
+        #: reads only the last ``keep_rows`` positions of the model's output (``logits_to_keep``, as generate()
+        #: asks for): the block's prefill then computes keys and values for every position and the rest of the
+        #: block (attention's queries, o_proj, the MLP) for those rows only, and returns [B, keep_rows, H]
+        self.keep_rows = 0
+        self.trimmed_calls = 0  # how many prefill calls did (tests read it)
 
     def __call__(self, hidden_states, *args, **kwargs):
         if hidden_states.dim() == 3 and hidden_states.shape[1] > 1:
@@ -274,9 +280,23 @@ class FusedDecoderLayer:
         keys, values = cache.update(k, v, self.layer_idx) if cache is not None else (k, v)
         rest = {n: value for n, value in kwargs.items()
                 if n not in ("attention_mask", "position_embeddings", "hidden_states", *CACHE_KWARGS)}
-        attn, _ = attention_fn(self.attention, q, keys, values, kwargs.get("attention_mask"), dropout=0.0,
-                               scaling=spec.scaling, **rest)
-        o = spec.o(attn.reshape(batch, length, hq * d))
+        mask = kwargs.get("attention_mask")
+        rows = self.keep_rows if 0 < self.keep_rows < length else length
+        tensor_mask = isinstance(mask, torch.Tensor) and mask.dim() == 4
+        if rows < length and (tensor_mask or (mask is None and rows == 1 and keys.shape[2] == length)):
+            # Only the last rows leave the model: every position's keys and values are in the cache above, the
+            # queries and everything after them are needed for those rows alone. A mask keeps its last rows. No
+            # mask (a causal prompt that is all the keys: transformers' mask functions leave it out only then)
+            # means the last query sees every key, as it does alone without a mask in every attention function;
+            # several rows without a mask would need a causal mask built in the function's own format: not trimmed
+            q, hidden = q[:, :, -rows:], hidden[:, -rows:].contiguous()
+            if mask is not None:
+                mask = mask[:, :, -rows:]  # [B or 1, 1, rows, Lk]
+            self.trimmed_calls += 1
+        else:
+            rows = length
+        attn, _ = attention_fn(self.attention, q, keys, values, mask, dropout=0.0, scaling=spec.scaling, **rest)
+        o = spec.o(attn.reshape(batch, rows, hq * d))
         if spec.all_reduce is not None:
             o = spec.all_reduce(o)  # tensor parallelism: o is this rank's partial sum
         normed, residual = rms_norm(o, spec.post_attention_norm, hidden, spec.eps, spec.gemma_norm)

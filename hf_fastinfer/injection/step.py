@@ -105,6 +105,10 @@ class FusedDecodeStep:
         #: (a weak reference to the cache it was built for, the plan); dropped with that cache
         self._prepared: tuple | None = None
         self._unpreparable = False  # the blocks are not one chain of fused layers: no plan for this model
+        #: a prompt call that keeps the logits of its last positions only (generate()'s) runs the last block's
+        #: queries, attention output and MLP for those positions alone (off: for every position; benchmarks' A/B;
+        #: set at injection by a probe, off for a model whose logits it would change)
+        self.trim_prefill = True
 
     def __call__(self, *args, **kwargs):
         if not torch.compiler.is_compiling() and (not args or (len(args) == 1 and "input_ids" not in kwargs)):
@@ -112,7 +116,35 @@ class FusedDecodeStep:
             out = self.decode(dict(kwargs, input_ids=args[0]) if args else kwargs)
             if out is not None:
                 return out
-        return self._original(self._model(), *args, **kwargs)
+        keep = self._rows_kept(kwargs)
+        if not keep:
+            return self._original(self._model(), *args, **kwargs)
+        last = self.layers[-1]
+        last.keep_rows = keep
+        try:
+            return self._original(self._model(), *args, **kwargs)
+        finally:
+            last.keep_rows = 0
+
+    def _rows_kept(self, kwargs: dict) -> int:
+        """For a call whose output is only the logits of its last ``logits_to_keep`` positions (generate()'s prompt
+        call asks for one): that count, which the last block's prefill then computes alone after its keys and
+        values (the causal LM's forward slices the base model's output to those rows before the output projection,
+        and nothing else reads it); 0 when the call may read more: hidden states, attentions or router logits asked
+        for, labels (a loss over every position), hooks on the blocks, the base model or the final norm."""
+        keep = kwargs.get("logits_to_keep")
+        if not self.trim_prefill or type(keep) is not int or keep < 1 or torch.compiler.is_compiling():
+            return 0
+        config = self._model().config
+        for name in ("output_hidden_states", "output_attentions", "output_router_logits"):
+            if kwargs.get(name) or getattr(config, name, False):
+                return 0
+        if kwargs.get("labels") is not None or self._hooked():
+            return 0
+        norm = self.norm()
+        if norm._forward_hooks or norm._forward_pre_hooks:
+            return 0
+        return keep
 
     def _hooked(self) -> bool:
         """Hooks on a module the step does not call through ``nn.Module.__call__`` (the base model, the blocks),
