@@ -11,6 +11,7 @@ Rank 0 writes the results as JSON to OUT.json.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -68,10 +69,18 @@ def compare(folder, bits, config=None, inputs=None, new_tokens=12, **kwargs) -> 
             "rank_bytes": rank_bytes(model)}
 
 
+def record_exit(out: str) -> None:
+    """At exit, after hf_fastinfer's own exit handlers (atexit runs the last registered first): whether the process
+    group hf_fastinfer joined is still alive, in OUT.json.exitRANK."""
+    with open(f"{out}.exit{RANK}", "w") as handle:
+        json.dump({"group_alive": torch.distributed.is_initialized()}, handle)
+
+
 def main() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     mode, out = sys.argv[1], sys.argv[2]
+    atexit.register(record_exit, out)
     results = {}
     if mode == "families":
         for folder in sys.argv[3:]:

@@ -94,11 +94,20 @@ def join_process_group(tp_size: int, backend: str) -> ProcessGroupInfo | None:
         return ProcessGroupInfo(dist.get_rank(), dist.get_world_size(), dist.get_backend(), "initialised")
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend=backend, timeout=_timeout())
+        # the group is ours to end: a gloo group still alive when the interpreter finalises can abort the process
+        # ("terminate called without an active exception"; pytorch/pytorch#190489), so it is destroyed at exit
+        # while Python is whole, unless the script destroyed it first
+        atexit.register(_leave_process_group)
         rank = dist.get_rank()
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
         return ProcessGroupInfo(rank, dist.get_world_size(), backend, "torchrun")
     return None
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:
