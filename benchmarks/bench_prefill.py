@@ -11,7 +11,9 @@ token, which is the prompt's forward plus one sampling step), many rounds, each 
     python benchmarks/bench_prefill.py --rounds 10 --write
 
 ``--sdpa-rows`` adds, in the same rounds, the hf_fastinfer fp32 and bf16 models with the prefill-attention kernel
-turned off (SDPA instead): the kernel's A/B.
+turned off (SDPA instead): the kernel's A/B. ``--whole-rows`` adds the hf_fastinfer models with the last block run
+for every prompt position (``FusedDecodeStep.trim_prefill`` off), where generate() needs the last position only:
+the trimmed last block's A/B.
 """
 
 from __future__ import annotations
@@ -35,18 +37,26 @@ from hf_fastinfer.kernels import prefill_attention  # noqa: E402
 #: --sdpa-rows: label -> the loaded path it reruns with the prefill-attention kernel off
 SDPA_ROWS = {"hf_fastinfer fp32, SDPA attention": "hf_fastinfer fp32",
              "hf_fastinfer bf16, SDPA attention": "hf_fastinfer bf16"}
+#: --whole-rows: label -> the loaded path it reruns with the last block computed for every prompt position
+WHOLE_ROWS = {f"{source}, last block whole": source
+              for source in ("hf_fastinfer fp32", "hf_fastinfer bf16", "hf_fastinfer int8", "hf_fastinfer int4")}
 
 
-
-def prefill_seconds(model, inputs, cache: str | None, kernel_attention: bool = True) -> float:
+def prefill_seconds(model, inputs, cache: str | None, kernel_attention: bool = True, trim: bool = True) -> float:
     kwargs = {"cache_implementation": cache} if cache else {}
     prefill_attention.enabled = kernel_attention
+    state = getattr(model, "_hf_fastinfer_injection", None)
+    step = state.step if state is not None else None
+    if step is not None:
+        step.trim_prefill = trim
     try:
         start = time.perf_counter()
         model.generate(**inputs, max_new_tokens=1, do_sample=False, **kwargs)
         return time.perf_counter() - start
     finally:
         prefill_attention.enabled = True
+        if step is not None:
+            step.trim_prefill = True
 
 
 def main() -> None:
@@ -55,11 +65,16 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=256, help="prompt tokens (from the built-in text)")
     parser.add_argument("--sdpa-rows", action="store_true",
                         help="also time the hf_fastinfer float paths with SDPA for prefill attention (the kernel's A/B)")
+    parser.add_argument("--whole-rows", action="store_true",
+                        help="also time the hf_fastinfer paths with the last block run for every prompt position "
+                             "(the trimmed last block's A/B)")
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = parser.parse_args()
-    rows = dict(PATHS)
-    if args.sdpa_rows:
-        rows.update({label: PATHS[source] for label, source in SDPA_ROWS.items()})
+    reruns = {**(SDPA_ROWS if args.sdpa_rows else {}), **(WHOLE_ROWS if args.whole_rows else {})}
+    rows = {}
+    for label, path in PATHS.items():  # each rerun right after its path, so that both see the host alike
+        rows[label] = path
+        rows.update({rerun: path for rerun, source in reruns.items() if source == label})
 
     folder = models.default_model_path(progress=False)
     _, tokenizer = models.load_default(progress=False)
@@ -71,8 +86,9 @@ def main() -> None:
         loaded[label] = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attention,
                                                              **kwargs).eval()
     def timed(label: str) -> float:
-        source = SDPA_ROWS.get(label, label)
-        return prefill_seconds(loaded[source], inputs, PATHS[source][3], kernel_attention=label not in SDPA_ROWS)
+        source = reruns.get(label, label)
+        return prefill_seconds(loaded[source], inputs, PATHS[source][3], kernel_attention=label not in SDPA_ROWS,
+                               trim=label not in WHOLE_ROWS)
 
     for label in rows:  # warm-up
         timed(label)
@@ -82,7 +98,7 @@ def main() -> None:
             times[label].append(timed(label))
     lines = [
         f"Command: `python benchmarks/bench_prefill.py --rounds {args.rounds} --prompt {args.prompt}"
-        f"{' --sdpa-rows' if args.sdpa_rows else ''} --write`",
+        f"{' --sdpa-rows' if args.sdpa_rows else ''}{' --whole-rows' if args.whole_rows else ''} --write`",
         "",
         f"Machine: {machine()}.",
         "",
