@@ -32,7 +32,7 @@ from ..kernels.decoder_layer import LayerProjection
 from .fuse import fuse_projections, unfuse_projections
 from .hugepages import move_out_of_huge_pages, move_to_huge_pages
 from .layer import FastLinearForward, FastNormForward, FusedDecoderLayer
-from .step import FusedDecodeStep, find_rotary, probe_step
+from .step import FusedDecodeStep, find_rotary, probe_ids, probe_step
 
 __all__ = ["InjectionReport", "inject", "uninject", "is_injected", "injection_report"]
 
@@ -120,10 +120,7 @@ def _probe(model: nn.Module, plans: list[BlockPlan]) -> dict[str, dict]:
     each block's fused steps can be run on the same inputs."""
     from transformers.cache_utils import DynamicCache
 
-    embeddings = model.get_input_embeddings()
-    vocab = embeddings.num_embeddings
-    device = embeddings.weight.device
-    ids = (torch.arange(4, device=device) * 7919 + 17) % vocab
+    ids = probe_ids(model, 4)
     cache = DynamicCache(config=model.config)
     calls = {}
 
@@ -368,6 +365,8 @@ def _inject_step(model: nn.Module, plans: list[BlockPlan], state: _State) -> Non
         try:
             step = FusedDecodeStep(model, base, layers, rotary, norms[0])
             why = probe_step(model, step)
+            if why is None:
+                step.trim_prefill = _probe_trim(model, step)
         except Exception as exc:  # a model whose forward the probe cannot drive
             why = f"the probe failed ({type(exc).__name__}: {exc})"
         finally:
@@ -375,7 +374,6 @@ def _inject_step(model: nn.Module, plans: list[BlockPlan], state: _State) -> Non
     if why is not None:
         report.decode_step_left = why
         return
-    step.trim_prefill = _probe_trim(model, step)
     model.forward = step
     state.step = step
     report.decode_step = True
@@ -386,28 +384,21 @@ def _inject_step(model: nn.Module, plans: list[BlockPlan], state: _State) -> Non
 @torch.no_grad()
 def _probe_trim(model: nn.Module, step: FusedDecodeStep) -> bool:
     """Whether a prompt call that keeps only its last position's logits gives the model's own logits with the last
-    block computed for that position alone (FusedDecodeStep.trim_prefill): a 9-token prompt both ways, the same
-    shape, and values within the probe's tolerance of the logits' range (the last query's attention and products
-    run on one row: another summation order)."""
+    block computed for that position alone (FusedDecodeStep.trim_prefill, on in a new step): a 9-token prompt both
+    ways, the same shape, and values within the probe's tolerance of the logits' range (the last query's attention
+    and products run on one row: another summation order). The model is in eval mode (_inject_step)."""
     from ..cache import FastInferCache
 
-    vocab = model.get_input_embeddings().num_embeddings
-    ids = ((torch.arange(9) * 7919 + 17) % vocab)[None].to(model.get_input_embeddings().weight.device)
+    ids = probe_ids(model, 9)[None]
     config = model.config.get_text_config(decoder=True)
     name = cache_kwarg()
-    was_training, trim = model.training, step.trim_prefill
-    model.eval()
     try:
         expected = step._original(model, input_ids=ids, use_cache=True, logits_to_keep=1,
                                   **{name: FastInferCache(config=config, max_cache_len=16)}).logits
-        step.trim_prefill = True
         got = step(input_ids=ids, use_cache=True, logits_to_keep=1,
                    **{name: FastInferCache(config=config, max_cache_len=16)}).logits
     except Exception:  # a forward the trimmed block cannot serve: the model's own, untrimmed
         return False
-    finally:
-        step.trim_prefill = trim
-        model.train(was_training)
     if got.shape != expected.shape:
         return False
     scale = expected.float().abs().max().clamp_min(1e-6)

@@ -38,11 +38,17 @@ from ..kernels.decoder_layer import DecodeHeadSpec, PreparedChain
 from .detect import projection
 from .layer import FastLinearForward, FastNormForward, FusedDecoderLayer
 
-__all__ = ["FusedDecodeStep", "decode_head", "find_rotary", "probe_step"]
+__all__ = ["FusedDecodeStep", "decode_head", "find_rotary", "probe_ids", "probe_step"]
 
 #: keyword arguments a decode call may carry and the step still covers (generate() passes these)
 _COVERED = frozenset({"input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "use_cache",
                       "logits_to_keep", "cache_position", "return_dict"})
+
+
+def probe_ids(model: nn.Module, n: int) -> torch.Tensor:
+    """[n] token ids the injection probes feed a model: spread over its vocabulary, on its embedding's device."""
+    embeddings = model.get_input_embeddings()
+    return (torch.arange(n, device=embeddings.weight.device) * 7919 + 17) % embeddings.num_embeddings
 
 
 def find_rotary(base: nn.Module) -> nn.Module | None:
@@ -329,8 +335,7 @@ def probe_step(model: nn.Module, step: FusedDecodeStep) -> str | None:
 
 
 def _probe_once(model: nn.Module, step: FusedDecodeStep) -> str | None:
-    vocab = model.get_input_embeddings().num_embeddings
-    ids = (torch.arange(4) * 7919 + 17) % vocab
+    ids = probe_ids(model, 4)
     config = model.config.get_text_config(decoder=True)
     caches = [FastInferCache(config=config, max_cache_len=8) for _ in range(2)]
     name = cache_kwarg()
