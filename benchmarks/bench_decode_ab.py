@@ -6,7 +6,9 @@
   huge       the decode weights in transparent huge pages (injection/hugepages.py), or in ordinary pages
   nta        the quantized GEMVs' software prefetches of the weights non-temporal, or into L1
              (``kernels/cpu/quant_gemv.cpp``; chosen by CPU vendor at load)
-  i8a16      int8 weights against bf16 activations held as int16 per group (VNNI products), or as float
+  i8a16      int8 weights against bf16 activations held as int16 per group (integer products: VNNI, or AVX2's
+             vpmaddwd), or as float
+  i4a16      the same for int4 weights
   head       the final norm and output projection run by the chain of layers in its parallel region, or by
              their modules after it (injection/step.py)
   bf16dot    bf16 weights against the activations through AVX512-BF16 dot products, or widened to fp32
@@ -50,7 +52,8 @@ from hf_fastinfer.injection.hugepages import move_out_of_huge_pages  # noqa: E40
 from hf_fastinfer.kernels._cpu_ext import cpu_extension  # noqa: E402
 
 FACTORS = {"step": "whole step", "huge": "huge pages", "nta": "non-temporal prefetch",
-           "i8a16": "int8 x int16 activations", "head": "head in the chain",
+           "i8a16": "int8 x int16 activations",
+           "i4a16": "int4 x int16 activations", "head": "head in the chain",
            "bf16dot": "bf16 dot products", "consume": "step takes the chain's outputs",
            "twolevel": "two-level prefetch", "pairs": "int8 group pairs", "prepared": "prepared chain"}
 
@@ -117,6 +120,7 @@ def main() -> None:
             raise SystemExit(f"bits={bits}: the chain runs no head for this model; nothing to compare")
         setters = {"step": lambda on: set_step(model, state.step, on), "huge": lambda on: set_huge_pages(model, on),
                    "nta": ext.set_quant_prefetch_nta, "i8a16": ext.set_int8_int16_activations,
+                   "i4a16": ext.set_int4_int16_activations,
                    "bf16dot": ext.set_bf16_dot_products, "twolevel": ext.set_quant_prefetch_two_level,
                    "pairs": ext.set_int8_group_pairs,
                    "consume": lambda on: setattr(state.step, "consume_chain", on),
@@ -138,6 +142,7 @@ def main() -> None:
         set_huge_pages(model, True)
         ext.set_quant_prefetch_nta(library_nta)
         ext.set_int8_int16_activations(True)
+        ext.set_int4_int16_activations(True)
         ext.set_bf16_dot_products(library_bf16_dot)
         ext.set_quant_prefetch_two_level(True)
         ext.set_int8_group_pairs(True)

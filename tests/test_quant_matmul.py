@@ -334,11 +334,14 @@ def test_int8_group_pairs_match_the_one_group_road(n, k, m, symmetric):
     assert ((pairs.double() - exact).abs() <= bound).all()
 
 
-def _int16_road() -> bool:
-    """Whether the compiled GEMVs hold bf16 activations as int16 (AVX-512 F/BW/VL with VNNI; the extension is
-    built for this CPU, or for $HF_FASTINFER_CPU_ARCH's target)."""
+def _int16_road(bits: int) -> bool:
+    """Whether the compiled GEMVs hold bf16 activations as int16 for weights of ``bits``: the AVX-512 build with
+    VNNI for int8 and int4, the AVX2 + FMA build for int8 (an AVX-512 build without VNNI multiplies as float). The
+    extension is built for this CPU, or for $HF_FASTINFER_CPU_ARCH's target."""
     flags = kernel_cpu_flags()
-    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
+    if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl")):
+        return "avx512_vnni" in flags
+    return bits == 8 and "avx2" in flags and "fma" in flags
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -351,16 +354,19 @@ def test_bf16_activations_take_the_int16_path_and_fp32_the_float_path(bits):
     assert torch.equal(quant_matmul_cpu(x, *args), direct16.bfloat16())
     direct32 = ext.quant_gemv(x.float(), *args, False)
     assert torch.equal(quant_matmul_cpu(x.float(), *args), direct32)
-    if _int16_road():
+    if _int16_road(bits):
         assert not torch.equal(direct16, direct32)  # two roads: x's int16 rounding shows in the low bits
-    else:  # one road (no AVX-512 VNNI): bf16 x is multiplied as float either way
+    else:  # one road (int4 without AVX-512 VNNI, or neither VNNI nor AVX2): bf16 x is multiplied as float either way
         assert torch.equal(direct16, direct32)
-    if bits == 8:  # the int8 road can be turned off (benchmarks' A/B): then bf16 x is multiplied as float
-        try:
-            ext.set_int8_int16_activations(False)
-            assert torch.equal(ext.quant_gemv(x.float(), *args, True), direct32)
-        finally:
-            ext.set_int8_int16_activations(True)
+    # each int16 road can be turned off (benchmarks' A/B): then bf16 x is multiplied as float
+    get, set_ = ((ext.int8_int16_activations, ext.set_int8_int16_activations) if bits == 8 else
+                 (ext.int4_int16_activations, ext.set_int4_int16_activations))
+    assert get()
+    try:
+        set_(False)
+        assert torch.equal(ext.quant_gemv(x.float(), *args, True), direct32)
+    finally:
+        set_(True)
     # x with inf / NaN: the float path (which propagates them), not int16 garbage
     x_bad = x.float().clone()
     x_bad[0, 3] = float("inf")

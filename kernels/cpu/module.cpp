@@ -49,8 +49,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_quant_prefetch_nta", &set_quant_prefetch_nta, py::arg("nta"),
         "override that choice, process-wide (for benchmarks' A/B in one process)");
   m.def("int8_int16_activations", &int8_int16_activations,
-        "whether int8 weights meet bf16 activations held as int16 per group (VNNI products; on by default)");
+        "whether int8 weights meet bf16 activations held as int16 per group (integer products; on by default)");
   m.def("set_int8_int16_activations", &set_int8_int16_activations, py::arg("on"),
+        "turn that road off or on, process-wide (for benchmarks' A/B in one process)");
+  m.def("int4_int16_activations", &int4_int16_activations,
+        "whether int4 weights meet bf16 activations held as int16 per group (integer products; on by default)");
+  m.def("set_int4_int16_activations", &set_int4_int16_activations, py::arg("on"),
         "turn that road off or on, process-wide (for benchmarks' A/B in one process)");
   m.def("quant_prefetch_two_level", &quant_prefetch_two_level,
         "whether the GEMVs' prefetches that are not non-temporal go into L2 far ahead and into L1 near (on by default)");

@@ -6,7 +6,8 @@
 // AVX-512, four rows go through FMA chains side by side and each group's scale is applied once to the group's
 // partial sum; with AVX2 + FMA alone, the same blocks in 8 lanes (gemv_blocks_avx2); with neither, plain C++
 // loops the compiler vectorises. Activations stay float32 throughout (except
-// int4 and int8 against bf16 activations, held as int16: gemv_blocks_a16*, below): the result is the exact
+// int4 and int8 against bf16 activations, held as int16: gemv_blocks_a16* with VNNI, and int8 with AVX2
+// alone, gemv_blocks_a16_i8_avx2, below): the result is the exact
 // float dot product up to summation order, whatever the weight format. Formats: hf_fastinfer.kernels.quant_format (int8 [N, K]; int4 nibbles q + 8,
 // low nibble = even column).
 //
@@ -16,6 +17,7 @@
 
 #include <ATen/EmptyTensor.h>
 
+#include <cstring>
 #include <type_traits>
 
 #include "ops.h"
@@ -44,6 +46,8 @@ bool g_prefetch_nta = [] {
 // Whether int8 weights meet bf16 activations as int16 (gemv_blocks_a16_i8) or as float (set_int8_int16_activations:
 // benchmarks' A/B in one process).
 bool g_int8_a16 = true;
+// The same for int4 weights (gemv_blocks_a16*, VNNI only; set_int4_int16_activations).
+bool g_int4_a16 = true;
 
 // Whether int8 group-32 weights against int16 activations take two groups per product vector
 // (gemv_blocks_a16_i8_pairs) or one (gemv_blocks_a16_i8) (set_int8_group_pairs: benchmarks' A/B in one process).
@@ -697,6 +701,99 @@ int64_t gemv_blocks_avx2(const GemvArgs a, const ST* sp, const ST* zp, int64_t b
 }
 #endif
 
+#ifdef HF_FASTINFER_AVX2
+// int8 weights against bf16 activations held as int16 per group, without AVX-512: the values of the VNNI road
+// (x rounded to int16 per group, xs = max|x_g| / 32767, the same integer products), in 16-lane vectors. Each
+// 16 weight bytes of a row are widened to int16 (vpmovsxbw) and vpmaddwd multiplies 16 pairs and adds
+// neighbours into 8 int32 lanes (no overflow: a lane adds at most group_size / 8 products of at most
+// 128 * 32767). Per 32 weights of a row: 2 widenings, 2 products and 2 integer adds, then per group one
+// conversion and one fma against the group's scale product; the float road (gemv_blocks_avx2) converts every
+// weight twice (int8 -> int32 -> float) and multiplies it once. Measured on one AMD Zen 3 core, weight in L2
+// (the time of 512 rows less that of 128, K 576, group 32): 12.0 -> 17.7 billion weights a second; whole decode
+// of the default model 1.27x (BENCHMARKS.md). (The same road for int4, nibbles widened by vpmovzxbw against the
+// even / odd columns, computed 8.9 -> 14.0 billion weights a second there but left decode where it was, and
+// its answers agreed with transformers' less often than the float road's: left out, BENCHMARKS.md.)
+// CPG: 16-byte chunks per group (group_size / 16), 0 for any at run time. A row's last chunk, when fewer than
+// 16 bytes remain, is read through a zeroed copy (AVX2 has no masked byte loads, and a whole load there would
+// read past the weight's end); x is zero past K.
+inline __m128i chunk16(const uint8_t* p, int64_t avail) {
+  if (avail >= 16) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  alignas(16) uint8_t buf[16] = {};
+  std::memcpy(buf, p, static_cast<size_t>(avail));
+  return _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+}
+
+template <int CPG, typename ST>
+int64_t gemv_blocks_a16_i8_avx2(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin, int64_t end) {
+  const int64_t groups = a.groups, K = a.K, cpg = CPG > 0 ? CPG : a.group_size / 16;
+  const int64_t chunks = (K + 15) / 16, full = K / 16;  // 16-byte chunks of a row; those read without a copy
+  // groups of exactly CPG whole chunks (compile-time loops, pointers walking forward), then the rest
+  const int64_t plain_groups = CPG > 0 ? std::min(groups, full / CPG) : 0;
+  float* const sf = block_buffer(0, 4 * groups);
+  float* const zs = block_buffer(1, 4 * groups);  // z * s (read only with a zero point)
+  float* const sx = block_buffer(2, 4 * groups);  // the scales times x's int16 scales: one broadcast a group
+  const int64_t ahead = prefetch_rows_ahead(K);
+  const int64_t lines = (4 * K + 63) / 64, per_group = (lines + groups - 1) / groups;
+  int64_t n = begin;
+  for (; n + 4 <= end; n += 4) {
+    block_scales(sp, zp, n, groups, 0.f, sf, zs);
+    const char* pf = prefetch_target(a, n, ahead);
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int16_t* x = a.xk16 + m * a.kpad;
+      const float* xs = a.xs + m * (groups + 1);
+      for (int r = 0; r < 4; ++r)
+        for (int64_t g = 0; g < groups; ++g) sx[r * groups + g] = sf[r * groups + g] * xs[g];
+      const uint8_t* p[4] = {a.w + n * K, a.w + (n + 1) * K, a.w + (n + 2) * K, a.w + (n + 3) * K};
+      const float* s[4] = {sx, sx + groups, sx + 2 * groups, sx + 3 * groups};
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      // one group: prefetch its share of the block ahead, the four rows' int32 sums of `count` chunks (a
+      // compile-time CH > 0, or at run time with the row's short last chunk through a copy), each scaled once;
+      // then every pointer one group on
+      const auto one_group = [&](auto ch, int64_t count) {
+        constexpr int CH = decltype(ch)::value;
+        if (m == 0) {  // a few lines per group (a burst of prefetches stalls the core)
+          for (int64_t l = 0; l < per_group; ++l) {
+            if (a.nta)
+              _mm_prefetch(pf + 64 * l, _MM_HINT_NTA);
+            else
+              _mm_prefetch(pf + 64 * l, _MM_HINT_T0);
+          }
+          pf += 64 * per_group;
+        }
+        __m256i d[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+        const int64_t n_chunks = CH > 0 ? CH : count;
+        #pragma GCC unroll 8
+        for (int64_t c = 0; c < n_chunks; ++c) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16 * c));
+          #pragma GCC unroll 4
+          for (int r = 0; r < 4; ++r) {
+            const int64_t at = p[r] - (a.w + (n + r) * K) + 16 * c;  // (CH > 0: never short, folded away)
+            const __m128i wb = CH > 0 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p[r] + 16 * c)) : chunk16(p[r] + 16 * c, K - at);
+            d[r] = _mm256_add_epi32(d[r], _mm256_madd_epi16(xv, _mm256_cvtepi8_epi16(wb)));
+          }
+        }
+        #pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[r]), _mm256_broadcast_ss(s[r]), acc[r]);
+          p[r] += 16 * n_chunks;
+          ++s[r];
+        }
+        x += 16 * n_chunks;
+      };
+      int64_t g = 0;
+      for (; g < plain_groups; ++g) one_group(std::integral_constant<int, CPG>{}, 0);
+      for (; g < groups; ++g) one_group(std::integral_constant<int, 0>{}, std::min(cpg, chunks - g * cpg));
+      #pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        const float zero_term = zp != nullptr ? dot8(zs + r * groups, a.xsum16 + m * groups, groups) : 0.f;
+        a.y[m * a.N + n + r] = hsum8(acc[r]) - zero_term + (a.bias ? a.bias[n + r] : 0.f);
+      }
+    }
+  }
+  return n;
+}
+#endif
+
 // Rows [begin, end) one at a time: the last rows of a thread's range, or every row without AVX-512.
 template <typename ST>
 void gemv_single_rows(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin, int64_t end) {
@@ -751,7 +848,16 @@ void rows_range(const GemvArgs& a, const ST* sp, const ST* zp, int64_t begin, in
 #endif
   n = a.offset != 0.f ? gemv_blocks_dispatch<4, ST>(a, sp, zp, begin, end) : gemv_blocks_dispatch<8, ST>(a, sp, zp, begin, end);
 #elif defined(HF_FASTINFER_AVX2)
-  n = a.offset != 0.f ? gemv_blocks_avx2<4, ST>(a, sp, zp, begin, end) : gemv_blocks_avx2<8, ST>(a, sp, zp, begin, end);
+  if (a.xk16 != nullptr) {  // int8 x int16 (group: a multiple of 32 columns)
+    switch (a.group_size) {
+      case 32: n = gemv_blocks_a16_i8_avx2<2, ST>(a, sp, zp, begin, end); break;
+      case 64: n = gemv_blocks_a16_i8_avx2<4, ST>(a, sp, zp, begin, end); break;
+      case 128: n = gemv_blocks_a16_i8_avx2<8, ST>(a, sp, zp, begin, end); break;
+      default: n = gemv_blocks_a16_i8_avx2<0, ST>(a, sp, zp, begin, end); break;
+    }
+  } else {
+    n = a.offset != 0.f ? gemv_blocks_avx2<4, ST>(a, sp, zp, begin, end) : gemv_blocks_avx2<8, ST>(a, sp, zp, begin, end);
+  }
 #endif
   gemv_single_rows<ST>(a, sp, zp, n, end);
 }
@@ -765,6 +871,64 @@ inline __m512i to_int16_lanes(__m512 v, __m512 inv) {
 }
 #endif
 
+#ifdef HF_FASTINFER_AVX2
+// x as int16 per group for gemv_blocks_a16_i8_avx2, in xk16 [M, kpad] (column order): the values of the VNNI
+// road's preparation (nearest-even of x * 32767 / max|x_g|, clamped to +-32767; the group's scale and its sum as
+// held in int16), 16 at a time. A group's last values (fewer than 16) go through a zeroed copy, so the padding
+// past K holds zeros. The decode step prepares every projection's input on every team thread, so this is
+// vectorised like the projections.
+void int16_groups_avx2(const float* xp, int64_t M, int64_t K, int64_t group_size, QuantActivations& out) {
+  const int64_t groups = out.groups, kpad = groups * group_size;
+  out.a16_i8 = true;
+  out.kpad = kpad;
+  out.xk16.assign(M * kpad, 0);
+  out.xs.assign(M * (groups + 1), 0.f);
+  out.xsum16.assign(M * groups, 0.f);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256i lim = _mm256_set1_epi32(32767), neg_lim = _mm256_set1_epi32(-32767);
+  alignas(32) float tail[16];
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * group_size, len = std::min(group_size, K - k0);
+      const float* xg = xp + m * K + k0;
+      const auto load16 = [&](int64_t j, __m256& v0, __m256& v1) {  // values j .. j + 15 of the group, 0 past it
+        const float* src = xg + j;
+        if (len - j < 16) {
+          std::fill(tail, tail + 16, 0.f);
+          std::copy(src, src + (len - j), tail);
+          src = tail;
+        }
+        v0 = _mm256_loadu_ps(src);
+        v1 = _mm256_loadu_ps(src + 8);
+      };
+      __m256 vmax = _mm256_setzero_ps(), v0, v1;
+      for (int64_t j = 0; j < len; j += 16) {
+        load16(j, v0, v1);
+        vmax = _mm256_max_ps(vmax, _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)));
+      }
+      const float amax = hmax8(vmax);
+      if (amax == 0.f) continue;  // all zero: int16 values and scale stay 0
+      const __m256 inv = _mm256_set1_ps(32767.f / amax);
+      const float xs = amax / 32767.f;
+      __m256i qsum = _mm256_setzero_si256();
+      for (int64_t j = 0; j < len; j += 16) {
+        load16(j, v0, v1);
+        const __m256i q0 = _mm256_max_epi32(neg_lim, _mm256_min_epi32(lim, _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv))));
+        const __m256i q1 = _mm256_max_epi32(neg_lim, _mm256_min_epi32(lim, _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv))));
+        qsum = _mm256_add_epi32(qsum, _mm256_add_epi32(q0, q1));
+        // vpackssdw packs within 128-bit lanes (q0 0-3, q1 0-3, q0 4-7, q1 4-7): the 64-bit quarters put back
+        const __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), _MM_SHUFFLE(3, 1, 2, 0));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.xk16.data() + m * kpad + k0 + j), p);
+      }
+      const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(qsum), _mm256_extracti128_si256(qsum, 1));
+      const __m128i s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+      const int32_t total = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, _MM_SHUFFLE(2, 3, 0, 1))));
+      out.xs[m * (groups + 1) + g] = xs;
+      out.xsum16[m * groups + g] = static_cast<float>(total) * xs;
+    }
+}
+#endif
+
 }  // namespace
 
 bool quant_prefetch_nta() { return g_prefetch_nta; }
@@ -773,6 +937,8 @@ bool quant_prefetch_two_level() { return g_prefetch_two_level; }
 void set_quant_prefetch_two_level(bool on) { g_prefetch_two_level = on; }
 bool int8_int16_activations() { return g_int8_a16; }
 void set_int8_int16_activations(bool on) { g_int8_a16 = on; }
+bool int4_int16_activations() { return g_int4_a16; }
+void set_int4_int16_activations(bool on) { g_int4_a16 = on; }
 bool int8_group_pairs() { return g_int8_pairs; }
 void set_int8_group_pairs(bool on) { g_int8_pairs = on; }
 
@@ -814,12 +980,17 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
 #ifdef HF_FASTINFER_A16
   // int4 against 16-bit activations: x as int16 per group (gemv_blocks_a16), where the CPU has VNNI
   // (x with inf / NaN takes the float path, which propagates them as float arithmetic does)
-  const bool a16 = int16_activations && bits == 4 &&
+  const bool a16 = int16_activations && g_int4_a16 && bits == 4 &&
                    (group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256) &&
                    std::all_of(xp, xp + M * K, [](float v) { return std::isfinite(v); });
-  // int8 against 16-bit activations: x as int16 per group (gemv_blocks_a16_i8), for groups of whole 32-column chunks
+#endif
+#if defined(HF_FASTINFER_A16) || defined(HF_FASTINFER_AVX2)
+  // int8 against 16-bit activations: x as int16 per group (gemv_blocks_a16_i8 with VNNI, gemv_blocks_a16_i8_avx2
+  // with AVX2 alone), for groups of whole 32-column chunks
   const bool a16_i8 = int16_activations && g_int8_a16 && bits == 8 && group_size % 32 == 0 &&
                       std::all_of(xp, xp + M * K, [](float v) { return std::isfinite(v); });
+#endif
+#ifdef HF_FASTINFER_A16
   if (a16_i8) {
     // 16 values at a time, the same roundings as the scalar int4 loop below (nearest-even of x * 32767 / max|x_g|,
     // clamped to +-32767), the group's sum as held in int16
@@ -943,6 +1114,8 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
         out.xsum16[m * groups + g] = static_cast<float>(qsum) * out.xs[m * (groups + 1) + g];
       }
   }
+#elif defined(HF_FASTINFER_AVX2)
+  if (a16_i8) int16_groups_avx2(xp, M, K, group_size, out);
 #endif
   (void)int16_activations;
 }
