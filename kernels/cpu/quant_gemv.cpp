@@ -66,15 +66,18 @@ bool g_int8_pairs = true;
 constexpr int64_t kNearBytes = 2048;
 bool g_prefetch_two_level = true;
 
-#ifdef HF_FASTINFER_AVX512
-// One prefetch of p: non-temporal, or into L1 (the scales of a block ahead, and the weight lines without the
-// two-level scheme)
+#if defined(HF_FASTINFER_AVX512) || defined(HF_FASTINFER_AVX2)
+// One prefetch of p: non-temporal, or into L1 (the scales of a block ahead, the weight lines without the
+// two-level scheme, and every weight line of the AVX2 roads)
 __attribute__((always_inline)) inline void prefetch_weight(const char* p, bool nta) {
   if (nta)
     _mm_prefetch(p, _MM_HINT_NTA);
   else
     _mm_prefetch(p, _MM_HINT_T0);
 }
+#endif
+
+#ifdef HF_FASTINFER_AVX512
 
 // The prefetch of one line of the block `ahead` rows on (p), made once per kernel call by line_prefetch below.
 struct LinePrefetch {
@@ -646,12 +649,7 @@ int64_t gemv_blocks_avx2(const GemvArgs a, const ST* sp, const ST* zp, int64_t b
       float tail[4] = {0.f, 0.f, 0.f, 0.f};  // the columns past the whole 8s, already scaled
       for (int64_t g = 0; g < groups; ++g) {
         if (m == 0) {  // the block ahead, a few lines per group (a burst of prefetches stalls the core)
-          for (int64_t l = 0; l < per_group; ++l) {
-            if (a.nta)
-              _mm_prefetch(pf + 64 * l, _MM_HINT_NTA);
-            else
-              _mm_prefetch(pf + 64 * l, _MM_HINT_T0);
-          }
+          for (int64_t l = 0; l < per_group; ++l) prefetch_weight(pf + 64 * l, a.nta);
           pf += 64 * per_group;
         }
         const int64_t len = std::min(gs, K - g * gs);
@@ -752,12 +750,7 @@ int64_t gemv_blocks_a16_i8_avx2(const GemvArgs a, const ST* sp, const ST* zp, in
       const auto one_group = [&](auto ch, int64_t count) {
         constexpr int CH = decltype(ch)::value;
         if (m == 0) {  // a few lines per group (a burst of prefetches stalls the core)
-          for (int64_t l = 0; l < per_group; ++l) {
-            if (a.nta)
-              _mm_prefetch(pf + 64 * l, _MM_HINT_NTA);
-            else
-              _mm_prefetch(pf + 64 * l, _MM_HINT_T0);
-          }
+          for (int64_t l = 0; l < per_group; ++l) prefetch_weight(pf + 64 * l, a.nta);
           pf += 64 * per_group;
         }
         __m256i d[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
@@ -765,10 +758,11 @@ int64_t gemv_blocks_a16_i8_avx2(const GemvArgs a, const ST* sp, const ST* zp, in
         #pragma GCC unroll 8
         for (int64_t c = 0; c < n_chunks; ++c) {
           const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16 * c));
+          const int64_t left = K - (p[0] - (a.w + n * K)) - 16 * c;  // bytes of each row from this chunk on
           #pragma GCC unroll 4
           for (int r = 0; r < 4; ++r) {
-            const int64_t at = p[r] - (a.w + (n + r) * K) + 16 * c;  // (CH > 0: never short, folded away)
-            const __m128i wb = CH > 0 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p[r] + 16 * c)) : chunk16(p[r] + 16 * c, K - at);
+            // (CH > 0: whole chunks only, the copy folded away)
+            const __m128i wb = CH > 0 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p[r] + 16 * c)) : chunk16(p[r] + 16 * c, left);
             d[r] = _mm256_add_epi32(d[r], _mm256_madd_epi16(xv, _mm256_cvtepi8_epi16(wb)));
           }
         }
