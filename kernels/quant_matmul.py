@@ -303,8 +303,8 @@ def quant_matmul_cpu(x, qweight, scales, zeros, bias, bits, group_size, in_featu
 
     A few rows (decode): the compiled kernel in ``kernels/cpu/`` reads each weight row once as integers and
     folds dequantization into the dot product (AVX-512 where the CPU has it, else AVX2). int4 and int8 weights
-    against bf16 activations run on AVX-512 VNNI integer dot products, with x held as int16 per weight group (int8: groups
-    that are multiples of 32; an error of
+    against bf16 activations run on integer dot products (AVX-512 VNNI, or AVX2's vpmaddwd / vpmaddubsw), with x
+    held as int16 per weight group (int8: groups that are multiples of 32; int4 on AVX2: K a multiple of 64; an error of
     at most max|x_g| / 65534 per element, about a tenth of a bf16 output's own rounding); fp16 and fp32
     activations stay float throughout. More rows (prefill): the compiled kernel dequantizes the weight to fp32
     (vectorised, across the threads) and one BLAS product follows, where the arithmetic dominates (bf16 / fp16

@@ -89,16 +89,18 @@ def _teacher_forced(model, tokenizer, answers, cache):
 @pytest.mark.parametrize("precision", ["bf16", "int8", "int4"])
 def test_lower_precisions_agree_with_transformers_at_the_same_precision(tokenizer, precision):
     """bf16: transformers' own bf16 path; int8 / int4: the same MoQ weights run by transformers' forward (no
-    injection). A free-running greedy answer follows its first near-tie of two logits onto another path, and
-    bf16 rounds differently in any two implementations (transformers' own eager and SDPA paths agree on 6 of 10
-    of these answers over 32 tokens: BENCHMARKS.md), so the free-running answers must agree with transformers'
-    at least as often as transformers' two paths agree with each other (5 of 10, with a margin of one).
+    injection). Where transformers' own top two logits lie within two bf16 ulps of each other, which one wins is
+    the rounding of the last few ops (the values are ties in bf16), and bf16 rounds differently in any two
+    implementations (transformers' own eager and SDPA paths agree on 6 of 10 of these answers over 32 tokens:
+    BENCHMARKS.md). A free-running greedy answer follows its first such tie onto another path, so how many of
+    the 10 answers stay identical is chance (4 to 6 of 10 on the same code and weights, as the GEMVs' int16 or
+    float roads break ties one way or the other). So: every free-running answer that leaves transformers' must
+    leave it at such a near-tie of transformers' own logits, and none at a clear choice.
 
-    With transformers' answers forced, position by position: where transformers' own top two logits lie within
-    two bf16 ulps of each other, which one wins is the rounding of the last few ops (the values are ties in
-    bf16), so those positions are left out, and at every other position the fused path must pick transformers'
-    token (>= 99%). And it must be as close to the fp32 model as transformers' path is: its choices agree with
-    fp32's (the fp32 model forced on the same answers) at no fewer positions, less 1%."""
+    With transformers' answers forced, position by position: the near-tie positions are left out, and at every
+    other position the fused path must pick transformers' token (>= 99%). And it must be as close to the fp32
+    model as transformers' path is: its choices agree with fp32's (the fp32 model forced on the same answers) at
+    no fewer positions, less 1%."""
     bits = None if precision == "bf16" else int(precision[3:])
     if bits is None:
         reference = _load(torch.bfloat16, attn="sdpa")
@@ -107,11 +109,22 @@ def test_lower_precisions_agree_with_transformers_at_the_same_precision(tokenize
     fast = _load(torch.bfloat16, bits=bits)
     expected = _answers(reference, tokenizer, 32)
     got = _answers(fast, tokenizer, 32, "fastinfer")
-    same = [torch.equal(a, b) for a, b in zip(got, expected)]
-    assert sum(same) >= 5, same
     dynamic = lambda m: DynamicCache(config=m.config)  # noqa: E731
     ours = _teacher_forced(fast, tokenizer, expected, lambda m: hf_fastinfer.build_cache("fastinfer", config=m.config))
     theirs = _teacher_forced(reference, tokenizer, expected, dynamic)
+    # where each free-running answer first leaves transformers' (the two share every token before it, so
+    # transformers' logits forced on its own answer are the logits at that point): the gap of its top two, in ulps
+    departures = []
+    for ours_answer, their_answer, (_, gap, ulp) in zip(got, expected, theirs):
+        common = min(len(ours_answer), len(their_answer))
+        differ = (ours_answer[:common] != their_answer[:common]).nonzero()
+        if len(differ):
+            at = int(differ[0])
+            departures.append((at, float(gap[at] / ulp[at])))
+        else:  # identical, or one stopped (end of sequence) where the other went on: a departure at `common`
+            assert len(ours_answer) == len(their_answer), (len(ours_answer), len(their_answer))
+    assert all(gap_ulps <= 2 for _, gap_ulps in departures), departures
+    assert len(departures) < len(expected), departures  # a path that left at every prompt is not "near-ties"
     fp32 = _teacher_forced(_load(torch.float32, attn="sdpa"), tokenizer, expected, dynamic)
     clear = torch.cat([gap > 2 * ulp for _, gap, ulp in theirs])
     picks = torch.cat([p for p, _, _ in ours])

@@ -6,8 +6,8 @@
 // AVX-512, four rows go through FMA chains side by side and each group's scale is applied once to the group's
 // partial sum; with AVX2 + FMA alone, the same blocks in 8 lanes (gemv_blocks_avx2); with neither, plain C++
 // loops the compiler vectorises. Activations stay float32 throughout (except
-// int4 and int8 against bf16 activations, held as int16: gemv_blocks_a16* with VNNI, and int8 with AVX2
-// alone, gemv_blocks_a16_i8_avx2, below): the result is the exact
+// int4 and int8 against bf16 activations, held as int16: gemv_blocks_a16* with VNNI, and with AVX2
+// alone gemv_blocks_a16_i8_avx2 and gemv_blocks_a16_u4_avx2, below): the result is the exact
 // float dot product up to summation order, whatever the weight format. Formats: hf_fastinfer.kernels.quant_format (int8 [N, K]; int4 nibbles q + 8,
 // low nibble = even column).
 //
@@ -46,7 +46,8 @@ bool g_prefetch_nta = [] {
 // Whether int8 weights meet bf16 activations as int16 (gemv_blocks_a16_i8) or as float (set_int8_int16_activations:
 // benchmarks' A/B in one process).
 bool g_int8_a16 = true;
-// The same for int4 weights (gemv_blocks_a16*, VNNI only; set_int4_int16_activations).
+// The same for int4 weights (gemv_blocks_a16* with VNNI, gemv_blocks_a16_u4_avx2 with AVX2 alone;
+// set_int4_int16_activations).
 bool g_int4_a16 = true;
 
 // Whether int8 group-32 weights against int16 activations take two groups per product vector
@@ -124,6 +125,8 @@ struct GemvArgs {
   const int16_t* xp16;   // [M, pblocks, 64]
   const int32_t* xcorr;  // [M, pblocks, 16]
   int64_t pblocks;
+  // int4 with 16-bit activations on AVX2 (see gemv_blocks_a16_u4_avx2): x's int16 values split into bytes
+  const uint8_t* xb4;  // [M, 4, K / 2]
   bool nta;        // the weight stream's software prefetches non-temporal (g_prefetch_nta, read once per call)
   bool two_level;  // otherwise into L2 far ahead and into L1 near (g_prefetch_two_level)
 };
@@ -708,9 +711,7 @@ int64_t gemv_blocks_avx2(const GemvArgs a, const ST* sp, const ST* zp, int64_t b
 // conversion and one fma against the group's scale product; the float road (gemv_blocks_avx2) converts every
 // weight twice (int8 -> int32 -> float) and multiplies it once. Measured on one AMD Zen 3 core, weight in L2
 // (the time of 512 rows less that of 128, K 576, group 32): 12.0 -> 17.7 billion weights a second; whole decode
-// of the default model 1.27x (BENCHMARKS.md). (The same road for int4, nibbles widened by vpmovzxbw against the
-// even / odd columns, computed 8.9 -> 14.0 billion weights a second there but left decode where it was, and
-// its answers agreed with transformers' less often than the float road's: left out, BENCHMARKS.md.)
+// of the default model 1.27x (BENCHMARKS.md). (int4 takes its own road, gemv_blocks_a16_u4_avx2 below.)
 // CPG: 16-byte chunks per group (group_size / 16), 0 for any at run time. A row's last chunk, when fewer than
 // 16 bytes remain, is read through a zeroed copy (AVX2 has no masked byte loads, and a whole load there would
 // read past the weight's end); x is zero past K.
@@ -788,6 +789,89 @@ int64_t gemv_blocks_a16_i8_avx2(const GemvArgs a, const ST* sp, const ST* zp, in
 }
 #endif
 
+#ifdef HF_FASTINFER_AVX2
+// int4 weights against bf16 activations held as int16 per group, without AVX-512: the int16 values of the VNNI
+// road (xs = max|x_g| / 32767), multiplied 32 weights an instruction by vpmaddubsw (unsigned bytes times signed
+// bytes, adjacent pairs added into int16). An int16 x value is h * 256 + l, with l = x & 255 (unsigned) and h =
+// x >> 8 (signed, -128..127), so a stored nibble u (0..15) times x is 256 * (u * h) + u * l: two byte products,
+// each exact. quant_prepare splits x into those bytes (xb4: [M, 4, K / 2], the low and high bytes of the even
+// columns, then of the odd ones, byte j of each against byte j of the weight row's 64-column chunk). Per 32
+// weight bytes (64 columns) of a row: an and, a shift and an and unpack the nibbles, four vpmaddubsw (even and
+// odd columns against l and h), two int16 adds (no overflow: pairs of u * l add to at most 2 * 2 * 15 * 255 =
+// 15300, of u * h to at most 7680 in magnitude), two vpmaddwd (by 256 and by 1) and one int32 add; per group one
+// conversion and one fma against the group's scale product. The sums are the VNNI road's exact integer sums.
+// The float road (gemv_blocks_avx2) converts every nibble to float and multiplies it: about twice the
+// instructions a weight. K a multiple of 64 (quant_prepare); CPG: 64-column chunks per group (group_size / 64),
+// 0 for group 32, where each 128-bit lane of a chunk is its own group.
+template <int CPG, typename ST>
+int64_t gemv_blocks_a16_u4_avx2(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin, int64_t end) {
+  const int64_t groups = a.groups, K = a.K, half = K / 2, rb = half, chunks = K / 64;
+  float* const sf = block_buffer(0, 4 * groups);
+  float* const zs = block_buffer(1, 4 * groups);  // (z + 8) * s: the offset of the stored nibbles, and z
+  float* const sx = block_buffer(2, 4 * groups);  // the scales times x's int16 scales
+  // group 32: a chunk's two groups' scale products, broadcast as a pair (s0 s1 s0 s1 ...), onto the int32 lanes
+  // that hold their sums (0-3 and 4-7)
+  const __m256i pair_lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  const int64_t ahead = prefetch_rows_ahead(rb);
+  const int64_t lines = (4 * rb + 63) / 64, per_chunk = (lines + chunks - 1) / chunks;
+  const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), by256 = _mm256_set1_epi16(256);
+  int64_t n = begin;
+  for (; n + 4 <= end; n += 4) {
+    block_scales(sp, zp, n, groups, a.offset, sf, zs);
+    const char* pf = prefetch_target(a, n, ahead);
+    for (int64_t m = 0; m < a.M; ++m) {
+      const uint8_t* xb = a.xb4 + m * 4 * half;  // even low, even high, odd low, odd high: half bytes each
+      const float* xs = a.xs + m * (groups + 1);
+      for (int r = 0; r < 4; ++r)
+        for (int64_t g = 0; g < groups; ++g) sx[r * groups + g] = sf[r * groups + g] * xs[g];  // (vectorised)
+      const uint8_t* p[4] = {a.w + n * rb, a.w + (n + 1) * rb, a.w + (n + 2) * rb, a.w + (n + 3) * rb};
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      __m256i d[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+      for (int64_t c = 0; c < chunks; ++c) {
+        if (m == 0) {  // the block ahead, a few lines per chunk (a burst of prefetches stalls the core)
+          for (int64_t l = 0; l < per_chunk; ++l) prefetch_weight(pf + 64 * l, a.nta);
+          pf += 64 * per_chunk;
+        }
+        const int64_t j = 32 * c;
+        const __m256i el = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + j));
+        const __m256i eh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + half + j));
+        const __m256i ol = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 2 * half + j));
+        const __m256i oh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 3 * half + j));
+        const bool first = CPG <= 1 || c % CPG == 0;  // the chunk opens a group
+        #pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[r] + j));
+          const __m256i lo = _mm256_and_si256(w, low4);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
+          const __m256i sl = _mm256_add_epi16(_mm256_maddubs_epi16(el, lo), _mm256_maddubs_epi16(ol, hi));
+          const __m256i sh = _mm256_add_epi16(_mm256_maddubs_epi16(lo, eh), _mm256_maddubs_epi16(hi, oh));
+          const __m256i v = _mm256_add_epi32(_mm256_madd_epi16(sh, by256), _mm256_madd_epi16(sl, ones));
+          d[r] = first ? v : _mm256_add_epi32(d[r], v);
+        }
+        if (CPG == 0) {  // two groups: lanes 0-3 of group 2c, 4-7 of 2c + 1
+          #pragma GCC unroll 4
+          for (int r = 0; r < 4; ++r) {
+            const __m256 pair = _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(sx + r * groups + 2 * c)));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[r]), _mm256_permutevar8x32_ps(pair, pair_lanes), acc[r]);
+          }
+        } else if ((c + 1) % CPG == 0 || c + 1 == chunks) {  // a group's last chunk (the last group may be short)
+          const int64_t g = c / CPG;
+          #pragma GCC unroll 4
+          for (int r = 0; r < 4; ++r)
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[r]), _mm256_broadcast_ss(sx + r * groups + g), acc[r]);
+        }
+      }
+      #pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        const float zero_term = dot8(zs + r * groups, a.xsum16 + m * groups, groups);
+        a.y[m * a.N + n + r] = hsum8(acc[r]) - zero_term + (a.bias ? a.bias[n + r] : 0.f);
+      }
+    }
+  }
+  return n;
+}
+#endif
+
 // Rows [begin, end) one at a time: the last rows of a thread's range, or every row without AVX-512.
 template <typename ST>
 void gemv_single_rows(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin, int64_t end) {
@@ -842,7 +926,14 @@ void rows_range(const GemvArgs& a, const ST* sp, const ST* zp, int64_t begin, in
 #endif
   n = a.offset != 0.f ? gemv_blocks_dispatch<4, ST>(a, sp, zp, begin, end) : gemv_blocks_dispatch<8, ST>(a, sp, zp, begin, end);
 #elif defined(HF_FASTINFER_AVX2)
-  if (a.xk16 != nullptr) {  // int8 x int16 (group: a multiple of 32 columns)
+  if (a.xb4 != nullptr) {  // int4 x int16 (K a multiple of 64; group 32, 64, 128 or 256)
+    switch (a.group_size) {
+      case 32: n = gemv_blocks_a16_u4_avx2<0, ST>(a, sp, zp, begin, end); break;
+      case 64: n = gemv_blocks_a16_u4_avx2<1, ST>(a, sp, zp, begin, end); break;
+      case 128: n = gemv_blocks_a16_u4_avx2<2, ST>(a, sp, zp, begin, end); break;
+      default: n = gemv_blocks_a16_u4_avx2<4, ST>(a, sp, zp, begin, end); break;  // 256 (quant_prepare)
+    }
+  } else if (a.xk16 != nullptr) {  // int8 x int16 (group: a multiple of 32 columns)
     switch (a.group_size) {
       case 32: n = gemv_blocks_a16_i8_avx2<2, ST>(a, sp, zp, begin, end); break;
       case 64: n = gemv_blocks_a16_i8_avx2<4, ST>(a, sp, zp, begin, end); break;
@@ -873,7 +964,6 @@ inline __m512i to_int16_lanes(__m512 v, __m512 inv) {
 // vectorised like the projections.
 void int16_groups_avx2(const float* xp, int64_t M, int64_t K, int64_t group_size, QuantActivations& out) {
   const int64_t groups = out.groups, kpad = groups * group_size;
-  out.a16_i8 = true;
   out.kpad = kpad;
   out.xk16.assign(M * kpad, 0);
   out.xs.assign(M * (groups + 1), 0.f);
@@ -959,6 +1049,7 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
   // any model in the process (an int4 group-32 layout left over from one made an int8 projection read it)
   out.a16 = false;
   out.a16_i8 = false;
+  out.a16_u4 = false;
   out.blocks64 = 0;
   out.kpad = 0;
   out.pblocks = 0;
@@ -1109,7 +1200,30 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
       }
   }
 #elif defined(HF_FASTINFER_AVX2)
-  if (a16_i8) int16_groups_avx2(xp, M, K, group_size, out);
+  // int4 against 16-bit activations (gemv_blocks_a16_u4_avx2): whole 64-column chunks, the VNNI road's group sizes
+  const bool a16_u4 = int16_activations && g_int4_a16 && bits == 4 && K % 64 == 0 &&
+                      (group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256) &&
+                      std::all_of(xp, xp + M * K, [](float v) { return std::isfinite(v); });
+  if (a16_i8) {
+    int16_groups_avx2(xp, M, K, group_size, out);
+    out.a16_i8 = true;
+  } else if (a16_u4) {
+    int16_groups_avx2(xp, M, K, group_size, out);
+    out.a16_u4 = true;
+    // each value's low byte (unsigned) and high byte (signed), even and odd columns apart: [M, 4, half]
+    out.xb4.resize(M * 4 * half);
+    for (int64_t m = 0; m < M; ++m) {
+      const int16_t* src = out.xk16.data() + m * out.kpad;
+      uint8_t* dst = out.xb4.data() + m * 4 * half;
+      for (int64_t j = 0; j < half; ++j) {
+        const int16_t e = src[2 * j], o = src[2 * j + 1];
+        dst[j] = static_cast<uint8_t>(e & 255);
+        dst[half + j] = static_cast<uint8_t>(static_cast<int8_t>(e >> 8));
+        dst[2 * half + j] = static_cast<uint8_t>(o & 255);
+        dst[3 * half + j] = static_cast<uint8_t>(static_cast<int8_t>(o >> 8));
+      }
+    }
+  }
 #endif
   (void)int16_activations;
 }
@@ -1117,7 +1231,7 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
 void quant_rows(const QuantWeight& w, const QuantActivations& x, float* y, int64_t begin, int64_t end) {
   const int64_t half = (w.K + 1) / 2;
   const bool g32 = x.a16 && x.blocks64 > 0;
-  const bool a16 = x.a16 || x.a16_i8;  // (xs and xsum16 serve both)
+  const bool a16 = x.a16 || x.a16_i8 || x.a16_u4;  // (xs and xsum16 serve all three)
   const GemvArgs args{x.x, x.xe.data(), x.xo.data(), x.xsum.data(), w.w, w.bias, y,
                       x.M, w.N, w.K, w.groups, w.group_size, half, w.bits == 8 ? w.K : half, w.bits == 4 ? 8.f : 0.f,
                       x.a16 && !g32 ? x.xe16.data() : nullptr, x.a16 && !g32 ? x.xo16.data() : nullptr,
@@ -1125,7 +1239,7 @@ void quant_rows(const QuantWeight& w, const QuantActivations& x, float* y, int64
                       g32 ? x.x16.data() : nullptr, g32 ? x.xs4.data() : nullptr, g32 ? x.xq4.data() : nullptr,
                       x.blocks64, x.a16_i8 ? x.xk16.data() : nullptr, x.kpad,
                       x.pblocks > 0 ? x.xp16.data() : nullptr, x.pblocks > 0 ? x.xcorr.data() : nullptr,
-                      x.pblocks, g_prefetch_nta, g_prefetch_two_level};
+                      x.pblocks, x.a16_u4 ? x.xb4.data() : nullptr, g_prefetch_nta, g_prefetch_two_level};
   if (w.half_scales)
     rows_range<c10::Half>(args, static_cast<const c10::Half*>(w.scales), static_cast<const c10::Half*>(w.zeros), begin, end);
   else

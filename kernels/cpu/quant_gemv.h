@@ -47,11 +47,16 @@ struct QuantActivations {
   std::vector<int32_t> xcorr;  // [M, pblocks, 16]
   int64_t pblocks = 0;
   bool a16_i8 = false;
+  // int4 x int16 with AVX2 alone (gemv_blocks_a16_u4_avx2): the int16 values (xk16, xs, xsum16 as for int8) split
+  // into bytes, [M, 4, half]: the even columns' low bytes (unsigned), their high bytes (signed), then the odd ones'
+  std::vector<uint8_t> xb4;
+  bool a16_u4 = false;
 };
 
 // Prepare x for weights of `bits` and `group_size`. int16_activations: x held as int16 per group (callers ask for
 // it with bf16 activations only), used with AVX-512 VNNI for int4 with group sizes 32, 64, 128 and 256 and for
-// int8 with group sizes that are multiples of 32, with AVX2 alone for int8 alone, and with finite x.
+// int8 with group sizes that are multiples of 32; with AVX2 alone the same, int4 only where K is a multiple of 64;
+// and with finite x.
 void quant_prepare(const float* x, int64_t M, int64_t K, int64_t bits, int64_t group_size, bool int16_activations,
                    QuantActivations& out);
 
@@ -69,7 +74,7 @@ void set_quant_prefetch_two_level(bool on);
 // Whether int8 weights meet bf16 activations held as int16 (on by default); settable for an A/B.
 bool int8_int16_activations();
 void set_int8_int16_activations(bool on);
-// The same for int4 weights (AVX-512 VNNI builds); settable for an A/B.
+// The same for int4 weights (AVX-512 VNNI and AVX2 builds); settable for an A/B.
 bool int4_int16_activations();
 void set_int4_int16_activations(bool on);
 // Whether int8 group-32 weights against int16 activations take two groups per product vector (on by default);
