@@ -121,7 +121,7 @@ def test_lower_precisions_agree_with_transformers_at_the_same_precision(tokenize
         if len(differ):
             at = int(differ[0])
             departures.append((at, float(gap[at] / ulp[at])))
-        else:  # identical, or one stopped (end of sequence) where the other went on: a departure at `common`
+        else:  # identical: an answer ends with its end-of-sequence token, so one that stopped early differs above
             assert len(ours_answer) == len(their_answer), (len(ours_answer), len(their_answer))
     assert all(gap_ulps <= 2 for _, gap_ulps in departures), departures
     assert len(departures) < len(expected), departures  # a path that left at every prompt is not "near-ties"
