@@ -728,7 +728,7 @@ inline __m128i chunk16(const uint8_t* p, int64_t avail) {
 // zero point and offset, 0). The same products, in the same order, as block_scales, the sx loop and dot8 gave
 // before (the results are bit for bit the same), in one pass without their buffers. As three passes (block_scales,
 // the sx loop, dot8) they took about a third of int4's time at K 576 on a Zen 3 core; one pass made the int4 road
-// 1.21-1.37x faster there (weight in L2, group 32, interleaved) and int4 decode about 1.2x (BENCHMARKS.md).
+// 1.14-1.42x faster there (weight in L2, group 32, interleaved) and int4 decode 1.11x (BENCHMARKS.md).
 template <typename ST>
 inline void block_scale_products(const ST* sp, const ST* zp, int64_t n, int64_t groups, float offset,
                                  const float* xs, const float* xsum16, float* sx, float* zero) {
