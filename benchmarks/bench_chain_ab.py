@@ -45,24 +45,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, read_bandwidth_gbs, write_section  # noqa: E402
+from _common import (KERNEL_SWITCHES, kernel_switches, machine, read_bandwidth_gbs, set_kernel_switches,  # noqa: E402
+                     write_section)
 
 import hf_fastinfer  # noqa: E402
 from hf_fastinfer import evaluation, models  # noqa: E402
 from hf_fastinfer.bench import decode_read_bytes  # noqa: E402
 from hf_fastinfer.cache import FastInferCache  # noqa: E402
 from hf_fastinfer.kernels._cpu_ext import cpu_extension  # noqa: E402
-
-#: switch: (the extension's getter, its setter, what it is)
-SWITCHES = {
-    "nta": ("quant_prefetch_nta", "set_quant_prefetch_nta", "non-temporal prefetch"),
-    "twolevel": ("quant_prefetch_two_level", "set_quant_prefetch_two_level", "two-level prefetch"),
-    "i8a16": ("int8_int16_activations", "set_int8_int16_activations", "int8 x int16 activations"),
-    "i4a16": ("int4_int16_activations", "set_int4_int16_activations", "int4 x int16 activations"),
-    "pairs": ("int8_group_pairs", "set_int8_group_pairs", "int8 group pairs"),
-    "bf16dot": ("bf16_dot_products", "set_bf16_dot_products", "bf16 dot products"),
-}
-
 
 def prepared_chain(model, prompt_ids: torch.Tensor):
     """(the prepared chain generate() would run, its call's arguments) after the prompt and one decoded token."""
@@ -94,33 +84,34 @@ def ab(chain, call_args, setter, calls: int):
             on = i % 4 in (0, 3)
             setter(on)
             start = time.perf_counter()
-            out = chain(*call_args)
+            # (the last layer's output [1, 1, H] and the logits [1, V] or None: new tensors every call, never
+            # written again, so the last call's of each setting is kept without a copy)
+            outputs[on] = chain(*call_args)
             times[on].append(time.perf_counter() - start)
-            outputs[on] = [t.clone() for t in out if t is not None]
-    same = all(torch.equal(a, b) for a, b in zip(outputs[True], outputs[False]))
+    same = all((a is None and b is None) or torch.equal(a, b) for a, b in zip(outputs[True], outputs[False]))
     return times[True], times[False], same
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", default="none,8,4", help="comma-separated: none (bf16 weights), 8, 4")
-    parser.add_argument("--switches", default="nta", help="comma-separated, of: " + ", ".join(SWITCHES))
+    parser.add_argument("--switches", default="nta", help="comma-separated, of: " + ", ".join(KERNEL_SWITCHES))
     parser.add_argument("--calls", type=int, default=1000, help="chain calls per switch and precision (even)")
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = parser.parse_args()
     switches = args.switches.split(",")
-    if not switches or any(s not in SWITCHES for s in switches):
-        raise SystemExit(f"--switches: comma-separated, of {', '.join(SWITCHES)}")
+    if not switches or any(s not in KERNEL_SWITCHES for s in switches):
+        raise SystemExit(f"--switches: comma-separated, of {', '.join(KERNEL_SWITCHES)}")
     if args.calls < 8 or args.calls % 2:
         raise SystemExit("--calls: an even number, at least 8")
     ext = cpu_extension()
+    library = kernel_switches(ext)
     for name in switches:  # a switch this build or CPU has no road for reads off whatever it is set to
-        getter, setter = getattr(ext, SWITCHES[name][0]), getattr(ext, SWITCHES[name][1])
-        library = getter()
+        getter, setter = getattr(ext, KERNEL_SWITCHES[name][0]), getattr(ext, KERNEL_SWITCHES[name][1])
         setter(True)
         available = getter()
-        setter(library)
+        setter(library[name])
         if not available:
             raise SystemExit(f"{name}: this build or CPU has no such road; nothing to compare")
     folder = models.default_model_path(progress=False)
@@ -135,12 +126,10 @@ def main() -> None:
         chain, call_args, cache = prepared_chain(model, ids)
         weight_bytes = decode_read_bytes(model)
         for name in switches:
-            getter, setter = getattr(ext, SWITCHES[name][0]), getattr(ext, SWITCHES[name][1])
-            library = getter()
             try:
-                on, off, same = ab(chain, call_args, setter, args.calls)
+                on, off, same = ab(chain, call_args, getattr(ext, KERNEL_SWITCHES[name][1]), args.calls)
             finally:
-                setter(library)
+                set_kernel_switches(ext, library)
             ratios = [b / a for a, b in zip(on, off)]
             quartiles = statistics.quantiles(ratios, n=4)
             rows.append((bits, name, statistics.median(on), statistics.median(off), statistics.median(ratios),
@@ -164,14 +153,14 @@ def main() -> None:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for bits, name, t_on, t_off, ratio, q1, q3, pairs, weight_bytes, same in rows:
-        lines.append(f"| {'bf16' if bits == 'none' else 'int' + bits} | {SWITCHES[name][2]} | {t_on * 1e3:.2f} | "
-                     f"{t_off * 1e3:.2f} | {ratio:.3f} ({q1:.3f}-{q3:.3f}) | {pairs} | "
+        lines.append(f"| {'bf16' if bits == 'none' else 'int' + bits} | {KERNEL_SWITCHES[name][2]} | "
+                     f"{t_on * 1e3:.2f} | {t_off * 1e3:.2f} | {ratio:.3f} ({q1:.3f}-{q3:.3f}) | {pairs} | "
                      f"{weight_bytes / t_on / 1e9:.1f} | {'yes' if same else 'no'} |")
     table = "\n".join(lines)
     print(table)
     if args.write:
         write_section("bench_chain_ab_" + "_".join(switches),
-                      f"## Decode chain A/B: {' and '.join(SWITCHES[s][2] for s in switches)}\n\n" + table)
+                      f"## Decode chain A/B: {' and '.join(KERNEL_SWITCHES[s][2] for s in switches)}\n\n" + table)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, read_bandwidth_gbs, summarize, write_section  # noqa: E402
+from _common import (KERNEL_SWITCHES, kernel_switches, machine, read_bandwidth_gbs, set_kernel_switch,  # noqa: E402
+                     set_kernel_switches, summarize, write_section)
 
 import hf_fastinfer  # noqa: E402
 from hf_fastinfer import evaluation, models  # noqa: E402
@@ -51,11 +52,9 @@ from hf_fastinfer.injection import _move_to_huge_pages, _spec_tensors  # noqa: E
 from hf_fastinfer.injection.hugepages import move_out_of_huge_pages  # noqa: E402
 from hf_fastinfer.kernels._cpu_ext import cpu_extension  # noqa: E402
 
-FACTORS = {"step": "whole step", "huge": "huge pages", "nta": "non-temporal prefetch",
-           "i8a16": "int8 x int16 activations",
-           "i4a16": "int4 x int16 activations", "head": "head in the chain",
-           "bf16dot": "bf16 dot products", "consume": "step takes the chain's outputs",
-           "twolevel": "two-level prefetch", "pairs": "int8 group pairs", "prepared": "prepared chain"}
+FACTORS = {"step": "whole step", "huge": "huge pages", "head": "head in the chain",
+           "consume": "step takes the chain's outputs", "prepared": "prepared chain",
+           **{name: label for name, (_, _, label) in KERNEL_SWITCHES.items()}}
 
 
 def set_huge_pages(model, on: bool) -> None:
@@ -101,8 +100,7 @@ def main() -> None:
         raise SystemExit(f"--factors: comma-separated, of {', '.join(FACTORS)}")
     combos = list(itertools.product((True, False), repeat=len(factors)))
     ext = cpu_extension()
-    library_nta = ext.quant_prefetch_nta()
-    library_bf16_dot = ext.bf16_dot_products()
+    library = kernel_switches(ext)
     rows = []
     bandwidths = []
     for bits in args.bits.split(","):
@@ -119,13 +117,10 @@ def main() -> None:
         if "head" in factors and head is None:
             raise SystemExit(f"bits={bits}: the chain runs no head for this model; nothing to compare")
         setters = {"step": lambda on: set_step(model, state.step, on), "huge": lambda on: set_huge_pages(model, on),
-                   "nta": ext.set_quant_prefetch_nta, "i8a16": ext.set_int8_int16_activations,
-                   "i4a16": ext.set_int4_int16_activations,
-                   "bf16dot": ext.set_bf16_dot_products, "twolevel": ext.set_quant_prefetch_two_level,
-                   "pairs": ext.set_int8_group_pairs,
                    "consume": lambda on: setattr(state.step, "consume_chain", on),
                    "prepared": lambda on: setattr(state.step, "use_prepared", on),
-                   "head": lambda on: setattr(state.step, "head", head if on else None)}
+                   "head": lambda on: setattr(state.step, "head", head if on else None),
+                   **{name: lambda on, name=name: set_kernel_switch(ext, name, on) for name in KERNEL_SWITCHES}}
         results, tokens = {c: [] for c in combos}, {}
         for round_index in range(args.repeats):
             bandwidths.append(read_bandwidth_gbs()[0])
@@ -140,12 +135,7 @@ def main() -> None:
                 print(bits, *combo, round(decode, 1), flush=True)
         set_step(model, state.step, True)
         set_huge_pages(model, True)
-        ext.set_quant_prefetch_nta(library_nta)
-        ext.set_int8_int16_activations(True)
-        ext.set_int4_int16_activations(True)
-        ext.set_bf16_dot_products(library_bf16_dot)
-        ext.set_quant_prefetch_two_level(True)
-        ext.set_int8_group_pairs(True)
+        set_kernel_switches(ext, library)
         state.step.consume_chain = True
         state.step.use_prepared = True
         state.step.head = head
@@ -169,7 +159,7 @@ def main() -> None:
         f"tokens, hf_fastinfer's cache; {args.repeats} interleaved rounds; decode tokens/s as median (min-max).",
         "",
         f"Factors not varied keep the library's choice (non-temporal prefetch, chosen for this CPU: "
-        f"{'on' if library_nta else 'off'}); \"vs none\" is against every factor off.",
+        f"{'on' if library['nta'] else 'off'}); \"vs none\" is against every factor off.",
         "",
         "| weights | " + " | ".join(FACTORS[f] for f in factors) + " | decode tok/s | vs none | share of roofline | "
         "same tokens in all |",
