@@ -374,6 +374,23 @@ def test_bf16_activations_take_the_int16_path_and_fp32_the_float_path(bits):
     assert torch.equal(ext.quant_gemv(x_bad, *args, True).isnan(), ext.quant_gemv(x_bad, *args, False).isnan())
 
 
+@pytest.mark.parametrize("bits, k", [(4, 576), (8, 576), (8, 577)])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("column", [0, 17, -1])
+def test_one_non_finite_value_takes_the_float_path(bits, k, value, column):
+    # The int16 roads look for inf / NaN while they find each group's max|x|: a single one anywhere (the first
+    # column, inside a group, the last column, which for k 577 lies in a group's short last chunk) must send
+    # bf16 x down the float path, whose output is then the fp32 call's exactly. The other row stays finite.
+    ext = _ext_or_skip()
+    _, qw = _qweight(13, k, bits, 32, symmetric=False)
+    x = torch.randn(2, k).bfloat16().float()
+    x[1, column] = value
+    args = (qw.qweight, qw.scales, qw.zeros, None, bits, 32, k)
+    got, want = ext.quant_gemv(x, *args, True), ext.quant_gemv(x, *args, False)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    assert torch.equal(got[0], want[0])  # (13 rows: the block kernels and the single-row tail)
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs /proc/cpuinfo (Linux) to read the CPU vendor")
 @pytest.mark.parametrize("bits, group_size, activations", [(8, 64, False), (8, 128, True), (4, 32, True), (4, 64, False)])
 def test_weight_prefetch_hint_follows_the_cpu_and_leaves_results_alone(bits, group_size, activations):

@@ -18,6 +18,7 @@
 #include <ATen/EmptyTensor.h>
 
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "ops.h"
@@ -917,6 +918,35 @@ void gemv_single_rows(const GemvArgs a, const ST* sp, const ST* zp, int64_t begi
   }
 }
 
+// Rows [begin, end) one at a time against x as int16 per group (xk16: the last N % 4 rows on the AVX2 int16
+// roads, whose preparation builds no float copies of x): per group the exact integer sum of the stored weight values
+// (int8, or int4's nibbles u = q + 8) times the int16 values, scaled by s * xs, less (z + offset) * s * xsum16; the
+// block kernels' terms, summed one group at a time.
+template <typename ST>
+void gemv_single_rows_a16(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin, int64_t end) {
+  const bool int4 = a.offset != 0.f, has_offset = zp != nullptr || int4;
+  for (int64_t n = begin; n < end; ++n) {
+    const uint8_t* row = a.w + n * a.row_bytes;
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int16_t* x = a.xk16 + m * a.kpad;
+      float acc = 0.f;
+      for (int64_t g = 0; g < a.groups; ++g) {
+        const int64_t k0 = g * a.group_size, k1 = std::min(a.K, k0 + a.group_size);
+        int64_t dot = 0;  // (int64: int8 groups of any size; |u * x| <= 128 * 32767)
+        for (int64_t k = k0; k < k1; ++k) {
+          const int32_t v = int4 ? (row[k / 2] >> (4 * (k % 2))) & 15 : static_cast<int8_t>(row[k]);
+          dot += static_cast<int64_t>(v) * x[k];
+        }
+        const float s = to_f32(sp[n * a.groups + g]);
+        float part = static_cast<float>(dot) * a.xs[m * (a.groups + 1) + g];
+        if (has_offset) part -= ((zp ? to_f32(zp[n * a.groups + g]) : 0.f) + a.offset) * a.xsum16[m * a.groups + g];
+        acc += part * s;
+      }
+      a.y[m * a.N + n] = acc + (a.bias ? a.bias[n] : 0.f);
+    }
+  }
+}
+
 // Rows [begin, end) on the calling thread: blocks of four with AVX-512 (or AVX2), then single rows.
 template <typename ST>
 void rows_range(const GemvArgs& a, const ST* sp, const ST* zp, int64_t begin, int64_t end) {
@@ -967,6 +997,10 @@ void rows_range(const GemvArgs& a, const ST* sp, const ST* zp, int64_t begin, in
   } else {
     n = a.offset != 0.f ? gemv_blocks_avx2<4, ST>(a, sp, zp, begin, end) : gemv_blocks_avx2<8, ST>(a, sp, zp, begin, end);
   }
+  if (a.xk16 != nullptr) {  // (the int16 roads prepare no float copies of x)
+    gemv_single_rows_a16<ST>(a, sp, zp, n, end);
+    return;
+  }
 #endif
   gemv_single_rows<ST>(a, sp, zp, n, end);
 }
@@ -985,14 +1019,15 @@ inline __m512i to_int16_lanes(__m512 v, __m512 inv) {
 // road's preparation (nearest-even of x * 32767 / max|x_g|, clamped to +-32767; the group's scale and its sum as
 // held in int16), 16 at a time. A group's last values (fewer than 16) go through a zeroed copy, so the padding
 // past K holds zeros. The decode step prepares every projection's input on every team thread, so this is
-// vectorised like the projections.
-void int16_groups_avx2(const float* xp, int64_t M, int64_t K, int64_t group_size, QuantActivations& out) {
+// vectorised like the projections. Returns false, with nothing else to read, where x holds inf or NaN (found in the
+// max pass, not by a pass of its own): that x takes the float road, which propagates them as float arithmetic does.
+bool int16_groups_avx2(const float* xp, int64_t M, int64_t K, int64_t group_size, QuantActivations& out) {
   const int64_t groups = out.groups, kpad = groups * group_size;
   out.kpad = kpad;
   out.xk16.assign(M * kpad, 0);
   out.xs.assign(M * (groups + 1), 0.f);
   out.xsum16.assign(M * groups, 0.f);
-  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256 sign = _mm256_set1_ps(-0.f), inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
   const __m256i lim = _mm256_set1_epi32(32767), neg_lim = _mm256_set1_epi32(-32767);
   alignas(32) float tail[16];
   for (int64_t m = 0; m < M; ++m)
@@ -1009,11 +1044,15 @@ void int16_groups_avx2(const float* xp, int64_t M, int64_t K, int64_t group_size
         v0 = _mm256_loadu_ps(src);
         v1 = _mm256_loadu_ps(src + 8);
       };
-      __m256 vmax = _mm256_setzero_ps(), v0, v1;
+      __m256 vmax = _mm256_setzero_ps(), bad = _mm256_setzero_ps(), v0, v1;
       for (int64_t j = 0; j < len; j += 16) {
         load16(j, v0, v1);
-        vmax = _mm256_max_ps(vmax, _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)));
+        const __m256 a0 = _mm256_andnot_ps(sign, v0), a1 = _mm256_andnot_ps(sign, v1);
+        vmax = _mm256_max_ps(vmax, _mm256_max_ps(a0, a1));
+        // |v| not below inf, or unordered: inf or NaN
+        bad = _mm256_or_ps(bad, _mm256_or_ps(_mm256_cmp_ps(a0, inf, _CMP_NLT_UQ), _mm256_cmp_ps(a1, inf, _CMP_NLT_UQ)));
       }
+      if (_mm256_movemask_ps(bad) != 0) return false;
       const float amax = hmax8(vmax);
       if (amax == 0.f) continue;  // all zero: int16 values and scale stay 0
       const __m256 inv = _mm256_set1_ps(32767.f / amax);
@@ -1034,6 +1073,7 @@ void int16_groups_avx2(const float* xp, int64_t M, int64_t K, int64_t group_size
       out.xs[m * (groups + 1) + g] = xs;
       out.xsum16[m * groups + g] = static_cast<float>(total) * xs;
     }
+  return true;
 }
 #endif
 
@@ -1058,14 +1098,6 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
   out.K = K;
   out.groups = groups;
   out.group_size = group_size;
-  // Per-group sums of x (for zero points and the int4 offset) and, for int4, x split into even / odd columns.
-  out.xsum.assign(M * groups, 0.f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < groups; ++g) {  // (no division per element: it once cost more than a small GEMV)
-      float sum = 0.f;
-      for (int64_t k = g * group_size; k < std::min(K, (g + 1) * group_size); ++k) sum += xp[m * K + k];
-      out.xsum[m * groups + g] = sum;
-    }
   const int64_t half = (K + 1) / 2;
   out.half = half;
   out.half16 = (half + 31) / 32 * 32;
@@ -1077,15 +1109,7 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
   out.blocks64 = 0;
   out.kpad = 0;
   out.pblocks = 0;
-  if (bits == 4) {
-    out.xe.assign(M * half, 0.f);
-    out.xo.assign(M * half, 0.f);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t j = 0; 2 * j < K; ++j) {
-        out.xe[m * half + j] = xp[m * K + 2 * j];
-        if (2 * j + 1 < K) out.xo[m * half + j] = xp[m * K + 2 * j + 1];
-      }
-  }
+  out.float_parts = false;
 #ifdef HF_FASTINFER_A16
   // int4 against 16-bit activations: x as int16 per group (gemv_blocks_a16), where the CPU has VNNI
   // (x with inf / NaN takes the float path, which propagates them as float arithmetic does)
@@ -1093,13 +1117,10 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
                    (group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256) &&
                    std::all_of(xp, xp + M * K, [](float v) { return std::isfinite(v); });
 #endif
-#if defined(HF_FASTINFER_A16) || defined(HF_FASTINFER_AVX2)
-  // int8 against 16-bit activations: x as int16 per group (gemv_blocks_a16_i8 with VNNI, gemv_blocks_a16_i8_avx2
-  // with AVX2 alone), for groups of whole 32-column chunks
+#ifdef HF_FASTINFER_A16
+  // int8 against 16-bit activations: x as int16 per group (gemv_blocks_a16_i8), for groups of whole 32-column chunks
   const bool a16_i8 = int16_activations && g_int8_a16 && bits == 8 && group_size % 32 == 0 &&
                       std::all_of(xp, xp + M * K, [](float v) { return std::isfinite(v); });
-#endif
-#ifdef HF_FASTINFER_A16
   if (a16_i8) {
     // 16 values at a time, the same roundings as the scalar int4 loop below (nearest-even of x * 32767 / max|x_g|,
     // clamped to +-32767), the group's sum as held in int16
@@ -1223,18 +1244,24 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
         out.xsum16[m * groups + g] = static_cast<float>(qsum) * out.xs[m * (groups + 1) + g];
       }
   }
+  // (the single rows of these roads read the float parts below)
+  out.float_parts = true;
 #elif defined(HF_FASTINFER_AVX2)
-  // int4 against 16-bit activations (gemv_blocks_a16_u4_avx2): whole 64-column chunks, the VNNI road's group sizes
+  // int8 against 16-bit activations (gemv_blocks_a16_i8_avx2), for groups of whole 32-column chunks; int4
+  // (gemv_blocks_a16_u4_avx2) with whole 64-column chunks and the VNNI road's group sizes. x with inf / NaN takes
+  // the float road (int16_groups_avx2 finds them).
+  const bool a16_i8 = int16_activations && g_int8_a16 && bits == 8 && group_size % 32 == 0 &&
+                      int16_groups_avx2(xp, M, K, group_size, out);
   const bool a16_u4 = int16_activations && g_int4_a16 && bits == 4 && K % 64 == 0 &&
                       (group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256) &&
-                      std::all_of(xp, xp + M * K, [](float v) { return std::isfinite(v); });
+                      int16_groups_avx2(xp, M, K, group_size, out);
+  out.float_parts = !(a16_i8 || a16_u4);  // (their single rows read xk16 too)
   if (a16_i8) {
-    int16_groups_avx2(xp, M, K, group_size, out);
     out.a16_i8 = true;
   } else if (a16_u4) {
-    int16_groups_avx2(xp, M, K, group_size, out);
     out.a16_u4 = true;
     // each value's low byte (unsigned) and high byte (signed), even and odd columns apart: [M, 4, half]
+    // (as a byte transpose of 16 pairs a step, with shuffles, it measured no faster: chain A/B 0.998-1.001)
     out.xb4.resize(M * 4 * half);
     for (int64_t m = 0; m < M; ++m) {
       const int16_t* src = out.xk16.data() + m * out.kpad;
@@ -1248,7 +1275,30 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
       }
     }
   }
+#else
+  out.float_parts = true;
 #endif
+  // The float road's parts: per-group sums of x (for zero points and the int4 offset) and, for int4, x split into
+  // even / odd columns. Not built for the AVX2 int16 roads, which read none of them: two scalar passes over x
+  // that cost int4's decode chain about 2% on a Zen 3 core (BENCHMARKS.md).
+  if (out.float_parts) {
+    out.xsum.assign(M * groups, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < groups; ++g) {  // (no division per element: it once cost more than a small GEMV)
+        float sum = 0.f;
+        for (int64_t k = g * group_size; k < std::min(K, (g + 1) * group_size); ++k) sum += xp[m * K + k];
+        out.xsum[m * groups + g] = sum;
+      }
+    if (bits == 4) {
+      out.xe.assign(M * half, 0.f);
+      out.xo.assign(M * half, 0.f);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; 2 * j < K; ++j) {
+          out.xe[m * half + j] = xp[m * K + 2 * j];
+          if (2 * j + 1 < K) out.xo[m * half + j] = xp[m * K + 2 * j + 1];
+        }
+    }
+  }
   (void)int16_activations;
 }
 
@@ -1256,12 +1306,13 @@ void quant_rows(const QuantWeight& w, const QuantActivations& x, float* y, int64
   const int64_t half = (w.K + 1) / 2;
   const bool g32 = x.a16 && x.blocks64 > 0;
   const bool a16 = x.a16 || x.a16_i8 || x.a16_u4;  // (xs and xsum16 serve all three)
-  const GemvArgs args{x.x, x.xe.data(), x.xo.data(), x.xsum.data(), w.w, w.bias, y,
+  const bool fp = x.float_parts;
+  const GemvArgs args{x.x, fp ? x.xe.data() : nullptr, fp ? x.xo.data() : nullptr, fp ? x.xsum.data() : nullptr, w.w, w.bias, y,
                       x.M, w.N, w.K, w.groups, w.group_size, half, w.bits == 8 ? w.K : half, w.bits == 4 ? 8.f : 0.f,
                       x.a16 && !g32 ? x.xe16.data() : nullptr, x.a16 && !g32 ? x.xo16.data() : nullptr,
                       a16 ? x.xs.data() : nullptr, a16 ? x.xsum16.data() : nullptr, x.half16,
                       g32 ? x.x16.data() : nullptr, g32 ? x.xs4.data() : nullptr, g32 ? x.xq4.data() : nullptr,
-                      x.blocks64, x.a16_i8 ? x.xk16.data() : nullptr, x.kpad,
+                      x.blocks64, x.a16_i8 || x.a16_u4 ? x.xk16.data() : nullptr, x.kpad,
                       x.pblocks > 0 ? x.xp16.data() : nullptr, x.pblocks > 0 ? x.xcorr.data() : nullptr,
                       x.pblocks, x.a16_u4 ? x.xb4.data() : nullptr, g_prefetch_nta, g_prefetch_two_level};
   if (w.half_scales)

@@ -51,6 +51,8 @@ struct QuantActivations {
   // into bytes, [M, 4, half]: the even columns' low bytes (unsigned), their high bytes (signed), then the odd ones'
   std::vector<uint8_t> xb4;
   bool a16_u4 = false;
+  // whether xsum, xe and xo are built (the AVX2 int16 roads read none of them, their single rows included)
+  bool float_parts = true;
 };
 
 // Prepare x for weights of `bits` and `group_size`. int16_activations: x held as int16 per group (callers ask for
