@@ -897,10 +897,22 @@ int64_t gemv_blocks_a16_u4_avx2(const GemvArgs a, const ST* sp, const ST* zp, in
 }
 #endif
 
-// Rows [begin, end) one at a time: the last rows of a thread's range, or every row without AVX-512.
+// One group's weight values (int8, or int4's stored nibbles q + 8; columns k0 .. k0 + len - 1 of a row) against x
+// as int16 (x16: the row of x from column 0): their exact integer sum (int64: int8 groups of any size).
+inline int64_t dot_q_int16(const uint8_t* row, const int16_t* x16, int64_t k0, int64_t len, bool int4) {
+  int64_t dot = 0;
+  for (int64_t k = k0; k < k0 + len; ++k)
+    dot += static_cast<int64_t>(int4 ? (row[k / 2] >> (4 * (k % 2))) & 15 : static_cast<int8_t>(row[k])) * x16[k];
+  return dot;
+}
+
+// Rows [begin, end) one at a time: the last rows of a thread's range, or every row without AVX-512. Against
+// float x; or, where the preparation built no float copies of x (the AVX2 int16 roads: xsum null), against its
+// int16 values: per group the integer sum times x's int16 scale, less (z + offset) times the group's sum as held
+// in int16, the block kernels' terms summed one group at a time.
 template <typename ST>
 void gemv_single_rows(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin, int64_t end) {
-  const bool int4 = a.offset != 0.f, has_offset = zp != nullptr || int4;
+  const bool int4 = a.offset != 0.f, has_offset = zp != nullptr || int4, a16 = a.xsum == nullptr;
   for (int64_t n = begin; n < end; ++n) {
     const uint8_t* row = a.w + n * a.row_bytes;
     for (int64_t m = 0; m < a.M; ++m) {
@@ -908,39 +920,12 @@ void gemv_single_rows(const GemvArgs a, const ST* sp, const ST* zp, int64_t begi
       for (int64_t g = 0; g < a.groups; ++g) {
         const int64_t k0 = g * a.group_size;
         const int64_t len = std::min(a.group_size, a.K - k0);
-        float part = int4 ? dot_u4(a.xe + m * a.half + k0 / 2, a.xo + m * a.half + k0 / 2, row + k0 / 2, (len + 1) / 2)
+        float part = a16 ? static_cast<float>(dot_q_int16(row, a.xk16 + m * a.kpad, k0, len, int4)) * a.xs[m * (a.groups + 1) + g]
+                   : int4 ? dot_u4(a.xe + m * a.half + k0 / 2, a.xo + m * a.half + k0 / 2, row + k0 / 2, (len + 1) / 2)
                           : dot_i8(a.x + m * a.K + k0, reinterpret_cast<const int8_t*>(row) + k0, len);
-        if (has_offset) part -= ((zp ? to_f32(zp[n * a.groups + g]) : 0.f) + a.offset) * a.xsum[m * a.groups + g];
+        if (has_offset)
+          part -= ((zp ? to_f32(zp[n * a.groups + g]) : 0.f) + a.offset) * (a16 ? a.xsum16 : a.xsum)[m * a.groups + g];
         acc += part * to_f32(sp[n * a.groups + g]);
-      }
-      a.y[m * a.N + n] = acc + (a.bias ? a.bias[n] : 0.f);
-    }
-  }
-}
-
-// Rows [begin, end) one at a time against x as int16 per group (xk16: the last N % 4 rows on the AVX2 int16
-// roads, whose preparation builds no float copies of x): per group the exact integer sum of the stored weight values
-// (int8, or int4's nibbles u = q + 8) times the int16 values, scaled by s * xs, less (z + offset) * s * xsum16; the
-// block kernels' terms, summed one group at a time.
-template <typename ST>
-void gemv_single_rows_a16(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin, int64_t end) {
-  const bool int4 = a.offset != 0.f, has_offset = zp != nullptr || int4;
-  for (int64_t n = begin; n < end; ++n) {
-    const uint8_t* row = a.w + n * a.row_bytes;
-    for (int64_t m = 0; m < a.M; ++m) {
-      const int16_t* x = a.xk16 + m * a.kpad;
-      float acc = 0.f;
-      for (int64_t g = 0; g < a.groups; ++g) {
-        const int64_t k0 = g * a.group_size, k1 = std::min(a.K, k0 + a.group_size);
-        int64_t dot = 0;  // (int64: int8 groups of any size; |u * x| <= 128 * 32767)
-        for (int64_t k = k0; k < k1; ++k) {
-          const int32_t v = int4 ? (row[k / 2] >> (4 * (k % 2))) & 15 : static_cast<int8_t>(row[k]);
-          dot += static_cast<int64_t>(v) * x[k];
-        }
-        const float s = to_f32(sp[n * a.groups + g]);
-        float part = static_cast<float>(dot) * a.xs[m * (a.groups + 1) + g];
-        if (has_offset) part -= ((zp ? to_f32(zp[n * a.groups + g]) : 0.f) + a.offset) * a.xsum16[m * a.groups + g];
-        acc += part * s;
       }
       a.y[m * a.N + n] = acc + (a.bias ? a.bias[n] : 0.f);
     }
@@ -996,10 +981,6 @@ void rows_range(const GemvArgs& a, const ST* sp, const ST* zp, int64_t begin, in
     }
   } else {
     n = a.offset != 0.f ? gemv_blocks_avx2<4, ST>(a, sp, zp, begin, end) : gemv_blocks_avx2<8, ST>(a, sp, zp, begin, end);
-  }
-  if (a.xk16 != nullptr) {  // (the int16 roads prepare no float copies of x)
-    gemv_single_rows_a16<ST>(a, sp, zp, n, end);
-    return;
   }
 #endif
   gemv_single_rows<ST>(a, sp, zp, n, end);
