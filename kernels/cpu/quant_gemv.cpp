@@ -1090,7 +1090,7 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
   out.blocks64 = 0;
   out.kpad = 0;
   out.pblocks = 0;
-  out.float_parts = false;
+  out.float_parts = true;  // (every road but the AVX2 int16 ones reads them: the VNNI roads' single rows too)
 #ifdef HF_FASTINFER_A16
   // int4 against 16-bit activations: x as int16 per group (gemv_blocks_a16), where the CPU has VNNI
   // (x with inf / NaN takes the float path, which propagates them as float arithmetic does)
@@ -1225,8 +1225,6 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
         out.xsum16[m * groups + g] = static_cast<float>(qsum) * out.xs[m * (groups + 1) + g];
       }
   }
-  // (the single rows of these roads read the float parts below)
-  out.float_parts = true;
 #elif defined(HF_FASTINFER_AVX2)
   // int8 against 16-bit activations (gemv_blocks_a16_i8_avx2), for groups of whole 32-column chunks; int4
   // (gemv_blocks_a16_u4_avx2) with whole 64-column chunks and the VNNI road's group sizes. x with inf / NaN takes
@@ -1256,8 +1254,6 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
       }
     }
   }
-#else
-  out.float_parts = true;
 #endif
   // The float road's parts: per-group sums of x (for zero points and the int4 offset) and, for int4, x split into
   // even / odd columns. Not built for the AVX2 int16 roads, which read none of them: two scalar passes over x
