@@ -4,8 +4,8 @@
   step       the injected model's forward is the whole decode step (injection/step.py), or the model's own
              forward calling the fused blocks one by one
   huge       the decode weights in transparent huge pages (injection/hugepages.py), or in ordinary pages
-  nta        the quantized GEMVs' software prefetches of the weights non-temporal, or into L1
-             (``kernels/cpu/quant_gemv.cpp``; chosen by CPU vendor at load)
+  nta        the quantized GEMVs' software prefetches of the weights non-temporal, or into L2 far ahead and L1
+             near (``kernels/cpu/quant_gemv.cpp``; off by default)
   i8a16      int8 weights against bf16 activations held as int16 per group (integer products: VNNI, or AVX2's
              vpmaddwd), or as float
   i4a16      the same for int4 weights
@@ -158,7 +158,7 @@ def main() -> None:
         f"SmolLM2-135M-Instruct, bf16 activations, batch 1, greedy, {args.prompt}-token prompt, {args.new_tokens} new "
         f"tokens, hf_fastinfer's cache; {args.repeats} interleaved rounds; decode tokens/s as median (min-max).",
         "",
-        f"Factors not varied keep the library's choice (non-temporal prefetch, chosen for this CPU: "
+        f"Factors not varied keep the library's choice (non-temporal prefetch: "
         f"{'on' if library['nta'] else 'off'}); \"vs none\" is against every factor off.",
         "",
         "| weights | " + " | ".join(FACTORS[f] for f in factors) + " | decode tok/s | vs none | share of roofline | "

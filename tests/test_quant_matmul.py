@@ -21,7 +21,7 @@ from hf_fastinfer.kernels.quant_format import (
 )
 from hf_fastinfer.kernels.quant_matmul import quant_matmul, quant_matmul_cpu, quant_matmul_ref, quant_matmul_triton
 
-from _helpers import cpuinfo, kernel_cpu_flags, needs_triton
+from _helpers import kernel_cpu_flags, needs_triton
 
 
 # Output tolerances per activation dtype, relative to the output's magnitude: fp32 sums of K <= 1536 products
@@ -391,14 +391,14 @@ def test_one_non_finite_value_takes_the_float_path(bits, k, value, column):
     assert torch.equal(got[0], want[0])  # (13 rows: the block kernels and the single-row tail)
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs /proc/cpuinfo (Linux) to read the CPU vendor")
 @pytest.mark.parametrize("bits, group_size, activations", [(8, 64, False), (8, 128, True), (4, 32, True), (4, 64, False)])
-def test_weight_prefetch_hint_follows_the_cpu_and_leaves_results_alone(bits, group_size, activations):
-    # The GEMVs' software prefetch of the weight stream is non-temporal on AMD CPUs and into L1 elsewhere (where
-    # non-temporal starved the stream: BENCHMARKS.md); the hint changes timing, never a value.
+def test_weight_prefetch_hint_leaves_results_alone(bits, group_size, activations):
+    # The GEMVs' software prefetch of the weight stream goes into L2 far ahead and into L1 near by default on every
+    # CPU; non-temporal prefetches (slower or no faster wherever measured: BENCHMARKS.md) stay as a switch for
+    # benchmarks. The hint changes timing, never a value.
     ext = _ext_or_skip()
     default = ext.quant_prefetch_nta()
-    assert default == (cpuinfo("vendor_id") == "AuthenticAMD")
+    assert default is False
     _, qw = _qweight(4099, 576, bits, group_size, symmetric=False)  # rows enough to prefetch ahead, an odd tail
     x = torch.randn(2, 576).bfloat16().float()
     args = (qw.qweight, qw.scales, qw.zeros, None, bits, group_size, 576, activations)

@@ -45,7 +45,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("team_size", &team_size, "threads the compiled kernels' parallel regions use (torch.get_num_threads())");
   m.def("quant_gemv", &quant_gemv, "weight-only quantized GEMV for a few activation rows");
   m.def("quant_prefetch_nta", &quant_prefetch_nta,
-        "whether the quantized GEMVs prefetch their weights non-temporally (chosen by CPU vendor at load)");
+        "whether the quantized GEMVs prefetch their weights non-temporally (off by default: measured slower or no faster)");
   m.def("set_quant_prefetch_nta", &set_quant_prefetch_nta, py::arg("nta"),
         "override that choice, process-wide (for benchmarks' A/B in one process)");
   m.def("int8_int16_activations", &int8_int16_activations,

@@ -31,18 +31,15 @@ namespace {
 // while the core is busy converting integers (measured: lm_head int8 at 8.7 GB/s without, 11.3 GB/s with
 // a software prefetch this far ahead, on a 19 GB/s machine).
 constexpr int64_t kPrefetchBytes = 16384;
-// The prefetch hint depends on the CPU, chosen by measurement, not by a model of the caches. On AMD CPUs the
-// prefetches are non-temporal (a decode step reads each weight and its scales once; the hint asks the CPU not
-// to keep them where the activations, the KV cache and the Python between the compiled calls live): whole
-// decode, interleaved A/B against prefetching into L1 (T0), AMD EPYC: int8 1.057x (8 rounds, 1.044-1.22x),
-// int4 1.021x (8 rounds, 0.90-1.07x), the same tokens. On Intel CPUs the same hint starves the stream: one
-// thread over a 14 MB int8 weight (Xeon with AMX, 2.6 GHz) 5.1 GB/s non-temporal against 20.9 GB/s with T0
-// (int4 4.4 against 16.4), so there the prefetches go to L1 (BENCHMARKS.md). set_quant_prefetch_nta
-// overrides the choice (benchmarks' A/B in one process).
-bool g_prefetch_nta = [] {
-  __builtin_cpu_init();
-  return static_cast<bool>(__builtin_cpu_is("amd"));
-}();
+// The prefetch hint, chosen by measurement, not by a model of the caches: the two-level scheme below on every
+// CPU measured. Non-temporal prefetches (a decode step reads each weight and its scales once; the hint asks the
+// CPU not to keep them where the activations, the KV cache and the Python between the compiled calls live) were
+// once the choice on AMD CPUs, where they measured 1.02-1.06x faster than prefetching into L1 alone. Against the
+// two-level scheme they lose (BENCHMARKS.md): on an Intel Xeon they starve the stream (one thread over a 14 MB
+// int8 weight 5.1 against 20.9 GB/s); on an AMD EPYC Zen 4 the int8 decode chain took 1.49x as long with them
+// and whole decodes ran int8 0.82x, int4 0.92x. On a Zen 3 (the AVX2 roads, whose other hint is L1 alone) they
+// tied (chain 0.98-1.01x). set_quant_prefetch_nta turns them on (benchmarks' A/B in one process).
+bool g_prefetch_nta = false;
 
 // Whether int8 weights meet bf16 activations as int16 (gemv_blocks_a16_i8) or as float (set_int8_int16_activations:
 // benchmarks' A/B in one process).

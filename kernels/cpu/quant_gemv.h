@@ -65,8 +65,8 @@ void quant_prepare(const float* x, int64_t M, int64_t K, int64_t bits, int64_t g
 // y[m, n] for n in [begin, end) (y: [M, w.N], float32), on the calling thread.
 void quant_rows(const QuantWeight& w, const QuantActivations& x, float* y, int64_t begin, int64_t end);
 
-// Whether the GEMVs' software prefetches of the weight stream are non-temporal (chosen at load: on AMD CPUs,
-// where that measured faster; into L1 elsewhere, where non-temporal starved the stream); settable for an A/B.
+// Whether the GEMVs' software prefetches of the weight stream are non-temporal (off by default: on every CPU
+// measured the two-level scheme streamed faster or as fast); settable for an A/B.
 bool quant_prefetch_nta();
 void set_quant_prefetch_nta(bool nta);
 // Whether the prefetches that are not non-temporal go into L2 far ahead and into L1 near (on by default), or
