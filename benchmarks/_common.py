@@ -18,6 +18,7 @@ KERNEL_SWITCHES = {
     "i8a16": ("int8_int16_activations", "set_int8_int16_activations", "int8 x int16 activations"),
     "i4a16": ("int4_int16_activations", "set_int4_int16_activations", "int4 x int16 activations"),
     "pairs": ("int8_group_pairs", "set_int8_group_pairs", "int8 group pairs"),
+    "i4bytes": ("int4_byte_products", "set_int4_byte_products", "int4 byte products"),
     "bf16dot": ("bf16_dot_products", "set_bf16_dot_products", "bf16 dot products"),
 }
 

@@ -13,12 +13,14 @@ The chain is the one ``generate()`` builds for the default model (kernel injecti
 written again with the same values). Switches (each on against off; the library's own setting is put back after):
 
   nta        the quantized GEMVs' software prefetches of the weights non-temporal, or (off) into L2 far ahead and
-             L1 near (``kernels/cpu/quant_gemv.cpp``; on by default on AMD CPUs)
+             L1 near (``kernels/cpu/quant_gemv.cpp``; off by default)
   twolevel   the prefetches that are not non-temporal into L2 far ahead and L1 near, or into L1 alone (only where
              ``nta`` is off)
   i8a16      int8 weights against bf16 activations held as int16 per group, or as float
   i4a16      the same for int4 weights
   pairs      int8 group-32 weights against int16 activations two groups per product vector (AVX-512), or one
+  i4bytes    int4 group-32 weights against int16 activations by byte products (vpdpbusd, AVX-512 VNNI), or by
+             int16 products after widening the nibbles (vpdpwssd)
   bf16dot    bf16 weights through AVX512-BF16 dot products, or widened to fp32
 
 What it cannot see: the Python and ``generate()`` loop between a token's chains (their cost, and what a switch

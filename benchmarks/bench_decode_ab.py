@@ -18,6 +18,8 @@
   twolevel   the quantized GEMVs' prefetches (where not non-temporal) into L2 far ahead and into L1 near, or
              into L1 alone (``kernels/cpu/quant_gemv.cpp``)
   pairs      int8 group-32 weights against int16 activations two groups per product vector, or one
+  i4bytes    int4 group-32 weights against int16 activations by byte products (vpdpbusd, AVX-512 VNNI), or by
+             int16 products after widening the nibbles (vpdpwssd)
   prepared   a decode call runs every block through one prepared chain (the blocks' compiled layers and the
              cache's buffers converted once, the first block's q/k/v in the chain's region), or through the first
              block's call, which builds the chain's arguments every token (injection/step.py)

@@ -334,6 +334,50 @@ def test_int8_group_pairs_match_the_one_group_road(n, k, m, symmetric):
     assert ((pairs.double() - exact).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("n, k", [(8, 576), (13, 576), (6, 1536), (5, 64), (9, 128)])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_byte_products_match_the_int16_products(n, k, m, symmetric):
+    # int4 group 32 against int16 x on AVX-512 VNNI: the nibbles times x's low and high bytes (vpdpbusd) give each
+    # group the integer sum of the nibbles times x's int16 values (vpdpwssd), spread over the group's four int32
+    # lanes by other columns, so the two roads differ only in the order of the float additions. k 576 and 64 end
+    # in a half block (32 bytes a row) and read each row as two halves; 1536 and 128 do not; 13 and 9 rows leave
+    # tail rows to the single-row loop.
+    flags = kernel_cpu_flags()
+    if not ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags):
+        pytest.skip("byte products are a road of the AVX-512 VNNI build only (this build has none)")
+    ext = _ext_or_skip()
+    g = torch.Generator().manual_seed(k + 7 * m + n)
+    w = torch.randn(n, k, generator=g)
+    qw = quantize_weight(w, 4, 32, symmetric=symmetric, scale_dtype=torch.float16 if symmetric else torch.float32)
+    packed = qw.qweight
+    packed[0, :16] = 0xFF                             # the nibbles' ends: 15 and 0
+    packed[-1, -16:] = 0x00
+    x = torch.randn(m, k, generator=g).bfloat16().float()
+    x[0, :32] = torch.linspace(-1.0, 1.0, 32)         # a group at +-32767 as int16: the high byte's ends
+    x[-1, 32:64] = -x[-1, 32:64].abs()                # a group of negative values only
+    x[-1, -1] = 50.0                                  # an outlier channel
+    args = (packed, qw.scales, qw.zeros, None, 4, 32, k, True)
+    assert ext.int4_byte_products()
+    by_bytes = ext.quant_gemv(x, *args)
+    try:
+        ext.set_int4_byte_products(False)
+        assert not ext.int4_byte_products()
+        by_int16 = ext.quant_gemv(x, *args)
+    finally:
+        ext.set_int4_byte_products(True)
+    wd = dequantize_weight(qw, torch.float64)         # [n, k]
+    scale = x.double().abs() @ wd.abs().T
+    assert ((by_bytes.double() - by_int16.double()).abs() <= 1e-6 * scale + 1e-30).all()
+    # and within the int16 road's error bound against the exact product
+    exact = x.double() @ wd.T
+    gmax = torch.zeros(m, k, dtype=torch.float64)
+    for g0 in range(0, k, 32):
+        gmax[:, g0:g0 + 32] = x[:, g0:g0 + 32].double().abs().amax(-1, keepdim=True)
+    bound = (gmax / 65534) @ wd.abs().T + 1e-6 * scale
+    assert ((by_bytes.double() - exact).abs() <= bound).all()
+
+
 def _int16_road(bits: int) -> bool:
     """Whether the compiled GEMVs hold bf16 activations as int16 for weights of ``bits``: the AVX-512 build with
     VNNI and the AVX2 + FMA build, for int8 and int4 (an AVX-512 build without VNNI multiplies as float). The

@@ -64,6 +64,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether int8 group-32 weights against int16 activations take two groups per product vector (on by default)");
   m.def("set_int8_group_pairs", &set_int8_group_pairs, py::arg("on"),
         "turn that road off or on, process-wide (for benchmarks' A/B in one process)");
+  m.def("int4_byte_products", &int4_byte_products,
+        "whether int4 group-32 weights against int16 activations on AVX-512 VNNI multiply the nibbles by x's bytes "
+        "(vpdpbusd; on by default) or by its int16 values (vpdpwssd): the same integer sums");
+  m.def("set_int4_byte_products", &set_int4_byte_products, py::arg("on"),
+        "turn that road off or on, process-wide (for benchmarks' A/B in one process)");
   m.def("bf16_dot_products", &bf16_dot_products,
         "whether bf16 weights meet the activations through AVX512-BF16 dot products (on where the CPU has them)");
   m.def("set_bf16_dot_products", &set_bf16_dot_products, py::arg("on"),

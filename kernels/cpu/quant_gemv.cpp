@@ -52,6 +52,11 @@ bool g_int4_a16 = true;
 // (gemv_blocks_a16_i8_pairs) or one (gemv_blocks_a16_i8) (set_int8_group_pairs: benchmarks' A/B in one process).
 bool g_int8_pairs = true;
 
+// Whether int4 group-32 weights against int16 activations on AVX-512 VNNI take byte products (vpdpbusd, x's int16
+// values split into bytes: gemv_blocks_a16_g32<..., true>) or int16 products after widening the nibbles
+// (vpdpwssd) (set_int4_byte_products: benchmarks' A/B in one process).
+bool g_int4_bytes = true;
+
 // Where the prefetches are not non-temporal, they go in two steps: each line into L2 (T1) kPrefetchBytes ahead,
 // and into L1 (T0) kNearBytes ahead. Prefetching into L1 alone that far ahead holds one of the core's few
 // line-fill buffers for each line for the whole of its trip from memory, and those buffers then cap the
@@ -113,6 +118,7 @@ struct GemvArgs {
   int64_t half16;
   // int4 group 32 with 16-bit activations, K a multiple of 64 (see gemv_blocks_a16_g32)
   const int16_t* x16;  // [M, blocks64, 128]
+  const uint8_t* xg32b;  // or x16's values as bytes, [M, blocks64, 256] (gemv_blocks_a16_g32 with BYTES)
   const float* xs4;    // [M, blocks64, 16]
   const float* xq4;    // [M, blocks64, 16]
   int64_t blocks64;
@@ -384,7 +390,20 @@ inline __m128 four_scales(const ST* p, __mmask8 m) {
     return _mm_maskz_loadu_ps(m, p);
 }
 
-template <typename ST, bool ZP, bool SPLIT>
+//
+// BYTES: the same integer sums from byte products. Each int16 x value is h * 256 + l, with l = x & 255 (unsigned)
+// and h = x >> 8 (signed, -128..127), so a nibble u (0..15) times x is 256 * (u * h) + u * l. vpdpbusd multiplies
+// unsigned bytes by signed bytes and adds four neighbours into an int32 lane, 64 products an instruction: the
+// nibbles (and, shift, and: no widening) against l as the unsigned side and against h as the signed one. Byte i of
+// the block's low nibbles is column 2 i, of its high nibbles column 2 i + 1, so int32 lane j sums columns 8 j ..
+// 8 j + 7 and lanes 4k..4k+3 are group k's, as in the int16 order; quant_prepare lays x's bytes out that way
+// (xg32b). Per 64-byte block of a row: four vpdpbusd, a shift and an add, where the int16 products take four
+// unpacks and four vpdpwssd (no overflow: a lane adds 8 products of at most 255 * 15, or 128 * 15, a block).
+// A group's integer sum is the same; its four lanes hold other columns than with int16 products, so the outputs
+// differ in the order of the float additions. Measured on one AMD Zen 4 core with the weight in L2 (K 576, 512
+// and 2048 rows): 50-51 against 54-55 billion weights a second (1.07-1.08x); the default model's int4 decode
+// chain 1.039x (bench_chain_ab.py --switches i4bytes, 500 pairs, quartiles 1.002-1.075).
+template <typename ST, bool ZP, bool SPLIT, bool BYTES>
 int64_t gemv_blocks_a16_g32(const GemvArgs a, const ST* sp, const ST* zp, int64_t begin, int64_t end) {
   const int64_t groups = a.groups, rb = a.row_bytes, blocks = a.blocks64, full = rb / 64;
   const bool half_block = rb % 64 != 0;  // the last block is 32 bytes (two groups)
@@ -403,15 +422,20 @@ int64_t gemv_blocks_a16_g32(const GemvArgs a, const ST* sp, const ST* zp, int64_
     }
     const uint8_t* rows[4] = {a.w + n * rb, a.w + (n + 1) * rb, a.w + (n + 2) * rb, a.w + (n + 3) * rb};
     for (int64_t m = 0; m < a.M; ++m) {
-      const int16_t* x16 = a.x16 + m * blocks * 128;
+      const int16_t* x16 = BYTES ? nullptr : a.x16 + m * blocks * 128;
+      const uint8_t* xb = BYTES ? a.xg32b + m * blocks * 256 : nullptr;
       const float* xs4 = a.xs4 + m * blocks * 16;
       const float* xq4 = a.xq4 + m * blocks * 16;
       __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
       const auto block = [&](int64_t b, bool half) {
         if (m == 0)  // four lines of the block `ahead` rows on per 64-byte block: all four rows' bytes
           for (int64_t k = 0; k < 4; ++k) prefetch_line(pf0 + 64 * (b + k * blocks));
-        const __m512i xla = _mm512_loadu_si512(x16 + 128 * b), xlb = _mm512_loadu_si512(x16 + 128 * b + 32);
-        const __m512i xha = _mm512_loadu_si512(x16 + 128 * b + 64), xhb = _mm512_loadu_si512(x16 + 128 * b + 96);
+        // int16 products: x's values for the nibbles' four unpacked runs; byte products: x's low bytes against the
+        // even and odd columns, then its high bytes (the same four loads)
+        const void* xv = BYTES ? static_cast<const void*>(xb + 256 * b) : static_cast<const void*>(x16 + 128 * b);
+        const __m512i xla = _mm512_loadu_si512(xv), xlb = _mm512_loadu_si512(static_cast<const char*>(xv) + 64);
+        const __m512i xha = _mm512_loadu_si512(static_cast<const char*>(xv) + 128);
+        const __m512i xhb = _mm512_loadu_si512(static_cast<const char*>(xv) + 192);
         const __m512 xsv = _mm512_loadu_ps(xs4 + 16 * b), xqv = _mm512_loadu_ps(xq4 + 16 * b);
         const __m512 xzv = _mm512_mul_ps(xqv, eight);  // the stored nibbles' offset 8 against the group sums
         const __mmask8 gm = static_cast<__mmask8>(groups - 4 * b >= 4 ? 0xF : (1u << (groups - 4 * b)) - 1);
@@ -425,10 +449,18 @@ int64_t gemv_blocks_a16_g32(const GemvArgs a, const ST* sp, const ST* zp, int64_
                              : SPLIT ? _mm512_inserti64x4(_mm512_castsi256_si512(w0), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)), 1)
                                      : _mm512_loadu_si512(p);
           const __m512i lo = _mm512_and_si512(wv, low), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
-          __m512i d = _mm512_madd_epi16(xla, _mm512_unpacklo_epi8(lo, zero));
-          d = _mm512_dpwssd_epi32(d, xlb, _mm512_unpackhi_epi8(lo, zero));
-          d = _mm512_dpwssd_epi32(d, xha, _mm512_unpacklo_epi8(hi, zero));
-          d = _mm512_dpwssd_epi32(d, xhb, _mm512_unpackhi_epi8(hi, zero));
+          __m512i d;
+          if constexpr (BYTES) {
+            // xla / xlb: the even / odd columns' low bytes; xha / xhb: their high bytes
+            const __m512i dl = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, xla, lo), xlb, hi);
+            const __m512i dh = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xha), hi, xhb);
+            d = _mm512_add_epi32(dl, _mm512_slli_epi32(dh, 8));
+          } else {
+            d = _mm512_madd_epi16(xla, _mm512_unpacklo_epi8(lo, zero));
+            d = _mm512_dpwssd_epi32(d, xlb, _mm512_unpackhi_epi8(lo, zero));
+            d = _mm512_dpwssd_epi32(d, xha, _mm512_unpacklo_epi8(hi, zero));
+            d = _mm512_dpwssd_epi32(d, xhb, _mm512_unpackhi_epi8(hi, zero));
+          }
           const int64_t g0 = (n + r) * groups + 4 * b;
           const __m512 sv = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(four_scales(sp + g0, gm)));
           // s * (xs * sum(x16 * u) - (z + 8) * sum(x as held))
@@ -937,20 +969,24 @@ void rows_range(const GemvArgs& a, const ST* sp, const ST* zp, int64_t begin, in
 #ifdef HF_FASTINFER_A16
   if (a.xp16 != nullptr) {
     n = gemv_blocks_a16_i8_pairs<ST>(a, sp, zp, begin, end);
-  } else if (a.xk16 != nullptr) {
+  } else if (a.xk16 != nullptr && a.offset == 0.f) {  // (int4's g32 road sets xk16 for its single rows)
     switch (a.group_size) {
       case 32: n = gemv_blocks_a16_i8<1, ST>(a, sp, zp, begin, end); break;
       case 64: n = gemv_blocks_a16_i8<2, ST>(a, sp, zp, begin, end); break;
       case 128: n = gemv_blocks_a16_i8<4, ST>(a, sp, zp, begin, end); break;
       default: n = gemv_blocks_a16_i8<0, ST>(a, sp, zp, begin, end); break;  // a multiple of 32 (quant_prepare)
     }
-  } else if (a.xe16 != nullptr || a.x16 != nullptr) {
+  } else if (a.xe16 != nullptr || a.x16 != nullptr || a.xg32b != nullptr) {
     switch (a.group_size) {
       case 32:
-        if (a.x16 != nullptr)
+        if (a.xg32b != nullptr)
           n = a.row_bytes % 64 != 0
-                  ? (zp != nullptr ? gemv_blocks_a16_g32<ST, true, true>(a, sp, zp, begin, end) : gemv_blocks_a16_g32<ST, false, true>(a, sp, zp, begin, end))
-                  : (zp != nullptr ? gemv_blocks_a16_g32<ST, true, false>(a, sp, zp, begin, end) : gemv_blocks_a16_g32<ST, false, false>(a, sp, zp, begin, end));
+                  ? (zp != nullptr ? gemv_blocks_a16_g32<ST, true, true, true>(a, sp, zp, begin, end) : gemv_blocks_a16_g32<ST, false, true, true>(a, sp, zp, begin, end))
+                  : (zp != nullptr ? gemv_blocks_a16_g32<ST, true, false, true>(a, sp, zp, begin, end) : gemv_blocks_a16_g32<ST, false, false, true>(a, sp, zp, begin, end));
+        else if (a.x16 != nullptr)
+          n = a.row_bytes % 64 != 0
+                  ? (zp != nullptr ? gemv_blocks_a16_g32<ST, true, true, false>(a, sp, zp, begin, end) : gemv_blocks_a16_g32<ST, false, true, false>(a, sp, zp, begin, end))
+                  : (zp != nullptr ? gemv_blocks_a16_g32<ST, true, false, false>(a, sp, zp, begin, end) : gemv_blocks_a16_g32<ST, false, false, false>(a, sp, zp, begin, end));
         else
           n = gemv_blocks_a16<0, ST>(a, sp, zp, begin, end);
         break;
@@ -984,6 +1020,19 @@ void rows_range(const GemvArgs& a, const ST* sp, const ST* zp, int64_t begin, in
 }
 
 #if defined(HF_FASTINFER_AVX512) && defined(HF_FASTINFER_A16)
+// Whether x [n] holds no inf / NaN: 16 values a compare and no early exit (std::all_of over std::isfinite tests
+// one value a step)
+inline bool all_finite(const float* x, int64_t n) {
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  __mmask16 bad = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    // |x| not below inf: inf, or NaN (unordered)
+    bad |= _mm512_mask_cmp_ps_mask(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + i)), inf, _CMP_NLT_UQ);
+  }
+  return bad == 0;
+}
+
 // 16 activations as int16 values in int32 lanes: nearest-even of v * inv (inv = 32767 / max|x_g|), clamped to
 // +-32767, the roundings of the scalar loop in quant_prepare
 inline __m512i to_int16_lanes(__m512 v, __m512 inv) {
@@ -1067,6 +1116,8 @@ bool int4_int16_activations() { return g_int4_a16; }
 void set_int4_int16_activations(bool on) { g_int4_a16 = on; }
 bool int8_group_pairs() { return g_int8_pairs; }
 void set_int8_group_pairs(bool on) { g_int8_pairs = on; }
+bool int4_byte_products() { return g_int4_bytes; }
+void set_int4_byte_products(bool on) { g_int4_bytes = on; }
 
 void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t group_size, bool int16_activations,
                    QuantActivations& out) {
@@ -1087,23 +1138,23 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
   out.blocks64 = 0;
   out.kpad = 0;
   out.pblocks = 0;
-  out.float_parts = true;  // (every road but the AVX2 int16 ones reads them: the VNNI roads' single rows too)
+  out.float_parts = true;  // (cleared below by the int16 roads whose single rows read x's int16 values)
 #ifdef HF_FASTINFER_A16
   // int4 against 16-bit activations: x as int16 per group (gemv_blocks_a16), where the CPU has VNNI
   // (x with inf / NaN takes the float path, which propagates them as float arithmetic does)
-  const bool a16 = int16_activations && g_int4_a16 && bits == 4 &&
-                   (group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256) &&
-                   std::all_of(xp, xp + M * K, [](float v) { return std::isfinite(v); });
-#endif
-#ifdef HF_FASTINFER_A16
+  const bool int16_road = int16_activations && ((g_int4_a16 && bits == 4 && (group_size == 32 || group_size == 64 ||
+                                                                             group_size == 128 || group_size == 256)) ||
+                                                (g_int8_a16 && bits == 8 && group_size % 32 == 0));
+  const bool finite = int16_road && all_finite(xp, M * K);
+  const bool a16 = finite && bits == 4;
   // int8 against 16-bit activations: x as int16 per group (gemv_blocks_a16_i8), for groups of whole 32-column chunks
-  const bool a16_i8 = int16_activations && g_int8_a16 && bits == 8 && group_size % 32 == 0 &&
-                      std::all_of(xp, xp + M * K, [](float v) { return std::isfinite(v); });
+  const bool a16_i8 = finite && bits == 8;
   if (a16_i8) {
     // 16 values at a time, the same roundings as the scalar int4 loop below (nearest-even of x * 32767 / max|x_g|,
     // clamped to +-32767), the group's sum as held in int16
     const int64_t kpad = groups * group_size;
     out.a16_i8 = true;
+    out.float_parts = false;  // (the single rows read xk16)
     out.kpad = kpad;
     out.xk16.assign(M * kpad, 0);
     out.xs.assign(M * (groups + 1), 0.f);
@@ -1167,17 +1218,30 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
     out.blocks64 = g32 ? blocks : 0;
     out.xe16.assign(g32 ? 0 : M * half16, 0);
     out.xo16.assign(g32 ? 0 : M * half16, 0);
-    out.x16.assign(g32 ? M * blocks * 128 : 0, 0);
+    const bool bytes = g32 && g_int4_bytes;
+    out.x16.assign(g32 && !bytes ? M * blocks * 128 : 0, 0);
+    out.xg32b.assign(bytes ? M * blocks * 256 : 0, 0);
     out.xs4.assign(g32 ? M * blocks * 16 : 0, 0.f);
     out.xq4.assign(g32 ? M * blocks * 16 : 0, 0.f);
-    // per-group scales and sums for gemv_blocks_a16 (g32 keeps its own, lane-expanded, in xs4 / xq4)
-    out.xs.assign(g32 ? 0 : M * (groups + 1), 0.f);
-    out.xsum16.assign(g32 ? 0 : M * groups, 0.f);
+    // per-group scales and sums for gemv_blocks_a16 and the single rows (g32's blocks read their own,
+    // lane-expanded, in xs4 / xq4)
+    out.xs.assign(M * (groups + 1), 0.f);
+    out.xsum16.assign(M * groups, 0.f);
     if (g32) {
+      // the single rows (a range's last rows) read x's int16 values in column order, as the int8 road's, and no
+      // float parts are built: with the vectorised finiteness check, int4's decode chain 1.022x on an AMD Zen 4
+      // host (a scratch switch against the float parts and std::all_of, 500 pairs; int8, whose float part is
+      // only xsum, 1.002x)
+      out.float_parts = false;
+      out.kpad = K;
+      out.xk16.assign(M * K, 0);
       // 32 values a group in two registers (the decode step prepares every projection's input on every team
       // thread: scalar, with a call of nearbyint per value, this cost about as much as a small projection).
       // The same values as the scalar loop below: nearest-even rounding of the same float products, clamped.
       const __m256i evens_odds = _mm256_setr_epi16(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+      // the group's 32 values: its 16 even columns, then its 16 odd ones
+      const __m512i evens_odds32 = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1,
+                                                    30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
       for (int64_t m = 0; m < M; ++m)
         for (int64_t g = 0; g < groups; ++g) {
           const float* xg = xp + m * K + 32 * g;
@@ -1187,10 +1251,24 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
           const __m512 inv = _mm512_set1_ps(32767.f / amax);
           const float xs = amax / 32767.f;
           const __m512i q0 = to_int16_lanes(v0, inv), q1 = to_int16_lanes(v1, inv);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.xk16.data() + m * K + 32 * g), _mm512_cvtepi32_epi16(q0));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.xk16.data() + m * K + 32 * g + 16), _mm512_cvtepi32_epi16(q1));
           // Column c of the group is nibble c % 2 of its byte c / 2; the group is 128-bit lane g % 4 of its
           // 64-byte block, where vpunpcklbw widens bytes 0-7 ("A") and vpunpckhbw bytes 8-15 ("B") to int16
           // lanes 8 * (g % 4) + byte % 8. So columns 0-15 and 16-31, each split into even / odd, are the four
           // runs of 8 values the block kernel multiplies with: lo A, hi A, lo B, hi B.
+          if (bytes) {
+            // the group is bytes 16 (g % 4) .. + 15 of each of its block's four 64-byte runs: the even columns'
+            // low bytes, the odd columns' low bytes, then their high bytes (arithmetic shift: the signed byte h)
+            const __m512i v = _mm512_permutexvar_epi16(evens_odds32, _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm512_cvtepi32_epi16(q0)), _mm512_cvtepi32_epi16(q1), 1));
+            const __m256i lows = _mm512_cvtepi16_epi8(v), highs = _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8));
+            uint8_t* dst = out.xg32b.data() + (m * blocks + g / 4) * 256 + (g % 4) * 16;
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(lows));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 64), _mm256_extracti128_si256(lows, 1));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 128), _mm256_castsi256_si128(highs));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 192), _mm256_extracti128_si256(highs, 1));
+          } else {
           const __m256i p0 = _mm256_permutexvar_epi16(evens_odds, _mm512_cvtepi32_epi16(q0));
           const __m256i p1 = _mm256_permutexvar_epi16(evens_odds, _mm512_cvtepi32_epi16(q1));
           int16_t* dst = out.x16.data() + (m * blocks + g / 4) * 128 + (g % 4) * 8;
@@ -1198,7 +1276,10 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
           _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 64), _mm256_extracti128_si256(p0, 1));  // hi A
           _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), _mm256_castsi256_si128(p1));     // lo B
           _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 96), _mm256_extracti128_si256(p1, 1));  // hi B
+          }
           const float xsum16 = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1))) * xs;
+          out.xs[m * (groups + 1) + g] = xs;
+          out.xsum16[m * groups + g] = xsum16;
           for (int64_t l = 0; l < 4; ++l) {  // the group's int16 scale and a quarter of its sum on its four lanes
             out.xs4[(m * blocks + g / 4) * 16 + 4 * (g % 4) + l] = xs;
             out.xq4[(m * blocks + g / 4) * 16 + 4 * (g % 4) + l] = xsum16 / 4.f;
@@ -1285,8 +1366,9 @@ void quant_rows(const QuantWeight& w, const QuantActivations& x, float* y, int64
                       x.M, w.N, w.K, w.groups, w.group_size, half, w.bits == 8 ? w.K : half, w.bits == 4 ? 8.f : 0.f,
                       x.a16 && !g32 ? x.xe16.data() : nullptr, x.a16 && !g32 ? x.xo16.data() : nullptr,
                       a16 ? x.xs.data() : nullptr, a16 ? x.xsum16.data() : nullptr, x.half16,
-                      g32 ? x.x16.data() : nullptr, g32 ? x.xs4.data() : nullptr, g32 ? x.xq4.data() : nullptr,
-                      x.blocks64, x.a16_i8 || x.a16_u4 ? x.xk16.data() : nullptr, x.kpad,
+                      g32 && !x.x16.empty() ? x.x16.data() : nullptr, g32 && !x.xg32b.empty() ? x.xg32b.data() : nullptr,
+                      g32 ? x.xs4.data() : nullptr, g32 ? x.xq4.data() : nullptr,
+                      x.blocks64, x.a16_i8 || x.a16_u4 || g32 ? x.xk16.data() : nullptr, x.kpad,
                       x.pblocks > 0 ? x.xp16.data() : nullptr, x.pblocks > 0 ? x.xcorr.data() : nullptr,
                       x.pblocks, x.a16_u4 ? x.xb4.data() : nullptr, g_prefetch_nta, g_prefetch_two_level};
   if (w.half_scales)

@@ -34,6 +34,10 @@ struct QuantActivations {
   // group's int16 scale and quarter sum (as held in int16) on the four lanes that hold its products
   // (blocks64 > 0 marks this layout; 0 otherwise)
   std::vector<int16_t> x16;
+  // or, with byte products (gemv_blocks_a16_g32 with vpdpbusd): the same int16 values split into bytes, per block
+  // [4, 64]: the low bytes (unsigned) of the block's even columns, of its odd columns, then their high bytes
+  // (signed); byte i of each against byte i of the weight block ([M, blocks, 256]; empty when x16 is used)
+  std::vector<uint8_t> xg32b;
   std::vector<float> xs4, xq4;
   int64_t blocks64 = 0;
   bool a16 = false;                 // int4 x int16 (xe16 / xo16 or x16)
@@ -83,5 +87,10 @@ void set_int4_int16_activations(bool on);
 // settable for an A/B.
 bool int8_group_pairs();
 void set_int8_group_pairs(bool on);
+// Whether int4 group-32 weights against int16 activations on AVX-512 VNNI multiply nibbles by x's bytes (vpdpbusd,
+// on by default) or by x's int16 values after widening the nibbles (vpdpwssd); the same integer sums either
+// way; settable for an A/B.
+bool int4_byte_products();
+void set_int4_byte_products(bool on);
 
 }  // namespace hf_fastinfer
