@@ -268,6 +268,16 @@ def test_compiled_kernel_is_used_for_decode_rows():
                                direct, rtol=0, atol=0)
 
 
+def _int16_bound(x: torch.Tensor, wd: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[m, n] the most a GEMV against x held as int16 per group may differ from x @ wd.T (wd: the dequantized weight
+    in float64): half an int16 step, max|x_g| / 65534, per element against |w|, and float32 summation slack."""
+    m, k = x.shape
+    gmax = torch.zeros(m, k, dtype=torch.float64)
+    for g0 in range(0, k, group_size):
+        gmax[:, g0:g0 + group_size] = x[:, g0:g0 + group_size].double().abs().amax(-1, keepdim=True)
+    return (gmax / 65534) @ wd.abs().T + 1e-6 * (x.double().abs() @ wd.abs().T)
+
+
 @pytest.mark.parametrize("bits, group_size", [(4, 32), (4, 64), (4, 128), (4, 256), (8, 32), (8, 64), (8, 96),
                                              (8, 128), (8, 256)])
 @pytest.mark.parametrize("n, k", [(37, 63), (8, 576), (13, 577), (6, 1536)])
@@ -290,10 +300,7 @@ def test_int16_activations_within_their_error_bound(bits, group_size, n, k, m, s
     got = ext.quant_gemv(x, qw.qweight, qw.scales, qw.zeros, None, bits, group_size, k, True).double()
     wd = dequantize_weight(qw, torch.float64)        # [n, k]
     exact = x.double() @ wd.T
-    gmax = torch.zeros(m, k, dtype=torch.float64)
-    for g0 in range(0, k, group_size):
-        gmax[:, g0:g0 + group_size] = x[:, g0:g0 + group_size].double().abs().amax(-1, keepdim=True)
-    bound = (gmax / 65534) @ wd.abs().T + 1e-6 * (x.double().abs() @ wd.abs().T)
+    bound = _int16_bound(x, wd, group_size)
     assert ((got - exact).abs() <= bound).all(), ((got - exact).abs() / bound).max().item()
 
 
@@ -312,26 +319,27 @@ def test_int8_group_pairs_match_the_one_group_road(n, k, m, symmetric):
     qw.qweight[-1, -32:] = -128
     x = torch.randn(m, k, generator=g).bfloat16().float()
     x[0, min(5, k - 1)] = 40.0                        # an outlier channel
-    args = (qw.qweight, qw.scales, qw.zeros, None, 8, 32, k, True)
-    assert ext.int8_group_pairs()
-    pairs = ext.quant_gemv(x, *args)
+    _same_sums_either_road(ext, "int8_group_pairs", x, qw, 8)
+
+
+def _same_sums_either_road(ext, switch: str, x: torch.Tensor, qw, bits: int) -> None:
+    """A group-32 GEMV against int16 x with the extension's road ``switch`` on (the default) and off: both within
+    float32 summation slack of each other (the same integer sums, added in another order: compared in float64
+    against the magnitude of the terms), and the default within the int16 error bound of the exact product."""
+    k = x.shape[1]
+    args = (qw.qweight, qw.scales, qw.zeros, None, bits, 32, k, True)
+    assert getattr(ext, switch)()
+    on = ext.quant_gemv(x, *args)
     try:
-        ext.set_int8_group_pairs(False)
-        assert not ext.int8_group_pairs()
-        single = ext.quant_gemv(x, *args)
+        getattr(ext, "set_" + switch)(False)
+        assert not getattr(ext, switch)()
+        off = ext.quant_gemv(x, *args)
     finally:
-        ext.set_int8_group_pairs(True)
-    # both within float32 summation slack of the same integer sums: compare them in float64 against the
-    # magnitude of the terms
+        getattr(ext, "set_" + switch)(True)
     wd = dequantize_weight(qw, torch.float64)         # [n, k]
     scale = x.double().abs() @ wd.abs().T
-    assert ((pairs.double() - single.double()).abs() <= 1e-6 * scale + 1e-30).all()
-    exact = x.double() @ wd.T
-    gmax = torch.zeros(m, k, dtype=torch.float64)
-    for g0 in range(0, k, 32):
-        gmax[:, g0:g0 + 32] = x[:, g0:g0 + 32].double().abs().amax(-1, keepdim=True)
-    bound = (gmax / 65534) @ wd.abs().T + 1e-6 * scale
-    assert ((pairs.double() - exact).abs() <= bound).all()
+    assert ((on.double() - off.double()).abs() <= 1e-6 * scale + 1e-30).all()
+    assert ((on.double() - x.double() @ wd.T).abs() <= _int16_bound(x, wd, 32)).all()
 
 
 @pytest.mark.parametrize("n, k", [(8, 576), (13, 576), (6, 1536), (5, 64), (9, 128)])
@@ -350,32 +358,13 @@ def test_int4_byte_products_match_the_int16_products(n, k, m, symmetric):
     g = torch.Generator().manual_seed(k + 7 * m + n)
     w = torch.randn(n, k, generator=g)
     qw = quantize_weight(w, 4, 32, symmetric=symmetric, scale_dtype=torch.float16 if symmetric else torch.float32)
-    packed = qw.qweight
-    packed[0, :16] = 0xFF                             # the nibbles' ends: 15 and 0
-    packed[-1, -16:] = 0x00
+    qw.qweight[0, :16] = 0xFF                         # the nibbles' ends: 15 and 0
+    qw.qweight[-1, -16:] = 0x00
     x = torch.randn(m, k, generator=g).bfloat16().float()
     x[0, :32] = torch.linspace(-1.0, 1.0, 32)         # a group at +-32767 as int16: the high byte's ends
     x[-1, 32:64] = -x[-1, 32:64].abs()                # a group of negative values only
     x[-1, -1] = 50.0                                  # an outlier channel
-    args = (packed, qw.scales, qw.zeros, None, 4, 32, k, True)
-    assert ext.int4_byte_products()
-    by_bytes = ext.quant_gemv(x, *args)
-    try:
-        ext.set_int4_byte_products(False)
-        assert not ext.int4_byte_products()
-        by_int16 = ext.quant_gemv(x, *args)
-    finally:
-        ext.set_int4_byte_products(True)
-    wd = dequantize_weight(qw, torch.float64)         # [n, k]
-    scale = x.double().abs() @ wd.abs().T
-    assert ((by_bytes.double() - by_int16.double()).abs() <= 1e-6 * scale + 1e-30).all()
-    # and within the int16 road's error bound against the exact product
-    exact = x.double() @ wd.T
-    gmax = torch.zeros(m, k, dtype=torch.float64)
-    for g0 in range(0, k, 32):
-        gmax[:, g0:g0 + 32] = x[:, g0:g0 + 32].double().abs().amax(-1, keepdim=True)
-    bound = (gmax / 65534) @ wd.abs().T + 1e-6 * scale
-    assert ((by_bytes.double() - exact).abs() <= bound).all()
+    _same_sums_either_road(ext, "int4_byte_products", x, qw, 4)
 
 
 def _int16_road(bits: int) -> bool:
