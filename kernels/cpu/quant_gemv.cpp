@@ -390,7 +390,6 @@ inline __m128 four_scales(const ST* p, __mmask8 m) {
     return _mm_maskz_loadu_ps(m, p);
 }
 
-//
 // BYTES: the same integer sums from byte products. Each int16 x value is h * 256 + l, with l = x & 255 (unsigned)
 // and h = x >> 8 (signed, -128..127), so a nibble u (0..15) times x is 256 * (u * h) + u * l. vpdpbusd multiplies
 // unsigned bytes by signed bytes and adds four neighbours into an int32 lane, 64 products an instruction: the
@@ -422,8 +421,8 @@ int64_t gemv_blocks_a16_g32(const GemvArgs a, const ST* sp, const ST* zp, int64_
     }
     const uint8_t* rows[4] = {a.w + n * rb, a.w + (n + 1) * rb, a.w + (n + 2) * rb, a.w + (n + 3) * rb};
     for (int64_t m = 0; m < a.M; ++m) {
-      const int16_t* x16 = BYTES ? nullptr : a.x16 + m * blocks * 128;
-      const uint8_t* xb = BYTES ? a.xg32b + m * blocks * 256 : nullptr;
+      // x's 256 bytes a block, either layout: 128 int16 values, or their low and high bytes
+      const char* xm = reinterpret_cast<const char*>(BYTES ? static_cast<const void*>(a.xg32b) : a.x16) + m * blocks * 256;
       const float* xs4 = a.xs4 + m * blocks * 16;
       const float* xq4 = a.xq4 + m * blocks * 16;
       __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
@@ -432,10 +431,9 @@ int64_t gemv_blocks_a16_g32(const GemvArgs a, const ST* sp, const ST* zp, int64_
           for (int64_t k = 0; k < 4; ++k) prefetch_line(pf0 + 64 * (b + k * blocks));
         // int16 products: x's values for the nibbles' four unpacked runs; byte products: x's low bytes against the
         // even and odd columns, then its high bytes (the same four loads)
-        const void* xv = BYTES ? static_cast<const void*>(xb + 256 * b) : static_cast<const void*>(x16 + 128 * b);
-        const __m512i xla = _mm512_loadu_si512(xv), xlb = _mm512_loadu_si512(static_cast<const char*>(xv) + 64);
-        const __m512i xha = _mm512_loadu_si512(static_cast<const char*>(xv) + 128);
-        const __m512i xhb = _mm512_loadu_si512(static_cast<const char*>(xv) + 192);
+        const char* xv = xm + 256 * b;
+        const __m512i xla = _mm512_loadu_si512(xv), xlb = _mm512_loadu_si512(xv + 64);
+        const __m512i xha = _mm512_loadu_si512(xv + 128), xhb = _mm512_loadu_si512(xv + 192);
         const __m512 xsv = _mm512_loadu_ps(xs4 + 16 * b), xqv = _mm512_loadu_ps(xq4 + 16 * b);
         const __m512 xzv = _mm512_mul_ps(xqv, eight);  // the stored nibbles' offset 8 against the group sums
         const __mmask8 gm = static_cast<__mmask8>(groups - 4 * b >= 4 ? 0xF : (1u << (groups - 4 * b)) - 1);
@@ -478,6 +476,16 @@ int64_t gemv_blocks_a16_g32(const GemvArgs a, const ST* sp, const ST* zp, int64_
   }
   return n;
 }
+// gemv_blocks_a16_g32 for this weight: with or without zero points, rows read whole or as two halves
+template <typename ST, bool BYTES>
+int64_t gemv_blocks_a16_g32_for(const GemvArgs& a, const ST* sp, const ST* zp, int64_t begin, int64_t end) {
+  if (a.row_bytes % 64 != 0)
+    return zp != nullptr ? gemv_blocks_a16_g32<ST, true, true, BYTES>(a, sp, zp, begin, end)
+                         : gemv_blocks_a16_g32<ST, false, true, BYTES>(a, sp, zp, begin, end);
+  return zp != nullptr ? gemv_blocks_a16_g32<ST, true, false, BYTES>(a, sp, zp, begin, end)
+                       : gemv_blocks_a16_g32<ST, false, false, BYTES>(a, sp, zp, begin, end);
+}
+
 // int8 weights against bf16 activations, the VNNI way (as gemv_blocks_a16 for int4): x held as int16 per group
 // (xs = max|x_g| / 32767), each weight byte widened to int16 (vpmovsxbw) and vpdpwssd multiplying and adding 32
 // pairs per instruction into int32 (no overflow: a lane adds group_size / 16 products of at most 128 * 32767).
@@ -980,13 +988,9 @@ void rows_range(const GemvArgs& a, const ST* sp, const ST* zp, int64_t begin, in
     switch (a.group_size) {
       case 32:
         if (a.xg32b != nullptr)
-          n = a.row_bytes % 64 != 0
-                  ? (zp != nullptr ? gemv_blocks_a16_g32<ST, true, true, true>(a, sp, zp, begin, end) : gemv_blocks_a16_g32<ST, false, true, true>(a, sp, zp, begin, end))
-                  : (zp != nullptr ? gemv_blocks_a16_g32<ST, true, false, true>(a, sp, zp, begin, end) : gemv_blocks_a16_g32<ST, false, false, true>(a, sp, zp, begin, end));
+          n = gemv_blocks_a16_g32_for<ST, true>(a, sp, zp, begin, end);
         else if (a.x16 != nullptr)
-          n = a.row_bytes % 64 != 0
-                  ? (zp != nullptr ? gemv_blocks_a16_g32<ST, true, true, false>(a, sp, zp, begin, end) : gemv_blocks_a16_g32<ST, false, true, false>(a, sp, zp, begin, end))
-                  : (zp != nullptr ? gemv_blocks_a16_g32<ST, true, false, false>(a, sp, zp, begin, end) : gemv_blocks_a16_g32<ST, false, false, false>(a, sp, zp, begin, end));
+          n = gemv_blocks_a16_g32_for<ST, false>(a, sp, zp, begin, end);
         else
           n = gemv_blocks_a16<0, ST>(a, sp, zp, begin, end);
         break;
@@ -1251,17 +1255,13 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
           const __m512 inv = _mm512_set1_ps(32767.f / amax);
           const float xs = amax / 32767.f;
           const __m512i q0 = to_int16_lanes(v0, inv), q1 = to_int16_lanes(v1, inv);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.xk16.data() + m * K + 32 * g), _mm512_cvtepi32_epi16(q0));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.xk16.data() + m * K + 32 * g + 16), _mm512_cvtepi32_epi16(q1));
-          // Column c of the group is nibble c % 2 of its byte c / 2; the group is 128-bit lane g % 4 of its
-          // 64-byte block, where vpunpcklbw widens bytes 0-7 ("A") and vpunpckhbw bytes 8-15 ("B") to int16
-          // lanes 8 * (g % 4) + byte % 8. So columns 0-15 and 16-31, each split into even / odd, are the four
-          // runs of 8 values the block kernel multiplies with: lo A, hi A, lo B, hi B.
+          const __m256i h0 = _mm512_cvtepi32_epi16(q0), h1 = _mm512_cvtepi32_epi16(q1);  // columns 0-15, 16-31
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.xk16.data() + m * K + 32 * g), h0);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.xk16.data() + m * K + 32 * g + 16), h1);
           if (bytes) {
             // the group is bytes 16 (g % 4) .. + 15 of each of its block's four 64-byte runs: the even columns'
             // low bytes, the odd columns' low bytes, then their high bytes (arithmetic shift: the signed byte h)
-            const __m512i v = _mm512_permutexvar_epi16(evens_odds32, _mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm512_cvtepi32_epi16(q0)), _mm512_cvtepi32_epi16(q1), 1));
+            const __m512i v = _mm512_permutexvar_epi16(evens_odds32, _mm512_inserti64x4(_mm512_castsi256_si512(h0), h1, 1));
             const __m256i lows = _mm512_cvtepi16_epi8(v), highs = _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8));
             uint8_t* dst = out.xg32b.data() + (m * blocks + g / 4) * 256 + (g % 4) * 16;
             _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(lows));
@@ -1269,13 +1269,16 @@ void quant_prepare(const float* xp, int64_t M, int64_t K, int64_t bits, int64_t 
             _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 128), _mm256_castsi256_si128(highs));
             _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 192), _mm256_extracti128_si256(highs, 1));
           } else {
-          const __m256i p0 = _mm256_permutexvar_epi16(evens_odds, _mm512_cvtepi32_epi16(q0));
-          const __m256i p1 = _mm256_permutexvar_epi16(evens_odds, _mm512_cvtepi32_epi16(q1));
-          int16_t* dst = out.x16.data() + (m * blocks + g / 4) * 128 + (g % 4) * 8;
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(p0));          // lo A
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 64), _mm256_extracti128_si256(p0, 1));  // hi A
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), _mm256_castsi256_si128(p1));     // lo B
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 96), _mm256_extracti128_si256(p1, 1));  // hi B
+            // Column c of the group is nibble c % 2 of its byte c / 2; the group is 128-bit lane g % 4 of its
+            // 64-byte block, where vpunpcklbw widens bytes 0-7 ("A") and vpunpckhbw bytes 8-15 ("B") to int16
+            // lanes 8 * (g % 4) + byte % 8. So columns 0-15 and 16-31, each split into even / odd, are the four
+            // runs of 8 values the block kernel multiplies with: lo A, hi A, lo B, hi B.
+            const __m256i p0 = _mm256_permutexvar_epi16(evens_odds, h0), p1 = _mm256_permutexvar_epi16(evens_odds, h1);
+            int16_t* dst = out.x16.data() + (m * blocks + g / 4) * 128 + (g % 4) * 8;
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(p0));          // lo A
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 64), _mm256_extracti128_si256(p0, 1));  // hi A
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), _mm256_castsi256_si128(p1));     // lo B
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 96), _mm256_extracti128_si256(p1, 1));  // hi B
           }
           const float xsum16 = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1))) * xs;
           out.xs[m * (groups + 1) + g] = xs;
